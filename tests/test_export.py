@@ -1,0 +1,70 @@
+"""The export contract: layout, metadata, atomic versions, and two signatures that agree."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow", reason="the export tests need the trainer extra")
+
+from _models import LABELS, build_tiny_model  # noqa: E402
+from fovea.trainer import export  # noqa: E402
+
+
+def _png(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_export_layout_and_signatures(tmp_path: Path) -> None:
+    model = build_tiny_model(32)
+    path = Path(
+        export.export_model(
+            model,
+            models_dir=str(tmp_path),
+            name="m",
+            labels=LABELS,
+            input_size=(32, 32),
+            backbone="tiny-cnn",
+            metrics={"test_accuracy": 0.75},
+            config={"epochs": 1},
+        )
+    )
+    assert path == tmp_path / "m" / "1"
+    assert (path / "saved_model.pb").is_file()
+    assert (path / "assets" / "labels.txt").read_text().splitlines() == list(LABELS)
+    meta = json.loads((path / "assets.extra" / "fovea.json").read_text())
+    assert meta["version"] == 1 and meta["labels"] == list(LABELS)
+    assert meta["input_size"] == {"height": 32, "width": 32}
+    assert meta["metrics"]["test_accuracy"] == 0.75
+    assert [p.name for p in (tmp_path / "m").iterdir()] == ["1"], "temporary folder left behind"
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8)
+    expected = model(images.astype(np.float32), training=False).numpy()
+    loaded = tf.saved_model.load(str(path))
+    by_pixels = loaded.signatures[export.SIGNATURE_IMAGES](images=tf.constant(images))[export.OUTPUT].numpy()
+    encoded = tf.constant([_png(im) for im in images])
+    by_bytes = loaded.signatures[export.SIGNATURE_BYTES](image_bytes=encoded)[export.OUTPUT].numpy()
+    np.testing.assert_allclose(by_pixels, expected, atol=1e-5)
+    np.testing.assert_allclose(by_bytes, expected, atol=1e-5)
+
+    second = export.export_model(
+        model, models_dir=str(tmp_path), name="m", labels=LABELS, input_size=(32, 32), backbone="tiny-cnn"
+    )
+    assert Path(second) == tmp_path / "m" / "2"
+    assert export.list_versions(str(tmp_path / "m")) == [1, 2]
+
+
+def test_list_versions_ignores_temporary_and_odd_names(tmp_path: Path) -> None:
+    for name in ["3", "10", ".tmp-abc", "0", "x1", "7"]:
+        (tmp_path / name).mkdir()
+    assert export.list_versions(str(tmp_path)) == [3, 7, 10]
+    assert export.list_versions(str(tmp_path / "missing")) == []
