@@ -41,17 +41,20 @@ ARG TF_EXTRA=and-cuda
 # pyproject.toml.
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir '.[server,trainer]' "tensorflow[${TF_EXTRA}]==2.21.0" \
- && fovea --help >/dev/null
+ && fovea train --help >/dev/null \
+ && fovea serve --help >/dev/null
 
 # ---- final: the interpreter, the venv, a non-root user; no compilers ----
 FROM ${BASE_IMAGE}
 ARG PYTHON=python3.11
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# Unpinned apt packages, as in the builder: the base image's tag fixes the release.
 # hadolint ignore=DL3008
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ca-certificates "${PYTHON}" \
  && rm -rf /var/lib/apt/lists/* \
- && useradd --uid 10001 --user-group --no-create-home --home-dir /tmp --shell /usr/sbin/nologin fovea
+ && groupadd --gid 10001 fovea \
+ && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin fovea
 COPY --from=builder /opt/fovea /opt/fovea
 # HOME, Matplotlib's and Keras's caches point at /tmp: the pods run with a read-only root
 # filesystem and an emptyDir on /tmp. TF_FORCE_GPU_ALLOW_GROWTH: take GPU memory as needed, not all.
