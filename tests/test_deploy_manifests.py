@@ -107,6 +107,24 @@ def test_k8s_applies_in_name_order_without_a_kustomization():
     assert [d["kind"] for d in first] == ["Namespace"]
 
 
+def test_kubectl_reads_k8s_in_name_order():
+    """What `kubectl apply -f k8s/` would send, read offline by kubectl's own file walker."""
+    kubectl = find_tool("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed")
+    proc = subprocess.run(
+        [kubectl, "label", "--local", "-f", str(K8S), "fovea.test/read=1", "-o", "name"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    names = [line.split("/", 1)[1] for line in proc.stdout.split()]
+    expected = [d["metadata"]["name"] for d in _base_docs()]
+    assert names == expected, "kubectl reads other files, or another order, than k8s/*.yaml"
+    assert names[0] == "fovea"  # the Namespace first
+
+
 def test_cpu_overlay_lists_every_base_manifest():
     overlay = yaml.safe_load((CPU_OVERLAY / "kustomization.yaml").read_text())
     listed = sorted(overlay["resources"])
