@@ -89,7 +89,7 @@ class AsyncClient:
     async def predict(
         self,
         images: Any,
-        top_k: int = 5,
+        top_k: int | None = None,
         model: str | None = None,
         version: int | None = None,
         return_probabilities: bool = False,
@@ -102,7 +102,8 @@ class AsyncClient:
                 .bmp .gif`` files, sorted by name), encoded image ``bytes``, numpy arrays ``[H, W]``,
                 ``[H, W, C]`` or ``[N, H, W, C]`` (uint8 or float32 on the 0..255 scale), or PIL
                 images. See `Client.predict`.
-            top_k: How many labels to return per image; 0 lets the server choose (5).
+            top_k: How many labels to return per image, 1 to the model's number of classes.
+                ``None`` (or 0) lets the server choose: 5, or every class when there are fewer.
             model: The model name; ``None`` when the server serves a single model.
             version: The model version; ``None`` or 0 for the latest loaded one.
             return_probabilities: Also return every class probability.

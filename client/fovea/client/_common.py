@@ -108,14 +108,16 @@ def plan_predict(
     sources: list[str],
     images: list[classifier_pb2.Image],
     *,
-    top_k: int,
+    top_k: int | None,
     spec: classifier_pb2.ModelSpec | None,
     return_probabilities: bool,
     max_message_bytes: int,
     max_images_per_request: int,
 ) -> PredictPlan:
+    if top_k is None:
+        top_k = 0  # the server's default: 5, or the number of classes when there are fewer
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise invalid_argument(f"top_k must be a positive int (0 = the server's default), not {top_k!r}")
+        raise invalid_argument(f"top_k must be a positive int (None = the server's default), not {top_k!r}")
     base = classifier_pb2.PredictRequest(
         model_spec=spec, top_k=top_k, return_probabilities=bool(return_probabilities)
     )

@@ -98,7 +98,7 @@ class Client:
     def predict(
         self,
         images: Any,
-        top_k: int = 5,
+        top_k: int | None = None,
         model: str | None = None,
         version: int | None = None,
         return_probabilities: bool = False,
@@ -114,7 +114,8 @@ class Client:
                 ``[N, H, W, C]`` (N images) of dtype uint8 or float32 on the 0..255 scale (other
                 float dtypes are converted to float32), sent as raw pixels; or a PIL image, sent as
                 raw RGB/RGBA/L pixels. Images of any size are accepted; the server resizes them.
-            top_k: How many labels to return per image; 0 lets the server choose (5).
+            top_k: How many labels to return per image, 1 to the model's number of classes.
+                ``None`` (or 0) lets the server choose: 5, or every class when there are fewer.
             model: The model name; ``None`` when the server serves a single model.
             version: The model version; ``None`` or 0 for the latest loaded one.
             return_probabilities: Also return every class probability.
