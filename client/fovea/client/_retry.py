@@ -81,6 +81,19 @@ def _give_up(last: FoveaError, attempts: int, deadline: Deadline) -> FoveaError:
     )
 
 
+def _expired(last: FoveaError | None, attempts: int, deadline: Deadline) -> FoveaError:
+    if last is None:
+        return FoveaError(grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline of {deadline.timeout:g} s exceeded")
+    return _give_up(last, attempts, deadline)
+
+
+def _failure(err: FoveaError, last: FoveaError | None, attempts: int, deadline: Deadline) -> FoveaError:
+    # A retry that ran out of time reports why it was retrying, not just "Deadline Exceeded".
+    if err.code == grpc.StatusCode.DEADLINE_EXCEEDED and last is not None:
+        return _give_up(last, attempts, deadline)
+    return err
+
+
 def _next_wait(policy: RetryPolicy, err: FoveaError, attempts: int, deadline: Deadline) -> float:
     """Seconds to wait before the next attempt, or raise if there is no next attempt."""
     if not _retryable(err):
@@ -90,46 +103,42 @@ def _next_wait(policy: RetryPolicy, err: FoveaError, attempts: int, deadline: De
     remaining = deadline.remaining()
     if remaining <= 0:
         raise _give_up(err, attempts, deadline)
+    # Never sleep past the deadline; the loop then gives up with this error.
     return min(policy.backoff(attempts - 1), remaining)
 
 
 def call_with_retry(attempt: Callable[[float], T], deadline: Deadline, policy: RetryPolicy) -> T:
-    """Run ``attempt(timeout_seconds)`` until it succeeds, fails for good, or the deadline passes."""
-    attempts = 0
+    """Run ``attempt(timeout_seconds)`` until it succeeds, fails for good, or the deadline passes.
+
+    Every attempt gets the time left until the deadline as its gRPC timeout.
+    """
+    attempts, last = 0, None
     while True:
         remaining = deadline.remaining()
         if remaining <= 0:
-            raise FoveaError(
-                grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline of {deadline.timeout:g} s exceeded"
-            )
+            raise _expired(last, attempts, deadline)
         attempts += 1
         try:
             return attempt(remaining)
         except grpc.RpcError as exc:
-            err = from_rpc_error(exc)
-        wait = _next_wait(policy, err, attempts, deadline)
-        time.sleep(wait)
-        if deadline.remaining() <= 0:
-            raise _give_up(err, attempts, deadline)
+            err = _failure(from_rpc_error(exc), last, attempts, deadline)
+        time.sleep(_next_wait(policy, err, attempts, deadline))
+        last = err
 
 
 async def call_with_retry_async(
     attempt: Callable[[float], Awaitable[T]], deadline: Deadline, policy: RetryPolicy
 ) -> T:
     """The asyncio twin of `call_with_retry`."""
-    attempts = 0
+    attempts, last = 0, None
     while True:
         remaining = deadline.remaining()
         if remaining <= 0:
-            raise FoveaError(
-                grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline of {deadline.timeout:g} s exceeded"
-            )
+            raise _expired(last, attempts, deadline)
         attempts += 1
         try:
             return await attempt(remaining)
         except grpc.RpcError as exc:
-            err = from_rpc_error(exc)
-        wait = _next_wait(policy, err, attempts, deadline)
-        await asyncio.sleep(wait)
-        if deadline.remaining() <= 0:
-            raise _give_up(err, attempts, deadline)
+            err = _failure(from_rpc_error(exc), last, attempts, deadline)
+        await asyncio.sleep(_next_wait(policy, err, attempts, deadline))
+        last = err
