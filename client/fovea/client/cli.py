@@ -162,10 +162,10 @@ def format_metadata(meta: ModelMetadata) -> str:
         ("version", str(meta.version)),
         ("loaded versions", ", ".join(map(str, meta.loaded_versions))),
         ("backbone", meta.backbone),
-        ("input size", f"{meta.input_height}x{meta.input_width}"),
+        ("input size", f"{meta.input_height}x{meta.input_width} (height x width)"),
         ("classes", f"{len(meta.labels)}: {', '.join(meta.labels)}"),
         ("created at", meta.created_at),
-        ("max images/request", str(meta.max_images_per_request or "")),
+        ("max images/request", str(meta.max_images_per_request or "not reported")),
         *((f"metric {k}", f"{v:.4g}") for k, v in meta.metrics.items()),
     ]
     width = max(len(k) for k, _ in fields)
