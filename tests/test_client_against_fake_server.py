@@ -55,8 +55,18 @@ class FakeClassifier(classifier_pb2_grpc.ClassifierServiceServicer):
         self.always_fail: grpc.StatusCode | None = None
         self.max_images = 0  # 0: no cap, and GetModelMetadata does not report one
         self.metadata_unimplemented = False
+        self.in_flight = 0
+        self.max_in_flight = 0  # the most Predict calls the fake was serving at once
 
     async def Predict(self, request, context):
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            return await self._predict(request, context)
+        finally:
+            self.in_flight -= 1
+
+    async def _predict(self, request, context):
         self.predict_calls += 1
         self.requests.append(request)
         if self.delay:
@@ -386,6 +396,7 @@ async def test_async_client_sends_sub_requests_concurrently(server, fake) -> Non
         results = await client.predict(arrays, return_probabilities=True, timeout=5)
     # Sub-requests may complete in any order; what is asserted is that results come back in input order.
     assert len(fake.requests) == 4
+    assert fake.max_in_flight >= 2  # the sub-requests overlapped on the server
     received = {im.raw.data for r in fake.requests for im in r.images}
     assert received == {a.tobytes() for a in arrays}
     for array, result in zip(arrays, results, strict=True):
