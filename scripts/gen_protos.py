@@ -38,7 +38,7 @@ def generate(out: Path, proto_root: Path = PROTO_ROOT) -> list[Path]:
     ]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed: {' '.join(args)}")
-    return sorted(p for p in (out / "fovea").rglob("*_pb2*.py*"))
+    return sorted(p for p in (out / "fovea").rglob("*_pb2*") if p.suffix in (".py", ".pyi"))
 
 
 def main() -> int:

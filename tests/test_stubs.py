@@ -25,7 +25,8 @@ def _generate(out: Path, proto_root: Path = ROOT / "proto") -> dict[str, bytes]:
 
 
 def _generated_files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.glob("fovea/**/*_pb2*.py*"))}
+    files = sorted(p for p in root.glob("fovea/**/*_pb2*") if p.suffix in (".py", ".pyi"))
+    return {str(p.relative_to(root)): p.read_bytes() for p in files}
 
 
 def test_committed_stubs_match_proto(tmp_path: Path) -> None:
