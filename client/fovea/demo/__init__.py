@@ -242,7 +242,7 @@ def _start_server(models: Path, ready_timeout: float) -> Server:
             if process.poll() is not None:
                 raise CLIError(f"`fovea serve` exited with code {process.returncode} while warming up")
             with contextlib.suppress(Exception):
-                if client.health(timeout=2.0):
+                if client.health(timeout=2.0) == "SERVING":
                     break
             if time.monotonic() > deadline:
                 _kill(server)
