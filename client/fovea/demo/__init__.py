@@ -294,7 +294,7 @@ def _print_metrics(server: Server) -> None:
     samples = prom_text.scrape(f"http://127.0.0.1:{server.metrics_port}/metrics")
     requests = prom_text.total(samples, "fovea_requests_total", method="Predict")
     print(f"      Predict requests: {requests:.0f}")
-    sizes = prom_text.per_bucket(prom_text.buckets(samples, "fovea_batch_size"))
+    sizes = prom_text.per_bucket(prom_text.buckets(samples, "fovea_batch_size_images"))
     if sizes:
         seen = ", ".join(f"<={_num(bound)}: {count:.0f}" for bound, count in sizes)
         print(f"      batches by size: {seen}")
