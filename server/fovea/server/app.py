@@ -144,9 +144,8 @@ async def serve(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    # The handlers stay installed: a repeated signal during the drain must not kill the process.
     log.info("signal received")
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.remove_signal_handler(sig)
     await server.stop()
     sys.stdout.flush()
     return 0
