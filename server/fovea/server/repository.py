@@ -192,8 +192,9 @@ class ModelRepository:
             if served is not None:
                 current[version] = served
                 # Publish each version as soon as it is warm: one assignment, seen atomically.
+                # Readiness is updated after the whole scan, so a first start with several versions
+                # or models turns SERVING once all of them are warm, as TF Serving does.
                 self._models[name] = dict(current)
-                self._update_ready()
         loaded_wanted = [v for v in wanted if v in current]
         if loaded_wanted or not wanted:
             # Retire what the policy no longer wants, but only once something wanted serves

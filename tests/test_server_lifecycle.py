@@ -1,0 +1,186 @@
+"""Readiness, hot reload under traffic, failed loads and version policies, against a real server."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow", reason="the server tests need the server extra")
+
+from _models import export_tiny  # noqa: E402
+from _serving import channel, sample, start_server, stop_server, wait_until  # noqa: E402
+from fovea.v1 import classifier_pb2 as pb  # noqa: E402
+from fovea.v1 import classifier_pb2_grpc  # noqa: E402
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
+
+SIZE = 24
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def raw(array: np.ndarray) -> pb.Image:
+    return pb.Image(raw=pb.RawImage(dtype=pb.DATA_TYPE_UINT8, shape=list(array.shape), data=array.tobytes()))
+
+
+def signature_probabilities(path: Path, images: np.ndarray) -> np.ndarray:
+    loaded = tf.saved_model.load(str(path))
+    return loaded.signatures["serving_default"](images=tf.constant(images))["probabilities"].numpy()
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="module")
+def server(models_dir):
+    srv = start_server(models_dir, max_batch_size=4, poll_interval=0.2)
+    yield srv
+    stop_server(srv)
+
+
+def test_not_serving_until_a_model_is_loaded_and_warm(server, models_dir) -> None:
+    with channel(server.port) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        stub = classifier_pb2_grpc.ClassifierServiceStub(ch)
+        for service in ("", "fovea.v1.ClassifierService"):
+            assert (
+                health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status == NOT_SERVING
+            )
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Predict(pb.PredictRequest(images=[raw(np.zeros((SIZE, SIZE, 3), np.uint8))]), timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert list(stub.ListModels(pb.ListModelsRequest(), timeout=10).models) == []
+
+        seen: list[tuple[int, float]] = []  # (status, warm-ups completed when the status arrived)
+        watch = health.Watch(health_pb2.HealthCheckRequest(service="fovea.v1.ClassifierService"), timeout=120)
+
+        def follow() -> None:
+            for update in watch:
+                seen.append(
+                    (update.status, sample(server, "fovea_model_warmup_duration_seconds_count", model="tiny"))
+                )
+                if update.status == SERVING:
+                    return
+
+        follower = threading.Thread(target=follow)
+        follower.start()
+        wait_until(lambda: seen, what="the first health update")
+        export_tiny(models_dir, "tiny", SIZE, seed=1)
+        follower.join(60)
+        watch.cancel()
+        assert [s for s, _ in seen] == [NOT_SERVING, SERVING]
+        assert seen[-1][1] == 1, "SERVING was reported before the warm-up finished"
+        # Ready means warm: the first request after SERVING succeeds at once.
+        response = stub.Predict(
+            pb.PredictRequest(images=[raw(np.zeros((SIZE, SIZE, 3), np.uint8))]), timeout=10
+        )
+        assert response.model_spec.version == 1
+
+
+def test_hot_reload_under_traffic_drops_nothing(server, models_dir) -> None:
+    images = np.random.default_rng(5).integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
+    stop = threading.Event()
+    errors: list[str] = []
+    versions: list[list[int]] = [[] for _ in range(4)]
+    last: dict[int, np.ndarray] = {}
+
+    def traffic(k: int) -> None:
+        with channel(server.port) as ch:
+            stub = classifier_pb2_grpc.ClassifierServiceStub(ch)
+            while not stop.is_set():
+                try:
+                    r = stub.Predict(
+                        pb.PredictRequest(images=[raw(images[0]), raw(images[1])], return_probabilities=True),
+                        timeout=30,
+                    )
+                except grpc.RpcError as exc:
+                    errors.append(f"{exc.code()}: {exc.details()}")
+                    continue
+                versions[k].append(r.model_spec.version)
+                last[r.model_spec.version] = np.array([list(p.probabilities) for p in r.predictions])
+
+    threads = [threading.Thread(target=traffic, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: all(len(v) > 5 for v in versions), what="traffic on version 1")
+        v2 = export_tiny(models_dir, "tiny", SIZE, seed=2)
+        wait_until(lambda: all(v and v[-1] == 2 for v in versions), what="responses from version 2")
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert errors == [], errors[:5]
+    for seq in versions:
+        # Each caller saw version 1, then only version 2: the swap is atomic.
+        switch = seq.index(2)
+        assert set(seq[:switch]) == {1} and set(seq[switch:]) == {2}
+    np.testing.assert_allclose(last[2], signature_probabilities(v2, images), atol=1e-5)
+    # The old version is released once its in-flight batches finished.
+    wait_until(
+        lambda: sample(server, "fovea_model_version_info", model="tiny", version="1") == 0, what="v1 released"
+    )
+    assert sample(server, "fovea_model_version_info", model="tiny", version="2") == 1
+    with channel(server.port) as ch:
+        models = (
+            classifier_pb2_grpc.ClassifierServiceStub(ch)
+            .ListModels(pb.ListModelsRequest(), timeout=10)
+            .models
+        )
+        assert [(m.name, list(m.versions)) for m in models] == [("tiny", [2])]
+
+
+def test_failed_load_is_counted_and_retried_while_the_old_version_serves(server, models_dir) -> None:
+    broken = models_dir / "tiny" / "3"
+    broken.mkdir()
+    (broken / "saved_model.pb").write_bytes(b"not a saved model")
+    try:
+        wait_until(
+            lambda: sample(server, "fovea_model_load_failures_total", model="tiny") >= 2,
+            what="two failed load attempts",
+        )
+        with channel(server.port) as ch:
+            stub = classifier_pb2_grpc.ClassifierServiceStub(ch)
+            r = stub.Predict(pb.PredictRequest(images=[raw(np.zeros((SIZE, SIZE, 3), np.uint8))]), timeout=10)
+            assert r.model_spec.version == 2
+            health = health_pb2_grpc.HealthStub(ch)
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == SERVING
+    finally:
+        shutil.rmtree(broken)
+
+
+def test_version_policy_all_and_specific(tmp_path) -> None:
+    v1 = export_tiny(tmp_path, "m", 16, seed=1)
+    v2 = export_tiny(tmp_path, "m", 16, seed=2)
+    image = np.random.default_rng(9).integers(0, 256, (1, 16, 16, 3), dtype=np.uint8)
+    for policy, expected in (("all", [1, 2]), ("1", [1])):
+        srv = start_server(tmp_path, version_policy=policy, max_batch_size=2)
+        try:
+            wait_until(lambda srv=srv: srv.repository.ready, what="ready")
+            with channel(srv.port) as ch:
+                stub = classifier_pb2_grpc.ClassifierServiceStub(ch)
+                meta = stub.GetModelMetadata(pb.GetModelMetadataRequest(), timeout=10)
+                assert list(meta.loaded_versions) == expected and meta.model_spec.version == expected[-1]
+                for version, path in ((1, v1), (2, v2)):
+                    request = pb.PredictRequest(
+                        images=[raw(image[0])],
+                        return_probabilities=True,
+                        model_spec=pb.ModelSpec(version=version),
+                    )
+                    if version not in expected:
+                        with pytest.raises(grpc.RpcError) as info:
+                            stub.Predict(request, timeout=10)
+                        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+                        continue
+                    got = stub.Predict(request, timeout=10).predictions[0].probabilities
+                    np.testing.assert_allclose(got, signature_probabilities(path, image)[0], atol=1e-5)
+        finally:
+            stop_server(srv)
