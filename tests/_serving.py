@@ -110,7 +110,7 @@ def export_slow(models_dir: Path, name: str = "slow", delay_s: float = 0.3, inpu
         def __call__(self, x, training=False):
             start = tf.timestamp()
             # tf.timestamp() is re-evaluated every iteration, so the loop spins until delay_s passed.
-            end = tf.while_loop(lambda t: t < start + delay_s, lambda t: [tf.timestamp()], [start])
+            (end,) = tf.while_loop(lambda t: t < start + delay_s, lambda t: [tf.timestamp()], [start])
             with tf.control_dependencies([end]):
                 x = tf.identity(x)
             return self.inner(x, training=False)

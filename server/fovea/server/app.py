@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -123,10 +124,14 @@ class Server:
         self._draining = True
         self.metrics.ready.set(0)
         await self.health.enter_graceful_shutdown()
-        self.core.draining = True
         log.info("draining: health NOT_SERVING, refusing new requests, waiting up to %gs", grace)
+        start = time.monotonic()
+        # The gRPC server keeps answering while the core drains, so health checks see NOT_SERVING
+        # and new calls get a clear UNAVAILABLE instead of a refused connection.
+        if not await self.core.drain(grace):
+            log.warning("grace period of %gs ended with requests still running; cancelling them", grace)
         if self._server is not None:
-            await self._server.stop(grace)
+            await self._server.stop(max(0.0, grace - (time.monotonic() - start)))
         await self.repository.close()
         self.core.close()
         self.metrics.close()

@@ -88,13 +88,35 @@ class Core:
         threads = settings.preprocess_threads or os.cpu_count() or 2
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="fovea-preprocess")
         self.draining = False
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
 
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new predictions and wait for the running ones; False if the timeout passed first."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
     async def predict(self, request: PredictRequest) -> PredictResult:
         if self.draining:
             raise Unavailable("server is shutting down; retry on another replica")
+        self._active += 1
+        self._idle.clear()
+        try:
+            return await self._predict(request)
+        finally:
+            self._active -= 1
+            if self._active == 0:
+                self._idle.set()
+
+    async def _predict(self, request: PredictRequest) -> PredictResult:
         count = len(request.images)
         if count == 0:
             raise InvalidArgument("the request has no images; send at least one")
