@@ -140,14 +140,15 @@ class Server:
 
 async def serve(settings: Settings) -> int:
     """Run until SIGTERM or SIGINT, then drain and return 0."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    # Installed before anything starts, so a signal during start-up still drains and exits 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     server = Server(settings)
     await server.start()
     # The one stdout line tests and scripts read to find the bound ports.
     print(f"fovea serve: grpc_port={server.port} metrics_port={server.metrics_port}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     # The handlers stay installed: a repeated signal during the drain must not kill the process.
     log.info("signal received")
