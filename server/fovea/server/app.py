@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import sys
@@ -47,10 +48,25 @@ def grpc_options(s: Settings) -> list[tuple[str, int]]:
     return options
 
 
+def default_gpu_batch_sizes(max_batch_size: int) -> tuple[int, ...]:
+    """Powers of two below max_batch_size, then max_batch_size itself."""
+    sizes, size = [], 1
+    while size < max_batch_size:
+        sizes.append(size)
+        size *= 2
+    return (*sizes, max_batch_size)
+
+
 class Server:
     """One fovea server: start(), then stop(grace) drains it. Several can run in one process."""
 
     def __init__(self, settings: Settings, runner_factory=tf_runner.ModelRunner) -> None:
+        self.device = tf_runner.configure_device(settings.gpu_memory_limit_mb)
+        if self.device == "GPU" and not settings.allowed_batch_sizes:
+            # On a GPU every new batch shape costs autotuning, so batches are padded to a few sizes.
+            sizes = default_gpu_batch_sizes(settings.max_batch_size)
+            log.info("GPU: padding batches to sizes %s (set --allowed-batch-sizes to change)", sizes)
+            settings = dataclasses.replace(settings, allowed_batch_sizes=sizes)
         self.settings = settings
         self.metrics = Metrics()
         self.health = health.aio.HealthServicer()
@@ -64,7 +80,6 @@ class Server:
 
     async def start(self) -> None:
         s = self.settings
-        tf_runner.configure_device(s.gpu_memory_limit_mb)
         server = grpc.aio.server(options=grpc_options(s))
         classifier_pb2_grpc.add_ClassifierServiceServicer_to_server(
             ClassifierServicer(self.core, self.metrics), server
