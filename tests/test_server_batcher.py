@@ -225,3 +225,10 @@ async def test_close_without_drain_fails_queued() -> None:
     assert values(await running) == [10]
     with pytest.raises(Unavailable):
         await queued
+
+
+async def test_empty_queue_admits_a_request_larger_than_the_bound() -> None:
+    model = FakeModel()
+    b = Batcher(model, max_batch_size=1, max_queue_size=1)
+    assert values(await b.submit(rows(1, 2, 3))) == [10, 20, 30]
+    await b.close()

@@ -113,7 +113,8 @@ class Batcher:
         self.start()
         size = self.max_batch_size
         chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
-        if len(self._queue) + len(chunks) > self.max_queue_size:
+        # An empty queue always admits, so a request split into more chunks than the bound still runs.
+        if self._queue and len(self._queue) + len(chunks) > self.max_queue_size:
             self._stats.shed()
             raise ResourceExhausted(
                 f"server overloaded: {len(self._queue)} requests already queued (--max-queue-size "

@@ -264,7 +264,8 @@ def _prepare(items: list[tuple[int, EncodedImage | RawImage]], runner) -> list[n
         elif array.shape[2] == 1:
             array = np.repeat(array, 3, axis=2)
         if array.dtype != np.uint8:
-            array = np.clip(array, 0.0, 255.0)  # the proto: floats outside 0..255 are clipped
+            # The proto: floats outside 0..255 are clipped (NaN counts as 0, infinities as the ends).
+            array = np.clip(np.nan_to_num(array, nan=0.0, posinf=255.0, neginf=0.0), 0.0, 255.0)
             if array.shape[:2] == (h, w):
                 out.append(np.rint(array).astype(np.uint8))
                 continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import itertools
 import json
 import logging
 import sys
@@ -14,8 +15,13 @@ request_id: contextvars.ContextVar[str] = contextvars.ContextVar("fovea_request_
 REQUEST_ID_HEADER = "x-request-id"
 
 
+_PREFIX = uuid.uuid4().hex[:8]
+_counter = itertools.count(1)
+
+
 def new_request_id() -> str:
-    return uuid.uuid4().hex[:16]
+    """Unique per process run and cheap: a random per-process prefix and a counter."""
+    return f"{_PREFIX}-{next(_counter)}"
 
 
 class _RequestIdFilter(logging.Filter):
