@@ -184,3 +184,26 @@ def test_version_policy_all_and_specific(tmp_path) -> None:
                     np.testing.assert_allclose(got, signature_probabilities(path, image)[0], atol=1e-5)
         finally:
             stop_server(srv)
+
+
+def test_half_written_versions_are_never_listed(tmp_path) -> None:
+    from fovea.server import runner
+
+    for name, complete in (
+        ("1", True),
+        ("2", False),
+        (".tmp-abc", True),
+        ("0", True),
+        ("x3", True),
+        ("10", True),
+    ):
+        (tmp_path / name).mkdir()
+        if complete:
+            (tmp_path / name / "saved_model.pb").write_bytes(b"")
+    assert runner.list_versions(str(tmp_path)) == [1, 10]
+    (tmp_path.parent / f"{tmp_path.name}-base").mkdir()
+    base = tmp_path.parent / f"{tmp_path.name}-base"
+    for name in ("b", "a", ".hidden"):
+        (base / name).mkdir()
+    (base / "file.txt").write_text("")
+    assert runner.list_model_names(str(base)) == ["a", "b"]

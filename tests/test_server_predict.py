@@ -282,3 +282,13 @@ def test_health_reflection_and_request_id(server, stub) -> None:
             pb.ListModelsRequest(), metadata=(("x-request-id", "test-abc"),), timeout=10
         )
         assert ("x-request-id", "test-abc") in tuple(call.trailing_metadata())
+
+
+def test_messages_above_4_mib_are_accepted(stub, signatures) -> None:
+    _, by_pixels, _ = signatures
+    images = np.random.default_rng(11).integers(0, 256, (4, 700, 700, 3), dtype=np.uint8)  # 5.9 MB in all
+    got = probabilities(stub, [raw(im) for im in images])
+    expected = by_pixels(images=tf.constant(np.stack([reference_pixels(im) for im in images])))[
+        "probabilities"
+    ]
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-5)
