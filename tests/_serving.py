@@ -124,3 +124,15 @@ def export_slow(models_dir: Path, name: str = "slow", delay_s: float = 0.3, inpu
         backbone="tiny-cnn-slow",
     )
     return Path(path)
+
+
+def client(port: int, host: str = "127.0.0.1", **kwargs: Any):
+    """The real fovea client, without retries, so a failure the server returns is never hidden."""
+    from fovea.client import Client, RetryPolicy
+
+    kwargs.setdefault("retry_policy", RetryPolicy(max_attempts=1))
+    return Client(f"{host}:{port}", **kwargs)
+
+
+def wait_serving(c, timeout: float = 60.0) -> None:
+    wait_until(lambda: c.health(timeout=5) == "SERVING", timeout=timeout, what="health SERVING")

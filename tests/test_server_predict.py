@@ -16,10 +16,10 @@ import pytest
 tf = pytest.importorskip("tensorflow", reason="the server tests need the server extra")
 
 from _models import LABELS, export_tiny  # noqa: E402
-from _serving import channel, sample, start_server, stop_server  # noqa: E402
+from _serving import channel, client, sample, start_server, stop_server, wait_serving  # noqa: E402
+from fovea.client import FoveaError  # noqa: E402
 from fovea.v1 import classifier_pb2 as pb  # noqa: E402
 from fovea.v1 import classifier_pb2_grpc  # noqa: E402
-from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 from PIL import Image  # noqa: E402
 
 SIZE = 32
@@ -49,15 +49,17 @@ def server(published):
 
 @pytest.fixture(scope="module")
 def stub(server):
+    """Raw stubs, for malformed messages the real client refuses to build."""
     with channel(server.port) as ch:
-        grpc.channel_ready_future(ch).result(timeout=30)
-        health = health_pb2_grpc.HealthStub(ch)
-        # The repository loads in the background; wait for SERVING (ready means warm).
-        for _ in range(600):
-            if health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING:
-                break
-            threading.Event().wait(0.05)
         yield classifier_pb2_grpc.ClassifierServiceStub(ch)
+
+
+@pytest.fixture(scope="module")
+def fovea(server):
+    """The real fovea client."""
+    with client(server.port) as c:
+        wait_serving(c)  # the repository loads in the background; ready means warm
+        yield c
 
 
 @pytest.fixture(scope="module")
@@ -94,21 +96,20 @@ def raw(array: np.ndarray) -> pb.Image:
     )
 
 
-def probabilities(stub, images: list[pb.Image], **kw) -> np.ndarray:
-    response = stub.Predict(pb.PredictRequest(images=images, return_probabilities=True, **kw), timeout=30)
-    return np.array([list(p.probabilities) for p in response.predictions], dtype=np.float32)
-
-
-def test_every_input_kind_matches_the_signature(stub, signatures) -> None:
+def test_every_input_kind_matches_the_signature(fovea, signatures, tmp_path) -> None:
     _, by_pixels, by_bytes = signatures
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
     other = rng.integers(0, 256, (45, 27, 3), dtype=np.uint8)
-    cases: dict[str, tuple[pb.Image, np.ndarray]] = {}
+    cases: dict[str, tuple[object, np.ndarray]] = {}
 
-    def by_raw(name: str, array: np.ndarray) -> None:
+    def by_raw(name: str, array: np.ndarray, sent: object = None) -> None:
         expected = by_pixels(images=tf.constant(reference_pixels(array)[None]))["probabilities"].numpy()[0]
-        cases[name] = (raw(array), expected)
+        cases[name] = (array if sent is None else sent, expected)
+
+    def by_encoded(name: str, data: bytes, sent: object = None) -> None:
+        expected = by_bytes(image_bytes=tf.constant([data]))["probabilities"].numpy()[0]
+        cases[name] = (data if sent is None else sent, expected)
 
     by_raw("uint8 RGB at the model size", rgb)
     by_raw("uint8 RGB of another size", other)
@@ -118,46 +119,42 @@ def test_every_input_kind_matches_the_signature(stub, signatures) -> None:
     by_raw("float32 RGB at the model size", rng.uniform(-20, 280, (SIZE, SIZE, 3)).astype(np.float32))
     by_raw("float32 RGB of another size", rng.uniform(0, 255, (50, 50, 3)).astype(np.float32))
     by_raw("float32 grayscale", rng.uniform(0, 255, (SIZE, SIZE)).astype(np.float32))
+    by_raw("PIL RGB image", other, Image.fromarray(other))
     for fmt, array in [("PNG", other), ("JPEG", other), ("BMP", rgb), ("GIF", other), ("PNG", rgb[:, :, 0])]:
-        data = encode(array, fmt)
-        expected = by_bytes(image_bytes=tf.constant([data]))["probabilities"].numpy()[0]
-        cases[f"encoded {fmt} {array.shape}"] = (pb.Image(encoded=data), expected)
-    rgba_png = encode(rng.integers(0, 256, (30, 30, 4), dtype=np.uint8), "PNG")
-    cases["encoded RGBA PNG"] = (
-        pb.Image(encoded=rgba_png),
-        by_bytes(image_bytes=tf.constant([rgba_png]))["probabilities"].numpy()[0],
-    )
+        by_encoded(f"encoded {fmt} {array.shape}", encode(array, fmt))
+    by_encoded("encoded RGBA PNG", encode(rng.integers(0, 256, (30, 30, 4), dtype=np.uint8), "PNG"))
+    jpeg_file = tmp_path / "photo.jpg"
+    jpeg_file.write_bytes(encode(rgb, "JPEG"))
+    by_encoded("JPEG file path", jpeg_file.read_bytes(), jpeg_file)
 
-    # One request per kind, and all kinds mixed in requests of MAX_IMAGES.
+    # One call per kind, then every kind in one call (the client splits it into requests of MAX_IMAGES).
     for name, (image, expected) in cases.items():
-        np.testing.assert_allclose(probabilities(stub, [image])[0], expected, atol=1e-5, err_msg=name)
+        (prediction,) = fovea.predict([image], return_probabilities=True)
+        np.testing.assert_allclose(prediction.probabilities, expected, atol=1e-5, err_msg=name)
     names = list(cases)
-    for start in range(0, len(names), MAX_IMAGES):
-        chunk = names[start : start + MAX_IMAGES]
-        got = probabilities(stub, [cases[n][0] for n in chunk])
-        for row, name in zip(got, chunk, strict=True):
-            np.testing.assert_allclose(row, cases[name][1], atol=1e-5, err_msg=f"mixed: {name}")
+    predictions = fovea.predict([cases[n][0] for n in names], return_probabilities=True)
+    for prediction, name in zip(predictions, names, strict=True):
+        np.testing.assert_allclose(
+            prediction.probabilities, cases[name][1], atol=1e-5, err_msg=f"mixed: {name}"
+        )
 
 
-def test_top_k_labels_and_model_spec(stub, signatures) -> None:
+def test_top_k_labels_and_model_spec(fovea, signatures) -> None:
     _, by_pixels, _ = signatures
     image = np.random.default_rng(3).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
     expected = by_pixels(images=tf.constant(image[None]))["probabilities"].numpy()[0]
-    response = stub.Predict(pb.PredictRequest(images=[raw(image)]), timeout=30)
-    assert (response.model_spec.name, response.model_spec.version) == ("tiny", 1)
-    (prediction,) = response.predictions
+    (prediction,) = fovea.predict(image)
+    assert (prediction.model_name, prediction.model_version) == ("tiny", 1)
     assert len(prediction.top) == len(LABELS)  # 0 means 5, or every class when there are fewer
-    assert not prediction.probabilities
+    assert prediction.probabilities is None
     assert [c.index for c in prediction.top] == list(np.argsort(-expected, kind="stable"))
     assert [c.label for c in prediction.top] == [LABELS[c.index] for c in prediction.top]
     np.testing.assert_allclose([c.score for c in prediction.top], np.sort(expected)[::-1], atol=1e-5)
-    one = stub.Predict(
-        pb.PredictRequest(images=[raw(image)], top_k=1, model_spec=pb.ModelSpec(name="tiny", version=1))
-    )
-    assert len(one.predictions[0].top) == 1 and one.predictions[0].top[0].index == int(np.argmax(expected))
+    (one,) = fovea.predict(image, top_k=1, model="tiny", version=1)
+    assert len(one.top) == 1 and one.top[0].index == int(np.argmax(expected))
 
 
-def test_concurrent_callers_are_batched_and_get_their_own_rows(server, stub, signatures) -> None:
+def test_concurrent_callers_are_batched_and_get_their_own_rows(server, fovea, signatures) -> None:
     _, by_pixels, _ = signatures
     rng = np.random.default_rng(7)
     images = rng.integers(0, 256, (48, SIZE, SIZE, 3), dtype=np.uint8)
@@ -169,7 +166,8 @@ def test_concurrent_callers_are_batched_and_get_their_own_rows(server, stub, sig
     def call(i: int) -> tuple[int, np.ndarray]:
         barrier.wait()
         # Each caller sends two images, so rows from one request must stay together and in order.
-        return i, probabilities(stub, [raw(images[2 * i]), raw(images[2 * i + 1])])
+        predictions = fovea.predict(images[2 * i : 2 * i + 2], return_probabilities=True)
+        return i, np.array([p.probabilities for p in predictions])
 
     with ThreadPoolExecutor(24) as pool:
         results = list(pool.map(call, range(24)))
@@ -240,35 +238,53 @@ def test_bad_input_is_invalid_argument_and_server_keeps_serving(stub, case: str)
     assert len(ok.predictions) == 1
 
 
-def test_unknown_model_or_version_is_not_found(stub) -> None:
-    image = raw(np.zeros((SIZE, SIZE, 3), np.uint8))
-    for spec in (pb.ModelSpec(name="nope"), pb.ModelSpec(name="tiny", version=99), pb.ModelSpec(version=7)):
-        with pytest.raises(grpc.RpcError) as info:
-            stub.Predict(pb.PredictRequest(images=[image], model_spec=spec), timeout=30)
-        assert info.value.code() == grpc.StatusCode.NOT_FOUND, spec
-        with pytest.raises(grpc.RpcError) as info:
-            stub.GetModelMetadata(pb.GetModelMetadataRequest(model_spec=spec), timeout=30)
-        assert info.value.code() == grpc.StatusCode.NOT_FOUND, spec
+def _bad_client_inputs() -> dict[str, dict]:
+    ok = np.zeros((SIZE, SIZE, 3), np.uint8)
+    good_png = encode(ok, "PNG")
+    return {
+        "PNG bomb (real image)": {"images": encode(np.zeros((1200, 1200), np.uint8), "PNG")},
+        "PNG bomb (header claims 100k x 100k)": {"images": _png_header_only(100_000, 100_000)},
+        "truncated PNG": {"images": good_png[: len(good_png) // 2]},
+        "too many raw pixels": {"images": np.zeros((1001, 1000), np.uint8)},
+        "top_k above classes": {"images": ok, "top_k": len(LABELS) + 1},
+    }
 
 
-def test_metadata_and_list_models(stub) -> None:
-    meta = stub.GetModelMetadata(pb.GetModelMetadataRequest(), timeout=30)
-    assert (meta.model_spec.name, meta.model_spec.version) == ("tiny", 1)
+@pytest.mark.parametrize("case", list(_bad_client_inputs()))
+def test_bad_input_through_the_client(fovea, case: str) -> None:
+    with pytest.raises(FoveaError) as info:
+        fovea.predict(**_bad_client_inputs()[case])
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT, info.value
+    assert "Traceback" not in info.value.details
+    assert len(fovea.predict(np.zeros((SIZE, SIZE, 3), np.uint8))) == 1
+
+
+def test_unknown_model_or_version_is_not_found(fovea) -> None:
+    image = np.zeros((SIZE, SIZE, 3), np.uint8)
+    for model, version in (("nope", None), ("tiny", 99), (None, 7)):
+        with pytest.raises(FoveaError) as info:
+            fovea.predict(image, model=model, version=version)
+        assert info.value.code == grpc.StatusCode.NOT_FOUND, (model, version)
+        with pytest.raises(FoveaError) as info:
+            fovea.metadata(model=model, version=version)
+        assert info.value.code == grpc.StatusCode.NOT_FOUND, (model, version)
+
+
+def test_metadata_and_list_models(fovea) -> None:
+    meta = fovea.metadata()
+    assert (meta.name, meta.version) == ("tiny", 1)
     assert list(meta.labels) == list(LABELS)
     assert (meta.input_height, meta.input_width) == (SIZE, SIZE)
     assert meta.backbone == "tiny-cnn" and list(meta.loaded_versions) == [1]
     assert meta.metrics["test_accuracy"] == pytest.approx(0.5)
     assert meta.created_at and meta.max_images_per_request == MAX_IMAGES
-    models = stub.ListModels(pb.ListModelsRequest(), timeout=30).models
+    models = fovea.list_models()
     assert [(m.name, list(m.versions), m.ready) for m in models] == [("tiny", [1], True)]
 
 
-def test_health_reflection_and_request_id(server, stub) -> None:
+def test_health_reflection_and_request_id(server, fovea) -> None:
+    assert fovea.health("") == fovea.health("fovea.v1.ClassifierService") == "SERVING"
     with channel(server.port) as ch:
-        health = health_pb2_grpc.HealthStub(ch)
-        for service in ("", "fovea.v1.ClassifierService"):
-            status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
-            assert status == health_pb2.HealthCheckResponse.SERVING, service
         from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
         reflect = reflection_pb2_grpc.ServerReflectionStub(ch)
@@ -284,10 +300,10 @@ def test_health_reflection_and_request_id(server, stub) -> None:
         assert ("x-request-id", "test-abc") in tuple(call.trailing_metadata())
 
 
-def test_messages_above_4_mib_are_accepted(stub, signatures) -> None:
+def test_messages_above_4_mib_are_accepted(fovea, signatures) -> None:
     _, by_pixels, _ = signatures
     images = np.random.default_rng(11).integers(0, 256, (4, 700, 700, 3), dtype=np.uint8)  # 5.9 MB in all
-    got = probabilities(stub, [raw(im) for im in images])
+    got = np.array([p.probabilities for p in fovea.predict(images, return_probabilities=True)])
     expected = by_pixels(images=tf.constant(np.stack([reference_pixels(im) for im in images])))[
         "probabilities"
     ]
