@@ -14,9 +14,9 @@ import pytest
 tf = pytest.importorskip("tensorflow", reason="the server tests need the server extra")
 
 from _models import export_tiny  # noqa: E402
-from _serving import channel, sample, start_server, stop_server, wait_until  # noqa: E402
+from _serving import channel, client, sample, start_server, stop_server, wait_until  # noqa: E402
+from fovea.client import FoveaError  # noqa: E402
 from fovea.v1 import classifier_pb2 as pb  # noqa: E402
-from fovea.v1 import classifier_pb2_grpc  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 SIZE = 24
@@ -46,26 +46,23 @@ def server(models_dir):
 
 
 def test_not_serving_until_a_model_is_loaded_and_warm(server, models_dir) -> None:
-    with channel(server.port) as ch:
-        health = health_pb2_grpc.HealthStub(ch)
-        stub = classifier_pb2_grpc.ClassifierServiceStub(ch)
+    zeros = np.zeros((SIZE, SIZE, 3), np.uint8)
+    with channel(server.port) as ch, client(server.port, max_images_per_request=8) as fovea:
         for service in ("", "fovea.v1.ClassifierService"):
-            assert (
-                health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status == NOT_SERVING
-            )
-        with pytest.raises(grpc.RpcError) as info:
-            stub.Predict(pb.PredictRequest(images=[raw(np.zeros((SIZE, SIZE, 3), np.uint8))]), timeout=10)
-        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert list(stub.ListModels(pb.ListModelsRequest(), timeout=10).models) == []
+            assert fovea.health(service) == "NOT_SERVING"
+        with pytest.raises(FoveaError) as info:
+            fovea.predict(zeros)
+        assert info.value.code == grpc.StatusCode.UNAVAILABLE
+        assert fovea.list_models() == []
 
         seen: list[tuple[int, float]] = []  # (status, warm-ups completed when the status arrived)
+        health = health_pb2_grpc.HealthStub(ch)  # raw stub: the client has no Watch
         watch = health.Watch(health_pb2.HealthCheckRequest(service="fovea.v1.ClassifierService"), timeout=120)
 
         def follow() -> None:
             for update in watch:
-                seen.append(
-                    (update.status, sample(server, "fovea_model_warmup_duration_seconds_count", model="tiny"))
-                )
+                warm = sample(server, "fovea_model_warmup_duration_seconds_count", model="tiny")
+                seen.append((update.status, warm))
                 if update.status == SERVING:
                     return
 
@@ -78,10 +75,7 @@ def test_not_serving_until_a_model_is_loaded_and_warm(server, models_dir) -> Non
         assert [s for s, _ in seen] == [NOT_SERVING, SERVING]
         assert seen[-1][1] == 1, "SERVING was reported before the warm-up finished"
         # Ready means warm: the first request after SERVING succeeds at once.
-        response = stub.Predict(
-            pb.PredictRequest(images=[raw(np.zeros((SIZE, SIZE, 3), np.uint8))]), timeout=10
-        )
-        assert response.model_spec.version == 1
+        assert fovea.predict(zeros, timeout=10)[0].model_version == 1
 
 
 def test_hot_reload_under_traffic_drops_nothing(server, models_dir) -> None:
@@ -92,19 +86,18 @@ def test_hot_reload_under_traffic_drops_nothing(server, models_dir) -> None:
     last: dict[int, np.ndarray] = {}
 
     def traffic(k: int) -> None:
-        with channel(server.port) as ch:
-            stub = classifier_pb2_grpc.ClassifierServiceStub(ch)
+        # No client retries: a request the reload dropped shows up here as an error.
+        with client(server.port, max_images_per_request=8) as fovea:
             while not stop.is_set():
                 try:
-                    r = stub.Predict(
-                        pb.PredictRequest(images=[raw(images[0]), raw(images[1])], return_probabilities=True),
-                        timeout=30,
-                    )
-                except grpc.RpcError as exc:
-                    errors.append(f"{exc.code()}: {exc.details()}")
+                    predictions = fovea.predict(images, return_probabilities=True, timeout=30)
+                except FoveaError as exc:
+                    errors.append(str(exc))
                     continue
-                versions[k].append(r.model_spec.version)
-                last[r.model_spec.version] = np.array([list(p.probabilities) for p in r.predictions])
+                version = predictions[0].model_version
+                assert predictions[1].model_version == version
+                versions[k].append(version)
+                last[version] = np.array([p.probabilities for p in predictions])
 
     threads = [threading.Thread(target=traffic, args=(k,)) for k in range(4)]
     for t in threads:
@@ -129,13 +122,8 @@ def test_hot_reload_under_traffic_drops_nothing(server, models_dir) -> None:
         lambda: sample(server, "fovea_model_version_info", model="tiny", version="1") == 0, what="v1 released"
     )
     assert sample(server, "fovea_model_version_info", model="tiny", version="2") == 1
-    with channel(server.port) as ch:
-        models = (
-            classifier_pb2_grpc.ClassifierServiceStub(ch)
-            .ListModels(pb.ListModelsRequest(), timeout=10)
-            .models
-        )
-        assert [(m.name, list(m.versions)) for m in models] == [("tiny", [2])]
+    with client(server.port) as fovea:
+        assert [(m.name, list(m.versions)) for m in fovea.list_models()] == [("tiny", [2])]
 
 
 def test_failed_load_is_counted_and_retried_while_the_old_version_serves(server, models_dir) -> None:
@@ -147,12 +135,9 @@ def test_failed_load_is_counted_and_retried_while_the_old_version_serves(server,
             lambda: sample(server, "fovea_model_load_failures_total", model="tiny") >= 2,
             what="two failed load attempts",
         )
-        with channel(server.port) as ch:
-            stub = classifier_pb2_grpc.ClassifierServiceStub(ch)
-            r = stub.Predict(pb.PredictRequest(images=[raw(np.zeros((SIZE, SIZE, 3), np.uint8))]), timeout=10)
-            assert r.model_spec.version == 2
-            health = health_pb2_grpc.HealthStub(ch)
-            assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == SERVING
+        with client(server.port) as fovea:
+            assert fovea.predict(np.zeros((SIZE, SIZE, 3), np.uint8))[0].model_version == 2
+            assert fovea.health() == "SERVING"
     finally:
         shutil.rmtree(broken)
 
@@ -165,23 +150,19 @@ def test_version_policy_all_and_specific(tmp_path) -> None:
         srv = start_server(tmp_path, version_policy=policy, max_batch_size=2)
         try:
             wait_until(lambda srv=srv: srv.repository.ready, what="ready")
-            with channel(srv.port) as ch:
-                stub = classifier_pb2_grpc.ClassifierServiceStub(ch)
-                meta = stub.GetModelMetadata(pb.GetModelMetadataRequest(), timeout=10)
-                assert list(meta.loaded_versions) == expected and meta.model_spec.version == expected[-1]
+            with client(srv.port) as fovea:
+                meta = fovea.metadata()
+                assert list(meta.loaded_versions) == expected and meta.version == expected[-1]
                 for version, path in ((1, v1), (2, v2)):
-                    request = pb.PredictRequest(
-                        images=[raw(image[0])],
-                        return_probabilities=True,
-                        model_spec=pb.ModelSpec(version=version),
-                    )
                     if version not in expected:
-                        with pytest.raises(grpc.RpcError) as info:
-                            stub.Predict(request, timeout=10)
-                        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+                        with pytest.raises(FoveaError) as info:
+                            fovea.predict(image, version=version)
+                        assert info.value.code == grpc.StatusCode.NOT_FOUND
                         continue
-                    got = stub.Predict(request, timeout=10).predictions[0].probabilities
-                    np.testing.assert_allclose(got, signature_probabilities(path, image)[0], atol=1e-5)
+                    (got,) = fovea.predict(image, version=version, return_probabilities=True)
+                    assert got.model_version == version
+                    expected_p = signature_probabilities(path, image)[0]
+                    np.testing.assert_allclose(got.probabilities, expected_p, atol=1e-5)
         finally:
             stop_server(srv)
 
