@@ -16,16 +16,11 @@ tf = pytest.importorskip("tensorflow", reason="the server tests need the server 
 from _models import export_tiny  # noqa: E402
 from _serving import channel, client, sample, start_server, stop_server, wait_until  # noqa: E402
 from fovea.client import FoveaError  # noqa: E402
-from fovea.v1 import classifier_pb2 as pb  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 SIZE = 24
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def raw(array: np.ndarray) -> pb.Image:
-    return pb.Image(raw=pb.RawImage(dtype=pb.DATA_TYPE_UINT8, shape=list(array.shape), data=array.tobytes()))
 
 
 def signature_probabilities(path: Path, images: np.ndarray) -> np.ndarray:

@@ -7,28 +7,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 
 pytest.importorskip("tensorflow", reason="the server tests need the server extra")
 
-from _serving import channel, export_slow, sample, start_server, stop_server, wait_until
-from fovea.v1 import classifier_pb2 as pb
-from fovea.v1 import classifier_pb2_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from _serving import client, export_slow, sample, start_server, stop_server, wait_until
+from fovea.client import FoveaError
 
 DELAY = 0.5  # seconds per model call
 SIZE = 16
-
-
-def request() -> pb.PredictRequest:
-    image = np.zeros((SIZE, SIZE, 3), np.uint8)
-    return pb.PredictRequest(
-        images=[
-            pb.Image(raw=pb.RawImage(dtype=pb.DATA_TYPE_UINT8, shape=list(image.shape), data=image.tobytes()))
-        ]
-    )
+IMAGE = np.zeros((SIZE, SIZE, 3), np.uint8)
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +29,7 @@ def models_dir(tmp_path_factory) -> Path:
 
 def slow_server(models_dir: Path):
     srv = start_server(
-        models_dir,
-        max_batch_size=1,
-        max_queue_size=1,
-        max_in_flight_batches=1,
-        batch_timeout_ms=0,
-        warmup=True,
+        models_dir, max_batch_size=1, max_queue_size=1, max_in_flight_batches=1, batch_timeout_ms=0
     )
     wait_until(lambda: srv.repository.ready, what="the slow model to load")
     return srv
@@ -58,26 +42,31 @@ def server(models_dir):
     stop_server(srv)
 
 
-def timed_call(stub, timeout: float = 30.0) -> tuple[str, float]:
+def connected_client(port: int):
+    # No retries (a shed request must surface), and no metadata round trip inside timed calls.
+    c = client(port, max_images_per_request=8)
+    c.list_models()
+    return c
+
+
+def timed_call(fovea, timeout: float = 30.0) -> tuple[str, float]:
     start = time.monotonic()
     try:
-        stub.Predict(request(), timeout=timeout)
+        fovea.predict(IMAGE, timeout=timeout)
         code = "OK"
-    except grpc.RpcError as exc:
-        code = exc.code().name
+    except FoveaError as exc:
+        code = exc.code.name
     return code, time.monotonic() - start
 
 
 def test_queue_of_one_sheds_excess_requests_quickly(server) -> None:
     shed_before = sample(server, "fovea_shed_requests_total", model="slow")
-    with channel(server.port) as ch:
-        stub = classifier_pb2_grpc.ClassifierServiceStub(ch)
-        stub.ListModels(pb.ListModelsRequest(), timeout=10)  # connect first
+    with connected_client(server.port) as fovea:
         barrier = threading.Barrier(6)
 
         def call(_: int) -> tuple[str, float]:
             barrier.wait()
-            return timed_call(stub)
+            return timed_call(fovea)
 
         with ThreadPoolExecutor(6) as pool:
             results = list(pool.map(call, range(6)))
@@ -94,22 +83,13 @@ def test_queue_of_one_sheds_excess_requests_quickly(server) -> None:
 def test_request_whose_deadline_passes_in_the_queue_is_never_computed(server) -> None:
     expired_before = sample(server, "fovea_expired_requests_total", model="slow")
     inferred_before = sample(server, "fovea_images_inferred_total", model="slow")
-    with channel(server.port) as ch:
-        stub = classifier_pb2_grpc.ClassifierServiceStub(ch)
-        stub.ListModels(pb.ListModelsRequest(), timeout=10)
-        with ThreadPoolExecutor(1) as pool:
-            first = pool.submit(timed_call, stub)
-            wait_until(
-                lambda: (
-                    sample(server, "fovea_queue_depth_requests", model="slow", version="1") == 0
-                    and server.repository.status()[0][2]
-                ),
-                interval=0.01,
-            )
-            time.sleep(0.1)  # the first request is now computing
-            code, _ = timed_call(stub, timeout=0.15)
-            assert code == "DEADLINE_EXCEEDED"
-            assert first.result()[0] == "OK"
+    batches_before = sample(server, "fovea_batches_total", model="slow")
+    with connected_client(server.port) as fovea, ThreadPoolExecutor(1) as pool:
+        first = pool.submit(timed_call, fovea)
+        time.sleep(0.2)  # the first request is computing now (0.5 s); the next one must queue behind it
+        code, _ = timed_call(fovea, timeout=0.15)
+        assert code == "DEADLINE_EXCEEDED"
+        assert first.result()[0] == "OK"
     wait_until(
         lambda: sample(server, "fovea_expired_requests_total", model="slow") - expired_before == 1,
         timeout=10,
@@ -117,33 +97,24 @@ def test_request_whose_deadline_passes_in_the_queue_is_never_computed(server) ->
     )
     time.sleep(DELAY)  # had it been computed, it would have finished by now
     assert sample(server, "fovea_images_inferred_total", model="slow") - inferred_before == 1
+    assert sample(server, "fovea_batches_total", model="slow") - batches_before == 1
     assert sample(server, "fovea_requests_total", method="Predict", code="DEADLINE_EXCEEDED") >= 1
 
 
 def test_stop_drains_in_flight_work_and_refuses_new(models_dir) -> None:
     srv = slow_server(models_dir)
     stopped = threading.Event()
-    with channel(srv.port) as ch:
-        stub = classifier_pb2_grpc.ClassifierServiceStub(ch)
-        health = health_pb2_grpc.HealthStub(ch)
-        stub.ListModels(pb.ListModelsRequest(), timeout=10)
+    with connected_client(srv.port) as fovea:
         with ThreadPoolExecutor(2) as pool:
-            in_flight = [pool.submit(timed_call, stub) for _ in range(2)]  # one computing, one queued
+            in_flight = [pool.submit(timed_call, fovea) for _ in range(2)]  # one computing, one queued
             wait_until(
                 lambda: sample(srv, "fovea_queue_depth_requests", model="slow", version="1") == 1,
                 interval=0.01,
             )
             stopper = threading.Thread(target=lambda: (stop_server(srv, grace=10), stopped.set()))
             stopper.start()
-            wait_until(
-                lambda: (
-                    health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
-                    == health_pb2.HealthCheckResponse.NOT_SERVING
-                ),
-                what="NOT_SERVING",
-                interval=0.01,
-            )
-            code, _ = timed_call(stub, timeout=5)
+            wait_until(lambda: fovea.health(timeout=5) == "NOT_SERVING", what="NOT_SERVING", interval=0.01)
+            code, _ = timed_call(fovea, timeout=5)
             assert code == "UNAVAILABLE"
             assert [f.result()[0] for f in in_flight] == ["OK", "OK"]
         stopper.join(30)
