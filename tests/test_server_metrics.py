@@ -17,9 +17,8 @@ import pytest
 pytest.importorskip("tensorflow", reason="the server tests need the server extra")
 
 from _models import export_tiny
-from _serving import channel, start_server, stop_server, wait_until
-from fovea.v1 import classifier_pb2 as pb
-from fovea.v1 import classifier_pb2_grpc
+from _serving import client, start_server, stop_server, wait_until
+from fovea.client import FoveaError
 
 SENT_OK = 17
 SENT_BAD = 3
@@ -32,16 +31,12 @@ def server(tmp_path_factory):
     srv = start_server(models, max_batch_size=4, allowed_batch_sizes=(2, 4))
     wait_until(lambda: srv.repository.ready, what="ready")
     image = np.zeros((16, 16, 3), np.uint8)
-    ok = pb.PredictRequest(
-        images=[pb.Image(raw=pb.RawImage(dtype=pb.DATA_TYPE_UINT8, shape=[16, 16, 3], data=image.tobytes()))]
-    )
-    with channel(srv.port) as ch:
-        stub = classifier_pb2_grpc.ClassifierServiceStub(ch)
+    with client(srv.port, max_images_per_request=8) as fovea:
         for _ in range(SENT_OK):
-            stub.Predict(ok, timeout=10)
+            fovea.predict(image, timeout=10)
         for _ in range(SENT_BAD):
-            with pytest.raises(Exception, match="INVALID_ARGUMENT"):
-                stub.Predict(pb.PredictRequest(), timeout=10)
+            with pytest.raises(FoveaError, match="INVALID_ARGUMENT"):
+                fovea.predict(image, top_k=99, timeout=10)
     yield srv
     stop_server(srv)
 

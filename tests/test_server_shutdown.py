@@ -10,16 +10,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 
 pytest.importorskip("tensorflow", reason="the server tests need the server extra")
 
-from _serving import channel, export_slow, serve_command, subprocess_env, wait_until
-from fovea.v1 import classifier_pb2 as pb
-from fovea.v1 import classifier_pb2_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from _serving import client, export_slow, serve_command, subprocess_env, wait_serving
+from fovea.client import FoveaError
 
 DELAY = 0.4
 GRACE = 15.0
@@ -69,28 +66,16 @@ def test_sigterm_finishes_in_flight_requests_and_exits_zero(serve_process) -> No
     match = PORTS.search(line)
     assert match, f"no port line on stdout: {line!r}; stderr: {''.join(stderr)[-2000:]}"
     port = int(match.group(1))
-    image = np.zeros((16, 16, 3), np.uint8)
-    request = pb.PredictRequest(
-        images=[pb.Image(raw=pb.RawImage(dtype=pb.DATA_TYPE_UINT8, shape=[16, 16, 3], data=image.tobytes()))]
-    )
-    with channel(port) as ch:
-        health = health_pb2_grpc.HealthStub(ch)
-        wait_until(
-            lambda: (
-                health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
-                == health_pb2.HealthCheckResponse.SERVING
-            ),
-            what="SERVING",
-        )
-        stub = classifier_pb2_grpc.ClassifierServiceStub(ch)
+    with client(port, max_images_per_request=8) as fovea:
+        wait_serving(fovea)
         done = []
 
         def call(_: int) -> str:
             try:
-                stub.Predict(request, timeout=60)
+                fovea.predict(np.zeros((16, 16, 3), np.uint8), timeout=60)
                 return "OK"
-            except grpc.RpcError as exc:
-                return f"{exc.code().name}: {exc.details()}"
+            except FoveaError as exc:
+                return str(exc)
             finally:
                 done.append(1)
 

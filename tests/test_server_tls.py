@@ -11,9 +11,8 @@ import pytest
 
 pytest.importorskip("tensorflow", reason="the server tests need the server extra")
 
-from _serving import start_server, stop_server
-from fovea.v1 import classifier_pb2 as pb
-from fovea.v1 import classifier_pb2_grpc
+from _serving import client, start_server, stop_server
+from fovea.client import FoveaError
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -36,31 +35,29 @@ def certs(tmp_path_factory) -> Path:
     return d
 
 
-def _list_models(port: int, credentials: grpc.ChannelCredentials) -> list:
-    with grpc.secure_channel(f"localhost:{port}", credentials) as ch:
-        stub = classifier_pb2_grpc.ClassifierServiceStub(ch)
-        return list(stub.ListModels(pb.ListModelsRequest(), timeout=10).models)
-
-
 def test_tls_and_mtls(certs: Path, tmp_path: Path) -> None:
-    ca = (certs / "ca.pem").read_bytes()
-    client_key, client_cert = (certs / "client.key").read_bytes(), (certs / "client.pem").read_bytes()
+    ca = certs / "ca.pem"
     tls = {"tls_cert": str(certs / "server.pem"), "tls_key": str(certs / "server.key")}
 
     srv = start_server(tmp_path, **tls)
     try:
-        assert _list_models(srv.port, grpc.ssl_channel_credentials(ca)) == []
-        with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch, pytest.raises(grpc.RpcError):
-            classifier_pb2_grpc.ClassifierServiceStub(ch).ListModels(pb.ListModelsRequest(), timeout=5)
+        with client(srv.port, host="localhost", root_certificates=ca) as fovea:
+            assert fovea.list_models() == []
+        with client(srv.port, host="localhost") as plaintext, pytest.raises(FoveaError):
+            plaintext.list_models(timeout=5)
     finally:
         stop_server(srv)
 
-    srv = start_server(tmp_path, tls_client_ca=str(certs / "ca.pem"), **tls)
+    srv = start_server(tmp_path, tls_client_ca=str(ca), **tls)
     try:
-        with_cert = grpc.ssl_channel_credentials(ca, private_key=client_key, certificate_chain=client_cert)
-        assert _list_models(srv.port, with_cert) == []
-        with pytest.raises(grpc.RpcError) as info:
-            _list_models(srv.port, grpc.ssl_channel_credentials(ca))
-        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        mtls = {"private_key": certs / "client.key", "certificate_chain": certs / "client.pem"}
+        with client(srv.port, host="localhost", root_certificates=ca, **mtls) as fovea:
+            assert fovea.list_models() == []
+        with (
+            client(srv.port, host="localhost", root_certificates=ca) as no_cert,
+            pytest.raises(FoveaError) as info,
+        ):
+            no_cert.list_models(timeout=5)
+        assert info.value.code == grpc.StatusCode.UNAVAILABLE
     finally:
         stop_server(srv)
