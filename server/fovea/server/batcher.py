@@ -170,7 +170,14 @@ class Batcher:
     async def _run(self) -> None:
         while True:
             await self._slots.acquire()
-            batch = await self._next_batch()
+            try:
+                batch = await self._next_batch()
+            except Exception:
+                # A bug here must not leave callers waiting forever: fail what is queued, keep going.
+                log.exception("%s: forming a batch failed", self.name)
+                self._slots.release()
+                self._fail_queued(RuntimeError("the batcher failed to form a batch"))
+                continue
             if batch is None:
                 self._slots.release()
                 return
