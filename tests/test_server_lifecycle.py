@@ -183,3 +183,28 @@ def test_half_written_versions_are_never_listed(tmp_path) -> None:
         (base / name).mkdir()
     (base / "file.txt").write_text("")
     assert runner.list_model_names(str(base)) == ["a", "b"]
+
+
+def test_every_model_under_the_base_folder_is_served(tmp_path) -> None:
+    export_tiny(tmp_path, "cats", 16, labels=("tabby", "siamese"), seed=1)
+    export_tiny(tmp_path, "shapes", 24, seed=2)
+    srv = start_server(tmp_path, max_batch_size=2)
+    try:
+        with client(srv.port, max_images_per_request=8) as fovea:
+            wait_until(lambda: fovea.health() == "SERVING", what="SERVING")
+            status = [(m.name, list(m.versions), m.ready) for m in fovea.list_models()]
+            assert status == [("cats", [1], True), ("shapes", [1], True)]
+            image = np.zeros((20, 20, 3), np.uint8)
+            (cat,) = fovea.predict(image, model="cats", top_k=2)
+            (shape,) = fovea.predict(image, model="shapes")
+            assert {c.label for c in cat.top} == {"tabby", "siamese"} and cat.model_name == "cats"
+            assert shape.model_name == "shapes" and len(shape.top) == 3
+            assert fovea.metadata(model="shapes").input_height == 24
+            with pytest.raises(FoveaError) as info:
+                fovea.predict(image)  # two models: the name is required
+            assert (
+                info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+                and "model_spec.name" in info.value.details
+            )
+    finally:
+        stop_server(srv)
