@@ -113,3 +113,20 @@ def test_unreadable_headers() -> None:
         + b"\x08\x02\0\0\0"
     )
     assert imageinfo.read_info(bomb).pixels == 3_600_000_000
+
+
+def test_core_and_batcher_import_neither_grpc_nor_tensorflow() -> None:
+    import subprocess
+    import sys
+
+    from _serving import subprocess_env
+
+    code = (
+        "import sys; import fovea.server.core, fovea.server.batcher, fovea.server.config; "
+        "print(sorted(m for m in ('tensorflow', 'grpc', 'google.protobuf') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -13,13 +13,16 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from fovea.server import imageinfo
 from fovea.server.config import Settings
 from fovea.server.errors import InvalidArgument, Unavailable
-from fovea.server.metrics import Metrics
-from fovea.server.repository import ModelRepository, ServedVersion
+
+if TYPE_CHECKING:  # the repository pulls in the TensorFlow runner; the core only needs its shape
+    from fovea.server.metrics import Metrics
+    from fovea.server.repository import ModelRepository, ServedVersion
 
 _DTYPES = {"uint8": np.dtype(np.uint8), "float32": np.dtype("<f4")}
 
