@@ -108,3 +108,20 @@ def test_bad_flag_values_are_one_line_errors(tmp_path: Path) -> None:
         result = subprocess.run(serve_command(*args), env=env, capture_output=True, text=True, timeout=120)
         assert result.returncode == 1, (args, result.stderr)
         assert expected in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+
+
+def test_a_taken_port_is_a_one_line_error(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for flags, expected in (
+            (["--port", port, "--metrics-port", "0"], f"cannot listen for gRPC on 127.0.0.1:{port}"),
+            (["--port", "0", "--metrics-port", port], f"cannot serve metrics on 127.0.0.1:{port}"),
+        ):
+            args = serve_command("--model-dir", str(tmp_path), "--host", "127.0.0.1", *flags)
+            result = subprocess.run(args, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+            assert result.returncode == 1, result.stderr
+            assert expected in result.stderr and "Traceback" not in result.stderr, result.stderr

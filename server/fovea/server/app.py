@@ -48,6 +48,10 @@ def grpc_options(s: Settings) -> list[tuple[str, int]]:
     return options
 
 
+class StartupError(Exception):
+    """The server could not start (a port is taken, a certificate is unreadable); one line for the CLI."""
+
+
 def default_gpu_batch_sizes(max_batch_size: int) -> tuple[int, ...]:
     """Powers of two below max_batch_size, then max_batch_size itself."""
     sizes, size = [], 1
@@ -95,19 +99,35 @@ class Server:
             )
             reflection.enable_server_reflection(names, server)
         address = f"{s.host}:{s.port}"
-        if s.tls_cert:
-            credentials = grpc.ssl_server_credentials(
-                [(Path(s.tls_key).read_bytes(), Path(s.tls_cert).read_bytes())],
-                root_certificates=Path(s.tls_client_ca).read_bytes() if s.tls_client_ca else None,
-                require_client_auth=bool(s.tls_client_ca),
+        try:
+            if s.tls_cert:
+                credentials = grpc.ssl_server_credentials(
+                    [(Path(s.tls_key).read_bytes(), Path(s.tls_cert).read_bytes())],
+                    root_certificates=Path(s.tls_client_ca).read_bytes() if s.tls_client_ca else None,
+                    require_client_auth=bool(s.tls_client_ca),
+                )
+                self.port = server.add_secure_port(address, credentials)
+            else:
+                self.port = server.add_insecure_port(address)
+        except (RuntimeError, OSError):
+            await server.stop(None)
+            hint = (
+                "is the port in use, or the TLS certificate or key invalid?"
+                if s.tls_cert
+                else "is the port in use?"
             )
-            self.port = server.add_secure_port(address, credentials)
-        else:
-            self.port = server.add_insecure_port(address)
+            raise StartupError(f"cannot listen for gRPC on {address}; {hint}") from None
+        if s.metrics_port >= 0:
+            metrics_address = f"{s.metrics_host or s.host}:{s.metrics_port}"
+            try:
+                self.metrics_port = self.metrics.serve_http(s.metrics_host or s.host, s.metrics_port)
+            except OSError as exc:
+                await server.stop(None)
+                raise StartupError(
+                    f"cannot serve metrics on {metrics_address}: {exc.strerror or exc}"
+                ) from None
         await server.start()
         self._server = server
-        if s.metrics_port >= 0:
-            self.metrics_port = self.metrics.serve_http(s.metrics_host or s.host, s.metrics_port)
         tls = " (mTLS)" if s.tls_client_ca else " (TLS)" if s.tls_cert else ""
         log.info(
             "serving %s on %s, grpc port %d%s, metrics port %s; models from %s",

@@ -33,9 +33,9 @@ def run(command: str, args: argparse.Namespace) -> int:
             except OSError as exc:
                 raise CLIError(f"cannot read {path}: {exc.strerror}") from None
     logs.setup(settings.log_format, settings.log_level)
-    from fovea.server.app import serve  # TensorFlow loads here, after the flags are known to be good
+    from fovea.server.app import StartupError, serve  # TensorFlow loads here, after the flags are checked
 
     try:
         return asyncio.run(serve(settings))
-    except OSError as exc:
-        raise CLIError(f"cannot start: {exc}") from None
+    except StartupError as exc:
+        raise CLIError(str(exc)) from None
