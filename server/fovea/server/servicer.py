@@ -64,7 +64,8 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServiceServicer):
             await context.abort(grpc.StatusCode[code], exc.message, trailer)
         except asyncio.CancelledError:
             remaining = context.time_remaining()
-            code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+            # gRPC's deadline timer may fire a hair before time_remaining() reaches zero.
+            code = "DEADLINE_EXCEEDED" if remaining is not None and remaining < 0.05 else "CANCELLED"
             raise
         except grpc.aio.AbortError:
             raise
