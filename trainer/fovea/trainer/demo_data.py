@@ -19,12 +19,12 @@ import numpy as np
 PatternFn = Callable[[np.ndarray, np.ndarray, float], np.ndarray]
 
 
-def _stripes_across(u: np.ndarray, v: np.ndarray, p: float) -> np.ndarray:
+def _stripes(u: np.ndarray, v: np.ndarray, p: float) -> np.ndarray:
     return (np.sin(2 * math.pi * v / p) > 0).astype(np.float32)
 
 
-def _stripes_down(u: np.ndarray, v: np.ndarray, p: float) -> np.ndarray:
-    return (np.sin(2 * math.pi * u / p) > 0).astype(np.float32)
+def _grid(u: np.ndarray, v: np.ndarray, p: float) -> np.ndarray:
+    return ((np.abs((u / p) % 1.0 - 0.5) > 0.38) | (np.abs((v / p) % 1.0 - 0.5) > 0.38)).astype(np.float32)
 
 
 def _checks(u: np.ndarray, v: np.ndarray, p: float) -> np.ndarray:
@@ -47,12 +47,12 @@ def _zigzag(u: np.ndarray, v: np.ndarray, p: float) -> np.ndarray:
 
 
 CLASSES: dict[str, PatternFn] = {
-    "stripes_across": _stripes_across,
-    "stripes_down": _stripes_down,
+    "stripes": _stripes,
     "checks": _checks,
     "dots": _dots,
     "rings": _rings,
     "zigzag": _zigzag,
+    "grid": _grid,
 }
 
 
@@ -67,7 +67,7 @@ def _colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
 def draw(pattern: PatternFn, size: int, rng: np.random.Generator) -> np.ndarray:
     """One uint8 RGB image [size, size, 3] of a pattern, with random colour, scale, pose and noise."""
     period = rng.uniform(0.14, 0.3) * size
-    angle = math.radians(rng.uniform(-12, 12))
+    angle = math.radians(rng.uniform(0, 180))
     cy, cx = rng.uniform(0.3, 0.7, size=2) * size  # the pattern's centre (matters for rings)
     y, x = np.mgrid[0:size, 0:size].astype(np.float32)
     y, x = y - cy, x - cx

@@ -184,8 +184,17 @@ def _compile(model: Any, cfg: TrainConfig, learning_rate: float) -> None:
     )
 
 
-def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
-    """Train, evaluate, report and (on the chief) publish. Raises DataError/WeightsError/ValueError."""
+def run(
+    cfg: TrainConfig,
+    log: Callable[[str], None] = print,
+    on_event: Callable[[str, Any, Any], None] | None = None,
+) -> TrainResult:
+    """Train, evaluate, report and (on the chief) publish. Raises DataError/WeightsError/ValueError.
+
+    on_event(event, model, base) is called at "built", "phase1_end" and "phase2_end" (tests inspect
+    the weights there).
+    """
+    notify = on_event or (lambda event, model, base: None)
     cfg.validate()
     cfg = cfg.resolved()
     tf_config_from_indexed_job()
@@ -243,6 +252,7 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
     with strategy.scope():
         model, base = build_and_freeze(cfg, num_classes)
         _compile(model, cfg, cfg.learning_rate)
+    notify("built", model, base)
 
     fit = dict(steps_per_epoch=steps, validation_data=val_ds, class_weight=class_weight, verbose=cfg.verbose)
 
@@ -265,6 +275,7 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
     history1 = _read_history(backup.history(1))
     phase1_epochs = int(phase1["epochs"])
     best1 = min((r["val_loss"] for r in history1 if "val_loss" in r), default=float("inf"))
+    notify("phase1_end", model, base)
 
     # Phase 2: fine-tune the top of the base at a low learning rate, BatchNorm kept in inference mode.
     history2: list[dict[str, float]] = []
@@ -284,6 +295,7 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
             callbacks=_callbacks(cfg, backup, 2),
             **fit,
         )
+        notify("phase2_end", model, base)
         history2 = _read_history(backup.history(2))
         best2 = min((r["val_loss"] for r in history2 if "val_loss" in r), default=float("inf"))
         if best2 > best1:
