@@ -11,14 +11,16 @@ import pytest
 
 pytest.importorskip("tensorflow", reason="the trainer tests need the trainer extra")
 
-from fovea.trainer import data as data_mod  # noqa: E402
-from fovea.trainer.backbones import WeightsError, build_base  # noqa: E402
-from fovea.trainer.config import TrainConfig  # noqa: E402
-from fovea.trainer.demo_data import generate  # noqa: E402
-from fovea.trainer.train import run  # noqa: E402
+from fovea.trainer import data as data_mod
+from fovea.trainer.backbones import WeightsError, build_base
+from fovea.trainer.config import TrainConfig
+from fovea.trainer.demo_data import generate
+from fovea.trainer.train import run
 
 
-def _perturbed_base_h5(path: Path, name: str = "resnet50", size: int = 32) -> dict[tuple[str, int], np.ndarray]:
+def _perturbed_base_h5(
+    path: Path, name: str = "resnet50", size: int = 32
+) -> dict[tuple[str, int], np.ndarray]:
     """Save a base whose every weight (BatchNorm statistics included) was perturbed; return the values."""
     base = build_base(name, size, "none")
     rng = np.random.default_rng(1)
@@ -40,6 +42,7 @@ def _weights(base) -> dict[tuple[str, int], np.ndarray]:
 def test_imagenet_offline_names_the_alternatives(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # A fresh cache folder, so weights cached on this machine cannot hide the failure.
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+
     def no_network(*args, **kwargs):
         raise Exception("URL fetch failure on https://storage.googleapis.com/...: None -- offline")
 
@@ -67,7 +70,9 @@ def test_phase1_freezes_the_base_and_phase2_trains_only_the_unfrozen_top(tmp_pat
     """Also: corrupt files are skipped and listed in the published report."""
     data_dir = tmp_path / "data"
     generate(data_dir, classes=3, per_class=10, size=32, seed=0)
-    (data_dir / "checks" / "broken.png").write_bytes((data_dir / "checks" / "checks_0000.png").read_bytes()[:60])
+    (data_dir / "checks" / "broken.png").write_bytes(
+        (data_dir / "checks" / "checks_0000.png").read_bytes()[:60]
+    )
     (data_dir / "dots" / "fake.jpg").write_bytes(b"not a jpeg")
     perturbed = _perturbed_base_h5(tmp_path / "base.h5")
 
@@ -77,7 +82,9 @@ def test_phase1_freezes_the_base_and_phase2_trains_only_the_unfrozen_top(tmp_pat
     def on_event(event: str, model, base) -> None:
         snapshots[event] = _weights(base)
         if event == "phase2_end":
-            unfrozen.update(layer.name for layer in base.layers if layer.trainable and layer.trainable_weights)
+            unfrozen.update(
+                layer.name for layer in base.layers if layer.trainable and layer.trainable_weights
+            )
 
     cfg = TrainConfig(
         data=str(data_dir),
@@ -102,7 +109,9 @@ def test_phase1_freezes_the_base_and_phase2_trains_only_the_unfrozen_top(tmp_pat
 
     assert unfrozen and not any("_bn" in name for name in unfrozen), unfrozen
     changed = {key for key in after2 if not np.array_equal(after2[key], after1[key])}
-    assert {layer for layer, _ in changed} == unfrozen, "phase 2 changed a frozen layer or missed an unfrozen one"
+    assert {layer for layer, _ in changed} == unfrozen, (
+        "phase 2 changed a frozen layer or missed an unfrozen one"
+    )
     assert all("moving" not in str(key) for key in changed)
 
     report = Path(result.version_path) / "report"
@@ -111,9 +120,15 @@ def test_phase1_freezes_the_base_and_phase2_trains_only_the_unfrozen_top(tmp_pat
     assert (report / "training_curves.png").stat().st_size > 10_000
     assert (report / "confusion_matrix.png").stat().st_size > 10_000
     meta = json.loads((Path(result.version_path) / "assets.extra" / "fovea.json").read_text())
-    assert meta["labels"] == ["checks", "dots", "stripes"] and meta["input_size"] == {"height": 32, "width": 32}
+    assert meta["labels"] == ["checks", "dots", "stripes"] and meta["input_size"] == {
+        "height": 32,
+        "width": 32,
+    }
     assert meta["metrics"]["skipped_files"] == 2 and meta["config"]["weights"] == str(tmp_path / "base.h5")
-    assert json.loads((Path(result.version_path) / "assets.extra" / "train_config.json").read_text())["epochs"] == 1
+    assert (
+        json.loads((Path(result.version_path) / "assets.extra" / "train_config.json").read_text())["epochs"]
+        == 1
+    )
     assert not (tmp_path / "models" / "phases" / ".backup").exists(), "the backup outlived a finished run"
 
 

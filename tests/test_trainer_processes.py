@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("tensorflow", reason="the trainer tests need the trainer extra")
 
-from fovea.trainer.demo_data import generate  # noqa: E402
+from fovea.trainer.demo_data import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,7 +82,9 @@ def test_a_killed_run_restarted_with_the_same_command_continues_at_the_next_epoc
     assert f"Published {version}" in out
     history = json.loads((version / "report" / "metrics.json").read_text())["history"]
     assert [row["epoch"] for row in history] == [0, 1, 2, 3, 4]
-    assert sorted(p.name for p in (models / "m").iterdir()) == ["1"], "backup or temporary folders left behind"
+    assert sorted(p.name for p in (models / "m").iterdir()) == ["1"], (
+        "backup or temporary folders left behind"
+    )
 
 
 def _free_port() -> int:
@@ -103,7 +105,12 @@ def test_two_workers_with_tf_config_train_and_publish_exactly_one_version(tmp_pa
         log = (tmp_path / f"worker{index}.log").open("w")
         procs.append(
             subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=_env(TF_CONFIG=tf_config), cwd=tmp_path
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=_env(TF_CONFIG=tf_config),
+                cwd=tmp_path,
             )
         )
     try:

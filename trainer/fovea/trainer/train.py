@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from fovea.trainer import data as data_mod
 from fovea.trainer.config import TrainConfig
 
@@ -126,7 +127,7 @@ class _Backup:
 
     @property
     def phase1_weights(self) -> Path:
-        return self.own / "phase1.weights.h5"
+        return self.own / "phase1.weights.npz"
 
     @property
     def phase1_marker(self) -> Path:
@@ -257,9 +258,9 @@ def run(
     fit = dict(steps_per_epoch=steps, validation_data=val_ds, class_weight=class_weight, verbose=cfg.verbose)
 
     # Phase 1: the head on a frozen base (skipped when a restarted job finds it done).
-    if backup.phase1_marker.is_file() and backup.phase1_weights.is_file():
+    if backup.phase1_marker.is_file():
         phase1 = json.loads(backup.phase1_marker.read_text())
-        model.load_weights(str(backup.phase1_weights))
+        _load_weights(model, backup.phase1_weights)
         log(
             f"phase 1 already done ({phase1['epochs']} epochs): loaded its weights from {backup.phase1_weights}"
         )
@@ -270,7 +271,7 @@ def run(
         model.fit(train_ds, epochs=cfg.epochs, callbacks=_callbacks(cfg, backup, 1), **fit)
         history1 = _read_history(backup.history(1))
         phase1 = {"epochs": len(history1), "best_epoch": _best_epoch(history1)}
-        model.save_weights(str(backup.phase1_weights))
+        _save_weights(model, backup.phase1_weights)
         backup.phase1_marker.write_text(json.dumps(phase1))
     history1 = _read_history(backup.history(1))
     phase1_epochs = int(phase1["epochs"])
@@ -300,7 +301,7 @@ def run(
         best2 = min((r["val_loss"] for r in history2 if "val_loss" in r), default=float("inf"))
         if best2 > best1:
             # Fine-tuning never beat the head alone: keep phase 1's best weights.
-            model.load_weights(str(backup.phase1_weights))
+            _load_weights(model, backup.phase1_weights)
             log("phase 2 never beat phase 1's best val_loss: keeping phase 1's weights")
 
     history = history1 + history2
@@ -364,7 +365,7 @@ def _export(cfg: TrainConfig, model: Any, labels: list[str], metrics: dict[str, 
     keras.mixed_precision.set_global_policy("float32")
     try:
         clone, _ = build_model(dataclasses.replace(cfg, weights="none"), len(labels))
-        clone.set_weights(model.get_weights())
+        set_layer_weights(clone, get_layer_weights(model))
     finally:
         keras.mixed_precision.set_global_policy(policy)
     exported_metrics = {k: v for k, v in metrics.items() if k not in ("history", "skipped_files")}
@@ -380,6 +381,46 @@ def _export(cfg: TrainConfig, model: Any, labels: list[str], metrics: dict[str, 
         config=cfg.to_dict(),
         report_dir=report_dir,
     )
+
+
+def _walk_layers(model: Any, prefix: str = ""):
+    """(path, layer) of every layer holding weights, nested models expanded; augmentation layers
+    (whose only state is a random generator) left out."""
+    for layer in model.layers:
+        if getattr(layer, "layers", None):
+            yield from _walk_layers(layer, f"{prefix}{layer.name}|")
+        elif layer.weights and not layer.name.startswith("aug_"):
+            yield prefix + layer.name, layer
+
+
+def get_layer_weights(model: Any) -> dict[str, list[np.ndarray]]:
+    """Weights keyed by layer path. Whole-model weight lists are ordered by trainability, which
+    phase 2 changes, and .h5 loading trips over distributed variables; this does neither."""
+    return {path: [np.asarray(w.numpy()) for w in layer.weights] for path, layer in _walk_layers(model)}
+
+
+def set_layer_weights(model: Any, weights: dict[str, list[np.ndarray]]) -> None:
+    for path, layer in _walk_layers(model):
+        layer.set_weights(weights[path])
+
+
+def _save_weights(model: Any, path: Path) -> None:
+    arrays = {
+        f"{key}#{i}": value
+        for key, values in get_layer_weights(model).items()
+        for i, value in enumerate(values)
+    }
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)  # a kill mid-write never leaves a half file under the real name
+
+
+def _load_weights(model: Any, path: Path) -> None:
+    with np.load(path) as f:
+        weights: dict[str, list[np.ndarray]] = {}
+        for key in sorted(f.files, key=lambda k: (k.rsplit("#", 1)[0], int(k.rsplit("#", 1)[1]))):
+            weights.setdefault(key.rsplit("#", 1)[0], []).append(f[key])
+    set_layer_weights(model, weights)
 
 
 def unfreeze_top(base: Any, num_layers: int) -> list[str]:
