@@ -47,12 +47,22 @@ def _zigzag(u: np.ndarray, v: np.ndarray, p: float) -> np.ndarray:
 
 
 CLASSES: dict[str, PatternFn] = {
-    "stripes": _stripes,
     "checks": _checks,
     "dots": _dots,
-    "rings": _rings,
-    "zigzag": _zigzag,
     "grid": _grid,
+    "rings": _rings,
+    "stripes": _stripes,
+    "zigzag": _zigzag,
+}
+# Each class's pattern period, as a fraction of the image size. The first four classes also differ in
+# scale, a cue that even random (untrained) convolutional features keep, so --weights none can learn.
+PERIODS: dict[str, tuple[float, float]] = {
+    "checks": (0.075, 0.09),
+    "dots": (0.12, 0.145),
+    "grid": (0.2, 0.24),
+    "rings": (0.32, 0.4),
+    "stripes": (0.15, 0.3),
+    "zigzag": (0.15, 0.25),
 }
 
 
@@ -64,9 +74,10 @@ def _colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
             return fg, bg
 
 
-def draw(pattern: PatternFn, size: int, rng: np.random.Generator) -> np.ndarray:
-    """One uint8 RGB image [size, size, 3] of a pattern, with random colour, scale, pose and noise."""
-    period = rng.uniform(0.14, 0.3) * size
+def draw(label: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """One uint8 RGB image [size, size, 3] of a class, with random colour, scale, pose and noise."""
+    pattern = CLASSES[label]
+    period = rng.uniform(*PERIODS[label]) * size
     angle = math.radians(rng.uniform(0, 180))
     cy, cx = rng.uniform(0.3, 0.7, size=2) * size  # the pattern's centre (matters for rings)
     y, x = np.mgrid[0:size, 0:size].astype(np.float32)
@@ -96,10 +107,10 @@ def generate(
     rng = np.random.default_rng(seed)
     out = Path(out_dir)
     counts = {}
-    for label, pattern in list(CLASSES.items())[:classes]:
+    for label in list(CLASSES)[:classes]:
         folder = out / label
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            Image.fromarray(draw(pattern, size, rng)).save(folder / f"{label}_{i:04d}.png")
+            Image.fromarray(draw(label, size, rng)).save(folder / f"{label}_{i:04d}.png")
         counts[label] = per_class
     return counts

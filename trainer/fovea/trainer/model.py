@@ -68,6 +68,11 @@ def build_model(cfg: TrainConfig, num_classes: int) -> tuple[Any, Any]:
     x = preprocess(x)
     x = base(x, training=False)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    if cfg.head_norm == "layer":
+        x = keras.layers.LayerNormalization(name="head_norm")(x)
+    elif cfg.head_norm == "batch":
+        # A short memory: the statistics must settle within the few steps of a small dataset.
+        x = keras.layers.BatchNormalization(momentum=0.9, name="head_norm")(x)
     if cfg.dropout > 0:
         x = keras.layers.Dropout(cfg.dropout, seed=cfg.seed, name="dropout")(x)
     regularizer = keras.regularizers.l2(cfg.l2) if cfg.l2 > 0 else None
