@@ -81,8 +81,8 @@ def test_presplit_layout_and_class_weights(tmp_path: Path) -> None:
     ds = data.load_dataset(tmp_path)
     assert ds.layout.startswith("DATA/{train")
     counts = ds.counts()
-    assert counts["train"] == {"checks": 2, "stripes": 6}
-    assert counts["val"] == {"checks": 1, "stripes": 1} and counts["test"] == {"checks": 2, "stripes": 2}
+    assert counts["train"] == {"checks": 2, "dots": 6}
+    assert counts["val"] == {"checks": 1, "dots": 1} and counts["test"] == {"checks": 2, "dots": 2}
     assert ds.class_weights() == pytest.approx({0: 8 / 4, 1: 8 / 12})
 
 
@@ -121,8 +121,8 @@ def test_stream_decodes_resizes_and_one_hots(tmp_path: Path) -> None:
     ("setup", "message"),
     [
         ("one_class", "at least 2 class folders"),
-        ("empty_class", "class 'stripes' has no readable images"),
-        ("only_corrupt_class", "class 'stripes' has no readable images"),
+        ("empty_class", "class 'dots' has no readable images"),
+        ("only_corrupt_class", "class 'dots' has no readable images"),
         ("empty_split", "the test split is empty"),
         ("presplit_empty_val", "the val split is empty"),
         ("missing", "data folder not found"),
@@ -132,23 +132,23 @@ def test_refusals_say_what_to_fix(tmp_path: Path, setup: str, message: str) -> N
     root = tmp_path / "data"
     if setup == "one_class":
         generate(root, classes=2, per_class=3, size=16)
-        for f in (root / "stripes").iterdir():
+        for f in (root / "dots").iterdir():
             f.unlink()
-        (root / "stripes").rmdir()
+        (root / "dots").rmdir()
     elif setup == "empty_class":
         generate(root, classes=2, per_class=3, size=16)
-        for f in (root / "stripes").iterdir():
+        for f in (root / "dots").iterdir():
             f.unlink()
     elif setup == "only_corrupt_class":
         generate(root, classes=2, per_class=3, size=16)
-        for f in (root / "stripes").iterdir():
+        for f in (root / "dots").iterdir():
             f.write_bytes(b"broken")
     elif setup == "empty_split":
         generate(root, classes=2, per_class=2, size=16)  # 2 images per class: train + val, no test
     elif setup == "presplit_empty_val":
         generate(root / "train", classes=2, per_class=3, size=16)
         generate(root / "test", classes=2, per_class=1, size=16)
-        for label in ("checks", "stripes"):
+        for label in ("checks", "dots"):
             (root / "val" / label).mkdir(parents=True)
     with pytest.raises(data.DataError, match=message):
         data.load_dataset(root)

@@ -120,7 +120,7 @@ def test_phase1_freezes_the_base_and_phase2_trains_only_the_unfrozen_top(tmp_pat
     assert (report / "training_curves.png").stat().st_size > 10_000
     assert (report / "confusion_matrix.png").stat().st_size > 10_000
     meta = json.loads((Path(result.version_path) / "assets.extra" / "fovea.json").read_text())
-    assert meta["labels"] == ["checks", "dots", "stripes"] and meta["input_size"] == {
+    assert meta["labels"] == ["checks", "dots", "grid"] and meta["input_size"] == {
         "height": 32,
         "width": 32,
     }

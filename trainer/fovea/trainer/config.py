@@ -57,8 +57,8 @@ class TrainConfig:
     head_norm: str = _field(
         "auto",
         "normalise the pooled features before the head: 'layer' (LayerNormalization), 'batch' "
-        "(BatchNormalization), 'none', or 'auto': 'layer' with --weights none (random features have no "
-        "useful scale), 'none' with pretrained weights",
+        "(BatchNormalization), 'none', or 'auto': 'batch' with --weights none (random features have no "
+        "useful scale; measured to learn fastest), 'none' with pretrained weights",
         choices=("auto", "layer", "batch", "none"),
     )
     l2: float = _field(0.0, "L2 regularisation factor on the head's kernel (0 = off)")
@@ -101,7 +101,7 @@ class TrainConfig:
         if out.fine_tune_learning_rate < 0:
             out.fine_tune_learning_rate = 1e-5 if pretrained else 1e-4
         if out.head_norm == "auto":
-            out.head_norm = "none" if pretrained else "layer"
+            out.head_norm = "none" if pretrained else "batch"
         if not out.backup_dir:
             out.backup_dir = str(Path(out.models) / out.name / ".backup")
         return out

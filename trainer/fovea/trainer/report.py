@@ -51,8 +51,9 @@ def plot_curves(
         for prefix, style, name in (("", "-o", "train"), ("val_", "-s", "validation")):
             values = [r.get(prefix + key, np.nan) for r in history]
             ax.plot(epochs, values, style, markersize=4, linewidth=1.6, label=name)
-        if fine_tune_start is not None and history:
+        if fine_tune_start is not None and history and fine_tune_start < len(history):
             x = fine_tune_start + 0.5
+            ax.axvspan(x, epochs[-1] + 0.5, color="tab:orange", alpha=0.07, linewidth=0)
             ax.axvline(x, color="grey", linestyle="--", linewidth=1.2, label="fine-tuning starts")
         if best_epoch is not None:
             best = [r for r in history if int(r["epoch"]) == best_epoch]
