@@ -184,7 +184,7 @@ def test_config_file_then_flags(tmp_path: Path) -> None:
     assert (resolved.fine_tune_layers, resolved.fine_tune_learning_rate, resolved.head_norm) == (
         0,
         1e-4,
-        "layer",
+        "batch",
     )
     resolved = TrainConfig(data="/d", models="/m").resolved()
     assert (resolved.fine_tune_layers, resolved.fine_tune_learning_rate, resolved.head_norm) == (
