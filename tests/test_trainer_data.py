@@ -181,17 +181,9 @@ def test_config_file_then_flags(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown option 'epoks'"):
         load_file(str(bad))
     resolved = TrainConfig(data="/d", models="/m", weights="none").resolved()
-    assert (resolved.fine_tune_layers, resolved.fine_tune_learning_rate, resolved.head_norm) == (
-        0,
-        1e-4,
-        "batch",
-    )
+    assert (resolved.fine_tune_layers, resolved.fine_tune_learning_rate) == (0, 1e-4)
     resolved = TrainConfig(data="/d", models="/m").resolved()
-    assert (resolved.fine_tune_layers, resolved.fine_tune_learning_rate, resolved.head_norm) == (
-        30,
-        1e-5,
-        "none",
-    )
+    assert (resolved.fine_tune_layers, resolved.fine_tune_learning_rate) == (30, 1e-5)
     assert resolved.backup_dir == "/m/classifier/.backup"
 
 

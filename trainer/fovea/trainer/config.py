@@ -55,11 +55,10 @@ class TrainConfig:
     reduce_lr_factor: float = _field(0.2, "ReduceLROnPlateau: the LR is multiplied by this")
     dropout: float = _field(0.2, "dropout rate before the dense head")
     head_norm: str = _field(
-        "auto",
-        "normalise the pooled features before the head: 'layer' (LayerNormalization), 'batch' "
-        "(BatchNormalization), 'none', or 'auto': 'batch' with --weights none (random features have no "
-        "useful scale; measured to learn fastest), 'none' with pretrained weights",
-        choices=("auto", "layer", "batch", "none"),
+        "none",
+        "normalise the pooled features before the dense head: 'none', 'layer' (LayerNormalization) or "
+        "'batch' (BatchNormalization); with --weights none 'batch' learned faster but validated erratically",
+        choices=("none", "layer", "batch"),
     )
     l2: float = _field(0.0, "L2 regularisation factor on the head's kernel (0 = off)")
     label_smoothing: float = _field(0.0, "label smoothing of the cross-entropy loss (0 = off)")
@@ -100,8 +99,6 @@ class TrainConfig:
             out.fine_tune_layers = 30 if pretrained else 0
         if out.fine_tune_learning_rate < 0:
             out.fine_tune_learning_rate = 1e-5 if pretrained else 1e-4
-        if out.head_norm == "auto":
-            out.head_norm = "none" if pretrained else "batch"
         if not out.backup_dir:
             out.backup_dir = str(Path(out.models) / out.name / ".backup")
         return out

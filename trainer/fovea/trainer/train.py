@@ -305,6 +305,9 @@ def run(
             log("phase 2 never beat phase 1's best val_loss: keeping phase 1's weights")
 
     history = history1 + history2
+    # Every worker reads the final weights: under MultiWorkerMirroredStrategy reading a BatchNorm
+    # statistic is a collective op, so the chief cannot do it alone after the others have exited.
+    final_weights = get_layer_weights(model)
     best_epoch = _best_epoch(history)
     train_seconds = time.monotonic() - started
 
@@ -337,7 +340,7 @@ def run(
     if is_chief:
         with tempfile.TemporaryDirectory(prefix="fovea-report-") as report_dir:
             report.write_report(report_dir, metrics=metrics, labels=dataset.labels)
-            version_path = _export(cfg, model, dataset.labels, metrics, report_dir)
+            version_path = _export(cfg, final_weights, dataset.labels, metrics, report_dir)
         log(f"published {version_path}")
     # A finished run leaves no backup behind, so the next run of the same command trains anew.
     shutil.rmtree(backup.own, ignore_errors=True)
@@ -355,7 +358,13 @@ def build_and_freeze(cfg: TrainConfig, num_classes: int) -> tuple[Any, Any]:
     return model, base
 
 
-def _export(cfg: TrainConfig, model: Any, labels: list[str], metrics: dict[str, Any], report_dir: str) -> str:
+def _export(
+    cfg: TrainConfig,
+    weights: dict[str, list[np.ndarray]],
+    labels: list[str],
+    metrics: dict[str, Any],
+    report_dir: str,
+) -> str:
     """Publish a float32, non-distributed copy of the model (no mirrored variables, no float16 compute)."""
     import tf_keras as keras
     from fovea.trainer.export import export_model
@@ -365,7 +374,7 @@ def _export(cfg: TrainConfig, model: Any, labels: list[str], metrics: dict[str, 
     keras.mixed_precision.set_global_policy("float32")
     try:
         clone, _ = build_model(dataclasses.replace(cfg, weights="none"), len(labels))
-        set_layer_weights(clone, get_layer_weights(model))
+        set_layer_weights(clone, weights)
     finally:
         keras.mixed_precision.set_global_policy(policy)
     exported_metrics = {k: v for k, v in metrics.items() if k not in ("history", "skipped_files")}
