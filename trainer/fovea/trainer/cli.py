@@ -18,7 +18,11 @@ _METAVARS = {
     "models": "MODELS_DIR",
     "backup_dir": "DIR",
     "input_size": "PX",
-    "weights": "WEIGHTS",
+    "weights": "imagenet|none|PATH.h5",
+    "name": "NAME",
+    "cache": "auto|memory|none",
+    "learning_rate": "LR",
+    "fine_tune_learning_rate": "LR",
 }
 
 
@@ -48,11 +52,17 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
             continue
         parser.add_argument(
             flag, dest=field.name, type=type(default), default=None, choices=field.metadata.get("choices"),
-            metavar=_METAVARS.get(field.name, field.name.upper() if not field.metadata.get("choices") else None),
+            metavar=None if field.metadata.get("choices") else _metavar(field.name, default),
             help=f"{help_text} (default: {default!r})" if default != "" else help_text,
         )  # fmt: skip
     # ArgumentDefaultsHelpFormatter would print "None" for our unset-sentinel defaults.
     parser.formatter_class = argparse.HelpFormatter
+
+
+def _metavar(name: str, default: object) -> str:
+    if name in _METAVARS:
+        return _METAVARS[name]
+    return {int: "N", float: "X"}.get(type(default), name.upper())
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
