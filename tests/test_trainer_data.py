@@ -181,9 +181,11 @@ def test_config_file_then_flags(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown option 'epoks'"):
         load_file(str(bad))
     resolved = TrainConfig(data="/d", models="/m", weights="none").resolved()
-    assert (resolved.fine_tune_layers, resolved.fine_tune_learning_rate) == (0, 1e-4)
+    assert (resolved.fine_tune_layers, resolved.fine_tune_learning_rate) == (0, 3e-4)
+    assert (resolved.epochs, resolved.fine_tune_epochs) == (3, 20)
     resolved = TrainConfig(data="/d", models="/m").resolved()
     assert (resolved.fine_tune_layers, resolved.fine_tune_learning_rate) == (30, 1e-5)
+    assert (resolved.epochs, resolved.fine_tune_epochs) == (20, 10)
     assert resolved.backup_dir == "/m/classifier/.backup"
 
 

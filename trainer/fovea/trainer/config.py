@@ -32,9 +32,15 @@ class TrainConfig:
         "scratch), or a local .h5 file of the base without its top",
     )
     input_size: int = _field(224, "images are resized to PX x PX")
-    epochs: int = _field(20, "phase 1 (frozen base, new head): at most this many epochs")
+    epochs: int = _field(
+        -1,
+        "phase 1 (frozen base, new head): at most this many epochs; -1 (auto): 20 with pretrained "
+        "weights, 3 with --weights none (random features only give the head a start)",
+    )
     fine_tune_epochs: int = _field(
-        10, "phase 2 (top of the base unfrozen): at most this many epochs; 0 skips it"
+        -1,
+        "phase 2 (top of the base unfrozen): at most this many epochs, 0 skips it; -1 (auto): 10 with "
+        "pretrained weights, 20 with --weights none (the whole base learns here)",
     )
     fine_tune_layers: int = _field(
         -1,
@@ -44,8 +50,8 @@ class TrainConfig:
     learning_rate: float = _field(1e-3, "phase 1 Adam learning rate")
     fine_tune_learning_rate: float = _field(
         -1.0,
-        "phase 2 Adam learning rate; -1 (auto): 1e-5 with pretrained weights, 1e-4 with --weights none "
-        "(nothing pretrained to protect, so the whole base trains faster; 1e-3 was measured unstable)",
+        "phase 2 Adam learning rate; -1 (auto): 1e-5 with pretrained weights, 3e-4 with --weights none "
+        "(nothing pretrained to protect; 1e-3 was measured unstable, 1e-4 slow)",
     )
     batch_size: int = _field(32, "images per step on each replica (the global batch is this x replicas)")
     patience: int = _field(3, "early stopping: epochs without a better val_loss before a phase stops")
@@ -98,7 +104,11 @@ class TrainConfig:
         if out.fine_tune_layers < 0:
             out.fine_tune_layers = 30 if pretrained else 0
         if out.fine_tune_learning_rate < 0:
-            out.fine_tune_learning_rate = 1e-5 if pretrained else 1e-4
+            out.fine_tune_learning_rate = 1e-5 if pretrained else 3e-4
+        if out.epochs < 0:
+            out.epochs = 20 if pretrained else 3
+        if out.fine_tune_epochs < 0:
+            out.fine_tune_epochs = 10 if pretrained else 20
         if not out.backup_dir:
             out.backup_dir = str(Path(out.models) / out.name / ".backup")
         return out
@@ -115,8 +125,8 @@ class TrainConfig:
             raise ValueError(f"--backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}")
         if self.input_size < 32:
             raise ValueError(f"--input-size must be at least 32, got {self.input_size}")
-        if self.epochs < 1 or self.fine_tune_epochs < 0:
-            raise ValueError("--epochs must be >= 1 and --fine-tune-epochs >= 0")
+        if self.epochs == 0 or self.epochs < -1 or self.fine_tune_epochs < -1:
+            raise ValueError("--epochs must be >= 1 and --fine-tune-epochs >= 0 (or -1 for the default)")
         if self.batch_size < 1:
             raise ValueError("--batch-size must be >= 1")
         if not (0 < self.val_split < 1 and 0 < self.test_split < 1 and self.val_split + self.test_split < 1):
