@@ -182,10 +182,10 @@ def test_config_file_then_flags(tmp_path: Path) -> None:
         load_file(str(bad))
     resolved = TrainConfig(data="/d", models="/m", weights="none").resolved()
     assert (resolved.fine_tune_layers, resolved.fine_tune_learning_rate) == (0, 3e-4)
-    assert (resolved.epochs, resolved.fine_tune_epochs) == (3, 20)
+    assert (resolved.epochs, resolved.fine_tune_epochs, resolved.batch_size) == (3, 20, 16)
     resolved = TrainConfig(data="/d", models="/m").resolved()
     assert (resolved.fine_tune_layers, resolved.fine_tune_learning_rate) == (30, 1e-5)
-    assert (resolved.epochs, resolved.fine_tune_epochs) == (20, 10)
+    assert (resolved.epochs, resolved.fine_tune_epochs, resolved.batch_size) == (20, 10, 32)
     assert resolved.backup_dir == "/m/classifier/.backup"
 
 

@@ -53,7 +53,11 @@ class TrainConfig:
         "phase 2 Adam learning rate; -1 (auto): 1e-5 with pretrained weights, 3e-4 with --weights none "
         "(nothing pretrained to protect; 1e-3 was measured unstable, 1e-4 slow)",
     )
-    batch_size: int = _field(32, "images per step on each replica (the global batch is this x replicas)")
+    batch_size: int = _field(
+        -1,
+        "images per step on each replica (the global batch is this x replicas); -1 (auto): 32 with "
+        "pretrained weights, 16 with --weights none (more steps per epoch measured to learn faster)",
+    )
     patience: int = _field(3, "early stopping: epochs without a better val_loss before a phase stops")
     reduce_lr_patience: int = _field(
         2, "ReduceLROnPlateau: epochs without a better val_loss before the LR drops"
@@ -105,6 +109,8 @@ class TrainConfig:
             out.fine_tune_layers = 30 if pretrained else 0
         if out.fine_tune_learning_rate < 0:
             out.fine_tune_learning_rate = 1e-5 if pretrained else 3e-4
+        if out.batch_size < 0:
+            out.batch_size = 32 if pretrained else 16
         if out.epochs < 0:
             out.epochs = 20 if pretrained else 3
         if out.fine_tune_epochs < 0:
@@ -127,8 +133,8 @@ class TrainConfig:
             raise ValueError(f"--input-size must be at least 32, got {self.input_size}")
         if self.epochs == 0 or self.epochs < -1 or self.fine_tune_epochs < -1:
             raise ValueError("--epochs must be >= 1 and --fine-tune-epochs >= 0 (or -1 for the default)")
-        if self.batch_size < 1:
-            raise ValueError("--batch-size must be >= 1")
+        if self.batch_size == 0 or self.batch_size < -1:
+            raise ValueError("--batch-size must be >= 1 (or -1 for the default)")
         if not (0 < self.val_split < 1 and 0 < self.test_split < 1 and self.val_split + self.test_split < 1):
             raise ValueError("--val-split and --test-split must be in (0, 1) and sum to less than 1")
         if self.cache not in ("auto", "memory", "none"):
