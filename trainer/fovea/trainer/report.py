@@ -66,6 +66,7 @@ def plot_curves(
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         if epochs:
+            ax.set_xlim(0.4, epochs[-1] + 0.8)  # room for the best-epoch star at the last epoch
             ax.set_xticks(epochs if len(epochs) <= 20 else epochs[:: max(1, len(epochs) // 10)])
         if key == "accuracy":
             ax.set_ylim(-0.02, 1.02)
