@@ -1,10 +1,10 @@
 """A small, learnable, labelled image set for demos and tests: procedurally drawn textures.
 
-Each class is a texture family (stripes across, stripes down, checks, dots, rings, zigzags) drawn with
-a random foreground and background colour, scale, phase, position, a small rotation and pixel noise.
-The cue of every class is its texture, which survives global pooling and the trainer's augmentation
-(horizontal flip and rotations of up to 30 degrees): classes never differ only by a diagonal
-orientation, because a horizontal flip would swap them. numpy and PIL only, seeded, fast.
+Each class is a texture family (checks, dots, grid, rings, stripes, zigzag) drawn with a random
+foreground and background colour, scale within the class's band, position, any rotation, and pixel
+noise. The cue of every class is its texture, which survives global pooling and the trainer's
+augmentation (flips, rotations, zoom): no class is defined by an orientation, which a flip or a
+rotation would change. numpy and PIL only, seeded, fast.
 """
 
 from __future__ import annotations
@@ -54,8 +54,9 @@ CLASSES: dict[str, PatternFn] = {
     "stripes": _stripes,
     "zigzag": _zigzag,
 }
-# Each class's pattern period, as a fraction of the image size. The first four classes also differ in
-# scale, a cue that even random (untrained) convolutional features keep, so --weights none can learn.
+# Each class's pattern period, as a fraction of the image size. The default four classes also differ in
+# scale (bands about 1.6x apart, wider than the trainer's zoom of +-20%), which makes them distinct
+# enough for a from-scratch (--weights none) ResNet50 to learn in minutes on a CPU.
 PERIODS: dict[str, tuple[float, float]] = {
     "checks": (0.075, 0.09),
     "dots": (0.12, 0.145),
