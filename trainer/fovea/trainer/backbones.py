@@ -47,7 +47,7 @@ def build_base(name: str, input_size: int, weights: str = "imagenet"):
             return constructor(include_top=False, weights="imagenet", input_shape=shape)
         except Exception as exc:  # a failed download raises a bare Exception("URL fetch failure ...")
             raise WeightsError(
-                f"could not get the imagenet weights for {name} ({type(exc).__name__}: {str(exc)[:160]}); "
+                f"could not get the imagenet weights for {name} ({str(exc)[:300]}); "
                 f"without network access, pass --weights PATH (a local .h5 of the {name} base without "
                 "its top, e.g. copied from ~/.keras/models on a machine that has it) or --weights none "
                 "to train from random weights"

@@ -229,9 +229,6 @@ def run(
         keras.mixed_precision.set_global_policy("mixed_float16")
         log("mixed_float16 compute")
 
-    backup = _Backup(cfg.backup_dir, task)
-    backup.check_fingerprint(cfg, log)
-
     num_classes = len(dataset.labels)
     replicas = strategy.num_replicas_in_sync
     global_batch = cfg.batch_size * replicas
@@ -254,6 +251,9 @@ def run(
         model, base = build_and_freeze(cfg, num_classes)
         _compile(model, cfg, cfg.learning_rate)
     notify("built", model, base)
+    # Only now, so a run that fails on its data or weights leaves no backup folder behind.
+    backup = _Backup(cfg.backup_dir, task)
+    backup.check_fingerprint(cfg, log)
 
     fit = dict(steps_per_epoch=steps, validation_data=val_ds, class_weight=class_weight, verbose=cfg.verbose)
 
