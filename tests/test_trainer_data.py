@@ -227,7 +227,7 @@ def test_every_option_is_in_help_and_errors_are_one_line(tmp_path: Path) -> None
 def test_tf_config_from_indexed_job(monkeypatch: pytest.MonkeyPatch) -> None:
     from fovea.trainer.train import _task, tf_config_from_indexed_job
 
-    monkeypatch.delenv("TF_CONFIG", raising=False)
+    monkeypatch.setenv("TF_CONFIG", "")  # unset for the code; restored (to absent) after the test
     monkeypatch.setenv("FOVEA_WORKER_HOSTS", "w-0.svc:2222, w-1.svc:2222")
     monkeypatch.setenv("JOB_COMPLETION_INDEX", "1")
     tf_config_from_indexed_job()
