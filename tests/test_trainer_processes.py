@@ -72,12 +72,20 @@ def test_a_killed_run_restarted_with_the_same_command_continues_at_the_next_epoc
     lines, code = _run_until(cmd, "Epoch 5/5")
     assert code is None, "\n".join(lines)
     assert _epoch_lines(lines)[0].startswith("Epoch 3/3"), "\n".join(lines)
-    # Restarted again: phase 1 is skipped and phase 2 continues at epoch 5.
+    # Restarted again: phase 1 is skipped and phase 2 continues at epoch 5; killed once training is
+    # over, before the version is published.
+    lines, code = _run_until(cmd, "test accuracy")
+    out = "\n".join(lines)
+    assert code is None, out
+    assert "phase 1 already done (3 epochs)" in out
+    assert _epoch_lines(lines)[0].startswith("Epoch 5/5"), out
+    assert not (models / "m" / "1").exists()
+    # The last restart trains no more: it evaluates and publishes.
     lines, code = _run_until(cmd, None)
     out = "\n".join(lines)
     assert code == 0, out
-    assert "phase 1 already done (3 epochs)" in out
-    assert _epoch_lines(lines)[0].startswith("Epoch 5/5"), out
+    assert "phase 1 already done" in out and "phase 2 already done" in out
+    assert not _epoch_lines(lines), out
     version = models / "m" / "1"
     assert f"Published {version}" in out
     history = json.loads((version / "report" / "metrics.json").read_text())["history"]

@@ -9,6 +9,7 @@ are saved, so a restart during phase 2 skips phase 1.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -125,13 +126,25 @@ class _Backup:
     def history(self, phase: int) -> Path:
         return self.own / f"phase{phase}.csv"
 
-    @property
-    def phase1_weights(self) -> Path:
-        return self.own / "phase1.weights.npz"
+    def weights(self, phase: int) -> Path:
+        return self.own / f"phase{phase}.weights.npz"
 
-    @property
-    def phase1_marker(self) -> Path:
-        return self.own / "phase1.done.json"
+    def marker(self, phase: int) -> Path:
+        """Written when a phase is complete: a restart loads its weights instead of redoing it."""
+        return self.own / f"phase{phase}.done.json"
+
+    def remove(self) -> None:
+        """Delete this worker's files only (others may still be reading theirs); the last one out
+        removes the folder."""
+        if self.own != self.root:
+            shutil.rmtree(self.own, ignore_errors=True)
+        else:
+            for child in self.root.iterdir():
+                if child.is_dir() and child.name.startswith("."):
+                    continue  # another worker's folder
+                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # not empty yet: another worker is still finishing
+            self.root.rmdir()
 
     def check_fingerprint(self, cfg: TrainConfig, log: Callable[[str], None]) -> None:
         """Start over when the backup belongs to a run with other settings."""
@@ -258,12 +271,10 @@ def run(
     fit = dict(steps_per_epoch=steps, validation_data=val_ds, class_weight=class_weight, verbose=cfg.verbose)
 
     # Phase 1: the head on a frozen base (skipped when a restarted job finds it done).
-    if backup.phase1_marker.is_file():
-        phase1 = json.loads(backup.phase1_marker.read_text())
-        _load_weights(model, backup.phase1_weights)
-        log(
-            f"phase 1 already done ({phase1['epochs']} epochs): loaded its weights from {backup.phase1_weights}"
-        )
+    if backup.marker(1).is_file():
+        phase1 = json.loads(backup.marker(1).read_text())
+        _load_weights(model, backup.weights(1))
+        log(f"phase 1 already done ({phase1['epochs']} epochs): loaded its weights from {backup.weights(1)}")
     else:
         log(
             f"phase 1: training the head on a frozen {cfg.backbone} (up to {cfg.epochs} epochs, lr {cfg.learning_rate:g})"
@@ -271,8 +282,8 @@ def run(
         model.fit(train_ds, epochs=cfg.epochs, callbacks=_callbacks(cfg, backup, 1), **fit)
         history1 = _read_history(backup.history(1))
         phase1 = {"epochs": len(history1), "best_epoch": _best_epoch(history1)}
-        _save_weights(model, backup.phase1_weights)
-        backup.phase1_marker.write_text(json.dumps(phase1))
+        _save_weights(model, backup.weights(1))
+        backup.marker(1).write_text(json.dumps(phase1))
     history1 = _read_history(backup.history(1))
     phase1_epochs = int(phase1["epochs"])
     best1 = min((r["val_loss"] for r in history1 if "val_loss" in r), default=float("inf"))
@@ -285,24 +296,31 @@ def run(
         with strategy.scope():
             unfrozen = unfreeze_top(base, cfg.fine_tune_layers)
             _compile(model, cfg, cfg.fine_tune_learning_rate)
-        log(
-            f"phase 2: fine-tuning {len(unfrozen)} layers of the base (up to {cfg.fine_tune_epochs} epochs, "
-            f"lr {cfg.fine_tune_learning_rate:g})"
-        )
-        model.fit(
-            train_ds,
-            initial_epoch=phase1_epochs,
-            epochs=phase1_epochs + cfg.fine_tune_epochs,
-            callbacks=_callbacks(cfg, backup, 2),
-            **fit,
-        )
-        notify("phase2_end", model, base)
+        if backup.marker(2).is_file():
+            _load_weights(model, backup.weights(2))
+            log(f"phase 2 already done: loaded its weights from {backup.weights(2)}")
+        else:
+            log(
+                f"phase 2: fine-tuning {len(unfrozen)} layers of the base (up to {cfg.fine_tune_epochs} "
+                f"epochs, lr {cfg.fine_tune_learning_rate:g})"
+            )
+            model.fit(
+                train_ds,
+                initial_epoch=phase1_epochs,
+                epochs=phase1_epochs + cfg.fine_tune_epochs,
+                callbacks=_callbacks(cfg, backup, 2),
+                **fit,
+            )
+            notify("phase2_end", model, base)
+            history2 = _read_history(backup.history(2))
+            best2 = min((r["val_loss"] for r in history2 if "val_loss" in r), default=float("inf"))
+            if best2 > best1:
+                # Fine-tuning never beat the head alone: keep phase 1's best weights.
+                _load_weights(model, backup.weights(1))
+                log("phase 2 never beat phase 1's best val_loss: keeping phase 1's weights")
+            _save_weights(model, backup.weights(2))
+            backup.marker(2).write_text(json.dumps({"epochs": len(history2)}))
         history2 = _read_history(backup.history(2))
-        best2 = min((r["val_loss"] for r in history2 if "val_loss" in r), default=float("inf"))
-        if best2 > best1:
-            # Fine-tuning never beat the head alone: keep phase 1's best weights.
-            _load_weights(model, backup.phase1_weights)
-            log("phase 2 never beat phase 1's best val_loss: keeping phase 1's weights")
 
     history = history1 + history2
     # Every worker reads the final weights: under MultiWorkerMirroredStrategy reading a BatchNorm
@@ -343,9 +361,7 @@ def run(
             version_path = _export(cfg, final_weights, dataset.labels, metrics, report_dir)
         log(f"published {version_path}")
     # A finished run leaves no backup behind, so the next run of the same command trains anew.
-    shutil.rmtree(backup.own, ignore_errors=True)
-    if is_chief:
-        shutil.rmtree(cfg.backup_dir, ignore_errors=True)
+    backup.remove()
     metrics["total_seconds"] = round(time.monotonic() - started, 1)
     return TrainResult(version_path, metrics, model, dataset, cfg, is_chief)
 
