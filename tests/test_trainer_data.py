@@ -225,7 +225,7 @@ def test_every_option_is_in_help_and_errors_are_one_line(tmp_path: Path) -> None
 
 
 def test_tf_config_from_indexed_job(monkeypatch: pytest.MonkeyPatch) -> None:
-    from fovea.trainer.train import _task, tf_config_from_indexed_job
+    from fovea.trainer.distribute import task_info, tf_config_from_indexed_job
 
     monkeypatch.setenv("TF_CONFIG", "")  # unset for the code; restored (to absent) after the test
     monkeypatch.setenv("FOVEA_WORKER_HOSTS", "w-0.svc:2222, w-1.svc:2222")
@@ -236,4 +236,4 @@ def test_tf_config_from_indexed_job(monkeypatch: pytest.MonkeyPatch) -> None:
         "cluster": {"worker": ["w-0.svc:2222", "w-1.svc:2222"]},
         "task": {"type": "worker", "index": 1},
     }
-    assert _task() == ("worker", 1, False)
+    assert task_info() == ("worker", 1, False)

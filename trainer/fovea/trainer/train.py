@@ -3,30 +3,32 @@
 Phase 1 trains the new head on a frozen base (Adam, --learning-rate). Phase 2 unfreezes the top of the
 base, BatchNorm excepted, and recompiles at --fine-tune-learning-rate. Each phase has its own
 EarlyStopping(val_loss, restore_best_weights) and ReduceLROnPlateau, a BackupAndRestore folder so a
-killed job resumes at its next epoch, and a CSV history. When phase 1 ends its weights and a marker
-are saved, so a restart during phase 2 skips phase 1.
+killed job resumes at its next epoch, and a CSV history. When a phase ends its weights and a marker
+are saved, so a restart skips the phases already done.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import dataclasses
 import json
-import os
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from fovea.trainer import data as data_mod
 from fovea.trainer.config import TrainConfig
-
-# Changing these invalidates a backup: a restart with other values starts over.
-_FINGERPRINT_IGNORES = {"verbose", "backup_dir", "demo_data_if_empty", "cache", "cache_limit_mb"}
+from fovea.trainer.distribute import make_strategy, task_info, tf_config_from_indexed_job, use_mixed_precision
+from fovea.trainer.resume import (
+    RunBackup,
+    best_epoch_of,
+    get_layer_weights,
+    load_weights,
+    read_history,
+    save_weights,
+    set_layer_weights,
+)
 
 
 @dataclasses.dataclass
@@ -41,132 +43,7 @@ class TrainResult:
     is_chief: bool
 
 
-def tf_config_from_indexed_job() -> None:
-    """Build TF_CONFIG from FOVEA_WORKER_HOSTS and JOB_COMPLETION_INDEX (a Kubernetes Indexed Job)."""
-    if os.environ.get("TF_CONFIG"):
-        return
-    hosts = [h.strip() for h in os.environ.get("FOVEA_WORKER_HOSTS", "").split(",") if h.strip()]
-    index = os.environ.get("JOB_COMPLETION_INDEX")
-    if len(hosts) > 1 and index is not None:
-        os.environ["TF_CONFIG"] = json.dumps(
-            {"cluster": {"worker": hosts}, "task": {"type": "worker", "index": int(index)}}
-        )
-
-
-def _task() -> tuple[str, int, bool]:
-    """(task type, index, is chief) from TF_CONFIG; a lone process is the chief."""
-    raw = os.environ.get("TF_CONFIG")
-    if not raw:
-        return "worker", 0, True
-    conf = json.loads(raw)
-    task = conf.get("task", {})
-    kind, index = task.get("type", "worker"), int(task.get("index", 0))
-    has_chief = "chief" in conf.get("cluster", {})
-    return kind, index, kind == "chief" or (not has_chief and kind == "worker" and index == 0)
-
-
-def make_strategy(log: Callable[[str], None]):
-    """MultiWorkerMirrored when TF_CONFIG is set, Mirrored on several GPUs, else the default."""
-    import tensorflow as tf
-
-    if os.environ.get("TF_CONFIG"):
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
-        log(f"multi-worker training: {strategy.num_replicas_in_sync} replicas (TF_CONFIG)")
-        return strategy
-    gpus = tf.config.list_physical_devices("GPU")
-    if len(gpus) > 1:
-        strategy = tf.distribute.MirroredStrategy()
-        log(f"training on {strategy.num_replicas_in_sync} GPUs (MirroredStrategy)")
-        return strategy
-    log(f"training on {'1 GPU' if gpus else 'the CPU'}")
-    return tf.distribute.get_strategy()
-
-
-def _use_mixed_precision(cfg: TrainConfig) -> bool:
-    import tensorflow as tf
-
-    if cfg.mixed_precision == "auto":
-        return bool(tf.config.list_physical_devices("GPU"))
-    return cfg.mixed_precision == "on"
-
-
-def _read_history(path: Path) -> list[dict[str, float]]:
-    """Rows of a CSVLogger file; a row repeated by a resumed run counts once (the last one)."""
-    if not path.is_file():
-        return []
-    rows: dict[int, dict[str, float]] = {}
-    with path.open() as f:
-        for row in csv.DictReader(f):
-            try:
-                rows[int(row["epoch"])] = {k: float(v) for k, v in row.items() if k != "epoch" and v != ""}
-            except (KeyError, ValueError):
-                continue
-    return [{"epoch": e, **rows[e]} for e in sorted(rows)]
-
-
-def _best_epoch(history: list[dict[str, float]]) -> int | None:
-    scored = [(row["val_loss"], row["epoch"]) for row in history if "val_loss" in row]
-    return int(min(scored)[1]) if scored else None
-
-
-class _Backup:
-    """The files that let a restarted job resume: per-phase BackupAndRestore folders, histories, marker."""
-
-    def __init__(self, root: str, task: tuple[str, int, bool]):
-        kind, index, chief = task
-        self.root = Path(root)
-        # BackupAndRestore writes the chief's state to root and the others' to temporary folders itself;
-        # our own files (marker, weights, histories) go per worker so workers never clobber each other.
-        self.own = self.root if chief else self.root / f".{kind}-{index}"
-        self.own.mkdir(parents=True, exist_ok=True)
-
-    def checkpoints(self, phase: int) -> str:
-        return str(self.root / f"phase{phase}")
-
-    def history(self, phase: int) -> Path:
-        return self.own / f"phase{phase}.csv"
-
-    def weights(self, phase: int) -> Path:
-        return self.own / f"phase{phase}.weights.npz"
-
-    def marker(self, phase: int) -> Path:
-        """Written when a phase is complete: a restart loads its weights instead of redoing it."""
-        return self.own / f"phase{phase}.done.json"
-
-    def remove(self) -> None:
-        """Delete this worker's files only (others may still be reading theirs); the last one out
-        removes the folder."""
-        if self.own != self.root:
-            shutil.rmtree(self.own, ignore_errors=True)
-        else:
-            for child in self.root.iterdir():
-                if child.is_dir() and child.name.startswith("."):
-                    continue  # another worker's folder
-                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):  # not empty yet: another worker is still finishing
-            self.root.rmdir()
-
-    def check_fingerprint(self, cfg: TrainConfig, log: Callable[[str], None]) -> None:
-        """Start over when the backup belongs to a run with other settings."""
-        wanted = {k: v for k, v in cfg.to_dict().items() if k not in _FINGERPRINT_IGNORES}
-        path = self.own / "run.json"
-        if path.is_file():
-            try:
-                found = json.loads(path.read_text())
-            except ValueError:
-                found = None
-            if found == wanted:
-                log(f"resuming from the backup in {self.root}")
-                return
-            log(f"the backup in {self.root} is from a run with other settings: starting over")
-            for child in self.own.iterdir():
-                if child.name.startswith(".") and child.is_dir():
-                    continue
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
-        path.write_text(json.dumps(wanted, sort_keys=True))
-
-
-def _callbacks(cfg: TrainConfig, backup: _Backup, phase: int) -> list[Any]:
+def _callbacks(cfg: TrainConfig, backup: RunBackup, phase: int) -> list[Any]:
     import tf_keras as keras
 
     # New instances per phase: EarlyStopping and ReduceLROnPlateau keep state between fits otherwise.
@@ -213,134 +90,61 @@ def run(
     cfg = cfg.resolved()
     tf_config_from_indexed_job()
     started = time.monotonic()
-
-    if cfg.demo_data_if_empty and not data_mod.has_images(cfg.data):
-        from fovea.trainer.demo_data import generate
-
-        counts = generate(cfg.data, seed=cfg.seed)
-        log(
-            f"{cfg.data} held no images: generated demo data ({len(counts)} classes x {next(iter(counts.values()))})"
-        )
-
-    dataset = data_mod.load_dataset(
-        cfg.data, val_split=cfg.val_split, test_split=cfg.test_split, seed=cfg.seed
-    )
-    counts = {s: sum(c.values()) for s, c in dataset.counts().items()}
-    log(
-        f"{len(dataset.labels)} classes ({', '.join(dataset.labels)}); images: train {counts['train']}, "
-        f"val {counts['val']}, test {counts['test']}; skipped {len(dataset.skipped)} unreadable files"
-    )
-    for item in dataset.skipped[:20]:
-        log(f"  skipped {item['path']}: {item['reason']}")
+    dataset = _load_data(cfg, log)
 
     import tf_keras as keras
 
     strategy = make_strategy(log)
-    task = _task()
+    task = task_info()
     is_chief = task[2]
-    if _use_mixed_precision(cfg):
+    if use_mixed_precision(cfg):
         keras.mixed_precision.set_global_policy("mixed_float16")
         log("mixed_float16 compute")
 
-    num_classes = len(dataset.labels)
     replicas = strategy.num_replicas_in_sync
-    global_batch = cfg.batch_size * replicas
-    cache = cfg.cache == "memory" or (
-        cfg.cache == "auto"
-        and data_mod.fits_in_cache(sum(counts.values()), cfg.input_size, cfg.cache_limit_mb)
-    )
-    stream = dict(num_classes=num_classes, input_size=cfg.input_size, seed=cfg.seed, cache=cache)
+    stream = _stream_settings(cfg, dataset, replicas)
     train_ds = data_mod.make_stream(
-        dataset.files["train"], dataset.targets["train"], batch_size=global_batch, training=True,
-        repeat=cfg.steps_per_epoch > 0, **stream,
-    )  # fmt: skip
-    val_ds = data_mod.make_stream(
-        dataset.files["val"], dataset.targets["val"], batch_size=global_batch, training=False, **stream
+        dataset.files["train"],
+        dataset.targets["train"],
+        training=True,
+        repeat=cfg.steps_per_epoch > 0,
+        **stream,
     )
-    steps = cfg.steps_per_epoch or None
-    class_weight = dataset.class_weights() if cfg.class_weights else None
+    val_ds = data_mod.make_stream(dataset.files["val"], dataset.targets["val"], training=False, **stream)
 
     with strategy.scope():
-        model, base = build_and_freeze(cfg, num_classes)
+        model, base = build_and_freeze(cfg, len(dataset.labels))
         _compile(model, cfg, cfg.learning_rate)
     notify("built", model, base)
     # Only now, so a run that fails on its data or weights leaves no backup folder behind.
-    backup = _Backup(cfg.backup_dir, task)
+    backup = RunBackup(cfg.backup_dir, task)
     backup.check_fingerprint(cfg, log)
 
-    fit = dict(steps_per_epoch=steps, validation_data=val_ds, class_weight=class_weight, verbose=cfg.verbose)
-
-    # Phase 1: the head on a frozen base (skipped when a restarted job finds it done).
-    if backup.marker(1).is_file():
-        phase1 = json.loads(backup.marker(1).read_text())
-        _load_weights(model, backup.weights(1))
-        log(f"phase 1 already done ({phase1['epochs']} epochs): loaded its weights from {backup.weights(1)}")
-    else:
-        log(
-            f"phase 1: training the head on a frozen {cfg.backbone} (up to {cfg.epochs} epochs, lr {cfg.learning_rate:g})"
-        )
-        model.fit(train_ds, epochs=cfg.epochs, callbacks=_callbacks(cfg, backup, 1), **fit)
-        history1 = _read_history(backup.history(1))
-        phase1 = {"epochs": len(history1), "best_epoch": _best_epoch(history1)}
-        _save_weights(model, backup.weights(1))
-        backup.marker(1).write_text(json.dumps(phase1))
-    history1 = _read_history(backup.history(1))
-    phase1_epochs = int(phase1["epochs"])
-    best1 = min((r["val_loss"] for r in history1 if "val_loss" in r), default=float("inf"))
-    notify("phase1_end", model, base)
-
-    # Phase 2: fine-tune the top of the base at a low learning rate, BatchNorm kept in inference mode.
-    history2: list[dict[str, float]] = []
-    unfrozen: list[str] = []
-    if cfg.fine_tune_epochs > 0:
-        with strategy.scope():
-            unfrozen = unfreeze_top(base, cfg.fine_tune_layers)
-            _compile(model, cfg, cfg.fine_tune_learning_rate)
-        if backup.marker(2).is_file():
-            _load_weights(model, backup.weights(2))
-            log(f"phase 2 already done: loaded its weights from {backup.weights(2)}")
-        else:
-            log(
-                f"phase 2: fine-tuning {len(unfrozen)} layers of the base (up to {cfg.fine_tune_epochs} "
-                f"epochs, lr {cfg.fine_tune_learning_rate:g})"
-            )
-            model.fit(
-                train_ds,
-                initial_epoch=phase1_epochs,
-                epochs=phase1_epochs + cfg.fine_tune_epochs,
-                callbacks=_callbacks(cfg, backup, 2),
-                **fit,
-            )
-            notify("phase2_end", model, base)
-            history2 = _read_history(backup.history(2))
-            best2 = min((r["val_loss"] for r in history2 if "val_loss" in r), default=float("inf"))
-            if best2 > best1:
-                # Fine-tuning never beat the head alone: keep phase 1's best weights.
-                _load_weights(model, backup.weights(1))
-                log("phase 2 never beat phase 1's best val_loss: keeping phase 1's weights")
-            _save_weights(model, backup.weights(2))
-            backup.marker(2).write_text(json.dumps({"epochs": len(history2)}))
-        history2 = _read_history(backup.history(2))
-
+    session = _Session(
+        cfg=cfg, model=model, base=base, strategy=strategy, backup=backup, train_ds=train_ds, log=log,
+        notify=notify, fit=dict(
+            steps_per_epoch=cfg.steps_per_epoch or None, validation_data=val_ds, verbose=cfg.verbose,
+            class_weight=dataset.class_weights() if cfg.class_weights else None,
+        ),
+    )  # fmt: skip
+    phase1_epochs, history1 = _phase1(session)
+    history2, unfrozen = _phase2(session, phase1_epochs, history1)
     history = history1 + history2
     # Every worker reads the final weights: under MultiWorkerMirroredStrategy reading a BatchNorm
     # statistic is a collective op, so the chief cannot do it alone after the others have exited.
     final_weights = get_layer_weights(model)
-    best_epoch = _best_epoch(history)
     train_seconds = time.monotonic() - started
 
     from fovea.trainer import evaluate, report
 
-    test_ds = data_mod.make_stream(
-        dataset.files["test"], dataset.targets["test"], batch_size=global_batch, training=False, **stream
-    )
+    test_ds = data_mod.make_stream(dataset.files["test"], dataset.targets["test"], training=False, **stream)
     evaluation = evaluate.evaluate(model, test_ds, dataset.labels)
     log(f"test accuracy {evaluation['accuracy']:.4f} on {evaluation['support']} images")
 
     metrics = {
         "test_accuracy": evaluation["accuracy"],
         "test": evaluation,
-        "best_epoch": best_epoch,
+        "best_epoch": best_epoch_of(history),
         "best_val_loss": min((r["val_loss"] for r in history if "val_loss" in r), default=None),
         "fine_tune_start_epoch": phase1_epochs if cfg.fine_tune_epochs > 0 else None,
         "phase1_epochs": phase1_epochs,
@@ -364,6 +168,114 @@ def run(
     backup.remove()
     metrics["total_seconds"] = round(time.monotonic() - started, 1)
     return TrainResult(version_path, metrics, model, dataset, cfg, is_chief)
+
+
+@dataclasses.dataclass
+class _Session:
+    """What both phases share."""
+
+    cfg: TrainConfig
+    model: Any
+    base: Any
+    strategy: Any
+    backup: RunBackup
+    train_ds: Any
+    fit: dict[str, Any]
+    log: Callable[[str], None]
+    notify: Callable[[str, Any, Any], None]
+
+
+def _load_data(cfg: TrainConfig, log: Callable[[str], None]) -> data_mod.Dataset:
+    if cfg.demo_data_if_empty and not data_mod.has_images(cfg.data):
+        from fovea.trainer.demo_data import generate
+
+        counts = generate(cfg.data, seed=cfg.seed)
+        log(
+            f"{cfg.data} held no images: generated demo data ({len(counts)} classes x {max(counts.values())})"
+        )
+    dataset = data_mod.load_dataset(
+        cfg.data, val_split=cfg.val_split, test_split=cfg.test_split, seed=cfg.seed
+    )
+    counts = {split: sum(c.values()) for split, c in dataset.counts().items()}
+    log(
+        f"{len(dataset.labels)} classes ({', '.join(dataset.labels)}); images: train {counts['train']}, "
+        f"val {counts['val']}, test {counts['test']}; skipped {len(dataset.skipped)} unreadable files"
+    )
+    for item in dataset.skipped[:20]:
+        log(f"  skipped {item['path']}: {item['reason']}")
+    return dataset
+
+
+def _stream_settings(cfg: TrainConfig, dataset: data_mod.Dataset, replicas: int) -> dict[str, Any]:
+    total = sum(len(files) for files in dataset.files.values())
+    cache = cfg.cache == "memory" or (
+        cfg.cache == "auto" and data_mod.fits_in_cache(total, cfg.input_size, cfg.cache_limit_mb)
+    )
+    return dict(
+        num_classes=len(dataset.labels), input_size=cfg.input_size, seed=cfg.seed, cache=cache,
+        batch_size=cfg.batch_size * replicas,
+    )  # fmt: skip
+
+
+def _phase1(s: _Session) -> tuple[int, list[dict[str, float]]]:
+    """The head on a frozen base; skipped when a restarted job finds it done. Returns (epochs, history)."""
+    cfg, backup = s.cfg, s.backup
+    if backup.marker(1).is_file():
+        phase1 = json.loads(backup.marker(1).read_text())
+        load_weights(s.model, backup.weights(1))
+        s.log(
+            f"phase 1 already done ({phase1['epochs']} epochs): loaded its weights from {backup.weights(1)}"
+        )
+    else:
+        s.log(
+            f"phase 1: training the head on a frozen {cfg.backbone} "
+            f"(up to {cfg.epochs} epochs, lr {cfg.learning_rate:g})"
+        )
+        s.model.fit(s.train_ds, epochs=cfg.epochs, callbacks=_callbacks(cfg, backup, 1), **s.fit)
+        history = read_history(backup.history(1))
+        phase1 = {"epochs": len(history), "best_epoch": best_epoch_of(history)}
+        save_weights(s.model, backup.weights(1))
+        backup.marker(1).write_text(json.dumps(phase1))
+    s.notify("phase1_end", s.model, s.base)
+    return int(phase1["epochs"]), read_history(backup.history(1))
+
+
+def _phase2(
+    s: _Session, phase1_epochs: int, history1: list[dict[str, float]]
+) -> tuple[list[dict[str, float]], list[str]]:
+    """Fine-tune the top of the base, BatchNorm kept in inference mode. Returns (history, unfrozen layers)."""
+    cfg, backup = s.cfg, s.backup
+    if cfg.fine_tune_epochs <= 0:
+        return [], []
+    with s.strategy.scope():
+        unfrozen = unfreeze_top(s.base, cfg.fine_tune_layers)
+        _compile(s.model, cfg, cfg.fine_tune_learning_rate)
+    if backup.marker(2).is_file():
+        load_weights(s.model, backup.weights(2))
+        s.log(f"phase 2 already done: loaded its weights from {backup.weights(2)}")
+        return read_history(backup.history(2)), unfrozen
+    s.log(
+        f"phase 2: fine-tuning {len(unfrozen)} layers of the base (up to {cfg.fine_tune_epochs} epochs, "
+        f"lr {cfg.fine_tune_learning_rate:g})"
+    )
+    s.model.fit(
+        s.train_ds,
+        initial_epoch=phase1_epochs,
+        epochs=phase1_epochs + cfg.fine_tune_epochs,
+        callbacks=_callbacks(cfg, backup, 2),
+        **s.fit,
+    )
+    s.notify("phase2_end", s.model, s.base)
+    history = read_history(backup.history(2))
+    best1 = min((r["val_loss"] for r in history1 if "val_loss" in r), default=float("inf"))
+    best2 = min((r["val_loss"] for r in history if "val_loss" in r), default=float("inf"))
+    if best2 > best1:
+        # Fine-tuning never beat the head alone: keep phase 1's best weights.
+        load_weights(s.model, backup.weights(1))
+        s.log("phase 2 never beat phase 1's best val_loss: keeping phase 1's weights")
+    save_weights(s.model, backup.weights(2))
+    backup.marker(2).write_text(json.dumps({"epochs": len(history)}))
+    return history, unfrozen
 
 
 def build_and_freeze(cfg: TrainConfig, num_classes: int) -> tuple[Any, Any]:
@@ -406,46 +318,6 @@ def _export(
         config=cfg.to_dict(),
         report_dir=report_dir,
     )
-
-
-def _walk_layers(model: Any, prefix: str = ""):
-    """(path, layer) of every layer holding weights, nested models expanded; augmentation layers
-    (whose only state is a random generator) left out."""
-    for layer in model.layers:
-        if getattr(layer, "layers", None):
-            yield from _walk_layers(layer, f"{prefix}{layer.name}|")
-        elif layer.weights and not layer.name.startswith("aug_"):
-            yield prefix + layer.name, layer
-
-
-def get_layer_weights(model: Any) -> dict[str, list[np.ndarray]]:
-    """Weights keyed by layer path. Whole-model weight lists are ordered by trainability, which
-    phase 2 changes, and .h5 loading trips over distributed variables; this does neither."""
-    return {path: [np.asarray(w.numpy()) for w in layer.weights] for path, layer in _walk_layers(model)}
-
-
-def set_layer_weights(model: Any, weights: dict[str, list[np.ndarray]]) -> None:
-    for path, layer in _walk_layers(model):
-        layer.set_weights(weights[path])
-
-
-def _save_weights(model: Any, path: Path) -> None:
-    arrays = {
-        f"{key}#{i}": value
-        for key, values in get_layer_weights(model).items()
-        for i, value in enumerate(values)
-    }
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)  # a kill mid-write never leaves a half file under the real name
-
-
-def _load_weights(model: Any, path: Path) -> None:
-    with np.load(path) as f:
-        weights: dict[str, list[np.ndarray]] = {}
-        for key in sorted(f.files, key=lambda k: (k.rsplit("#", 1)[0], int(k.rsplit("#", 1)[1]))):
-            weights.setdefault(key.rsplit("#", 1)[0], []).append(f[key])
-    set_layer_weights(model, weights)
 
 
 def unfreeze_top(base: Any, num_layers: int) -> list[str]:
