@@ -1,0 +1,326 @@
+"""Two-phase transfer learning, resumable, single- or multi-worker, ending in a published version.
+
+Phase 1 trains the new head on a frozen base (Adam, --learning-rate). Phase 2 unfreezes the top of the
+base, BatchNorm excepted, and recompiles at --fine-tune-learning-rate. Each phase has its own
+EarlyStopping(val_loss, restore_best_weights) and ReduceLROnPlateau, a BackupAndRestore folder so a
+killed job resumes at its next epoch, and a CSV history. When a phase ends its weights and a marker
+are saved, so a restart skips the phases already done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from fovea.trainer import data as data_mod
+from fovea.trainer.config import TrainConfig
+from fovea.trainer.distribute import make_strategy, task_info, tf_config_from_indexed_job, use_mixed_precision
+from fovea.trainer.resume import (
+    RunBackup,
+    best_epoch_of,
+    get_layer_weights,
+    load_weights,
+    read_history,
+    save_weights,
+    set_layer_weights,
+)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a run produced. version_path is None on workers other than the chief."""
+
+    version_path: str | None
+    metrics: dict[str, Any]
+    model: Any
+    dataset: data_mod.Dataset
+    config: TrainConfig
+    is_chief: bool
+
+
+def _callbacks(cfg: TrainConfig, backup: RunBackup, phase: int) -> list[Any]:
+    import tf_keras as keras
+
+    # New instances per phase: EarlyStopping and ReduceLROnPlateau keep state between fits otherwise.
+    return [
+        keras.callbacks.BackupAndRestore(backup.checkpoints(phase)),
+        keras.callbacks.EarlyStopping(
+            monitor="val_loss",
+            patience=cfg.patience,
+            restore_best_weights=True,
+            verbose=1 if cfg.verbose else 0,
+        ),
+        keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss",
+            factor=cfg.reduce_lr_factor,
+            patience=cfg.reduce_lr_patience,
+            verbose=1 if cfg.verbose else 0,
+        ),
+        keras.callbacks.CSVLogger(str(backup.history(phase)), append=True),
+    ]
+
+
+def _compile(model: Any, cfg: TrainConfig, learning_rate: float) -> None:
+    import tf_keras as keras
+
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+    )
+
+
+def run(
+    cfg: TrainConfig,
+    log: Callable[[str], None] = print,
+    on_event: Callable[[str, Any, Any], None] | None = None,
+) -> TrainResult:
+    """Train, evaluate, report and (on the chief) publish. Raises DataError/WeightsError/ValueError.
+
+    on_event(event, model, base) is called at "built", "phase1_end" and "phase2_end" (tests inspect
+    the weights there).
+    """
+    notify = on_event or (lambda event, model, base: None)
+    cfg.validate()
+    cfg = cfg.resolved()
+    tf_config_from_indexed_job()
+    started = time.monotonic()
+    dataset = _load_data(cfg, log)
+
+    import tf_keras as keras
+
+    strategy = make_strategy(log)
+    task = task_info()
+    is_chief = task[2]
+    if use_mixed_precision(cfg):
+        keras.mixed_precision.set_global_policy("mixed_float16")
+        log("mixed_float16 compute")
+
+    replicas = strategy.num_replicas_in_sync
+    stream = _stream_settings(cfg, dataset, replicas)
+    train_ds = data_mod.make_stream(
+        dataset.files["train"],
+        dataset.targets["train"],
+        training=True,
+        repeat=cfg.steps_per_epoch > 0,
+        **stream,
+    )
+    val_ds = data_mod.make_stream(dataset.files["val"], dataset.targets["val"], training=False, **stream)
+
+    with strategy.scope():
+        model, base = build_and_freeze(cfg, len(dataset.labels))
+        _compile(model, cfg, cfg.learning_rate)
+    notify("built", model, base)
+    # Only now, so a run that fails on its data or weights leaves no backup folder behind.
+    backup = RunBackup(cfg.backup_dir, task)
+    backup.check_fingerprint(cfg, log)
+
+    session = _Session(
+        cfg=cfg, model=model, base=base, strategy=strategy, backup=backup, train_ds=train_ds, log=log,
+        notify=notify, fit=dict(
+            steps_per_epoch=cfg.steps_per_epoch or None, validation_data=val_ds, verbose=cfg.verbose,
+            class_weight=dataset.class_weights() if cfg.class_weights else None,
+        ),
+    )  # fmt: skip
+    phase1_epochs, history1 = _phase1(session)
+    history2, unfrozen = _phase2(session, phase1_epochs, history1)
+    history = history1 + history2
+    # Every worker reads the final weights: under MultiWorkerMirroredStrategy reading a BatchNorm
+    # statistic is a collective op, so the chief cannot do it alone after the others have exited.
+    final_weights = get_layer_weights(model)
+    train_seconds = time.monotonic() - started
+
+    from fovea.trainer import evaluate, report
+
+    test_ds = data_mod.make_stream(dataset.files["test"], dataset.targets["test"], training=False, **stream)
+    evaluation = evaluate.evaluate(model, test_ds, dataset.labels)
+    log(f"test accuracy {evaluation['accuracy']:.4f} on {evaluation['support']} images")
+
+    metrics = {
+        "test_accuracy": evaluation["accuracy"],
+        "test": evaluation,
+        "best_epoch": best_epoch_of(history),
+        "best_val_loss": min((r["val_loss"] for r in history if "val_loss" in r), default=None),
+        "fine_tune_start_epoch": phase1_epochs if cfg.fine_tune_epochs > 0 else None,
+        "phase1_epochs": phase1_epochs,
+        "phase2_epochs": len(history2),
+        "unfrozen_layers": len(unfrozen),
+        "history": history,
+        "images": dataset.counts(),
+        "layout": dataset.layout,
+        "skipped_files": dataset.skipped,
+        "replicas": replicas,
+        "train_seconds": round(train_seconds, 1),
+    }
+
+    version_path = None
+    if is_chief:
+        with tempfile.TemporaryDirectory(prefix="fovea-report-") as report_dir:
+            report.write_report(report_dir, metrics=metrics, labels=dataset.labels)
+            version_path = _export(cfg, final_weights, dataset.labels, metrics, report_dir)
+        log(f"published {version_path}")
+    # A finished run leaves no backup behind, so the next run of the same command trains anew.
+    backup.remove()
+    metrics["total_seconds"] = round(time.monotonic() - started, 1)
+    return TrainResult(version_path, metrics, model, dataset, cfg, is_chief)
+
+
+@dataclasses.dataclass
+class _Session:
+    """What both phases share."""
+
+    cfg: TrainConfig
+    model: Any
+    base: Any
+    strategy: Any
+    backup: RunBackup
+    train_ds: Any
+    fit: dict[str, Any]
+    log: Callable[[str], None]
+    notify: Callable[[str, Any, Any], None]
+
+
+def _load_data(cfg: TrainConfig, log: Callable[[str], None]) -> data_mod.Dataset:
+    if cfg.demo_data_if_empty and not data_mod.has_images(cfg.data):
+        from fovea.trainer.demo_data import generate
+
+        counts = generate(cfg.data, seed=cfg.seed)
+        log(
+            f"{cfg.data} held no images: generated demo data ({len(counts)} classes x {max(counts.values())})"
+        )
+    dataset = data_mod.load_dataset(
+        cfg.data, val_split=cfg.val_split, test_split=cfg.test_split, seed=cfg.seed
+    )
+    counts = {split: sum(c.values()) for split, c in dataset.counts().items()}
+    log(
+        f"{len(dataset.labels)} classes ({', '.join(dataset.labels)}); images: train {counts['train']}, "
+        f"val {counts['val']}, test {counts['test']}; skipped {len(dataset.skipped)} unreadable files"
+    )
+    for item in dataset.skipped[:20]:
+        log(f"  skipped {item['path']}: {item['reason']}")
+    return dataset
+
+
+def _stream_settings(cfg: TrainConfig, dataset: data_mod.Dataset, replicas: int) -> dict[str, Any]:
+    total = sum(len(files) for files in dataset.files.values())
+    cache = cfg.cache == "memory" or (
+        cfg.cache == "auto" and data_mod.fits_in_cache(total, cfg.input_size, cfg.cache_limit_mb)
+    )
+    return dict(
+        num_classes=len(dataset.labels), input_size=cfg.input_size, seed=cfg.seed, cache=cache,
+        batch_size=cfg.batch_size * replicas,
+    )  # fmt: skip
+
+
+def _phase1(s: _Session) -> tuple[int, list[dict[str, float]]]:
+    """The head on a frozen base; skipped when a restarted job finds it done. Returns (epochs, history)."""
+    cfg, backup = s.cfg, s.backup
+    if backup.marker(1).is_file():
+        phase1 = json.loads(backup.marker(1).read_text())
+        load_weights(s.model, backup.weights(1))
+        s.log(
+            f"phase 1 already done ({phase1['epochs']} epochs): loaded its weights from {backup.weights(1)}"
+        )
+    else:
+        s.log(
+            f"phase 1: training the head on a frozen {cfg.backbone} "
+            f"(up to {cfg.epochs} epochs, lr {cfg.learning_rate:g})"
+        )
+        s.model.fit(s.train_ds, epochs=cfg.epochs, callbacks=_callbacks(cfg, backup, 1), **s.fit)
+        history = read_history(backup.history(1))
+        phase1 = {"epochs": len(history), "best_epoch": best_epoch_of(history)}
+        save_weights(s.model, backup.weights(1))
+        backup.marker(1).write_text(json.dumps(phase1))
+    s.notify("phase1_end", s.model, s.base)
+    return int(phase1["epochs"]), read_history(backup.history(1))
+
+
+def _phase2(
+    s: _Session, phase1_epochs: int, history1: list[dict[str, float]]
+) -> tuple[list[dict[str, float]], list[str]]:
+    """Fine-tune the top of the base, BatchNorm kept in inference mode. Returns (history, unfrozen layers)."""
+    cfg, backup = s.cfg, s.backup
+    if cfg.fine_tune_epochs <= 0:
+        return [], []
+    with s.strategy.scope():
+        unfrozen = unfreeze_top(s.base, cfg.fine_tune_layers)
+        _compile(s.model, cfg, cfg.fine_tune_learning_rate)
+    if backup.marker(2).is_file():
+        load_weights(s.model, backup.weights(2))
+        s.log(f"phase 2 already done: loaded its weights from {backup.weights(2)}")
+        return read_history(backup.history(2)), unfrozen
+    s.log(
+        f"phase 2: fine-tuning {len(unfrozen)} layers of the base (up to {cfg.fine_tune_epochs} epochs, "
+        f"lr {cfg.fine_tune_learning_rate:g})"
+    )
+    s.model.fit(
+        s.train_ds,
+        initial_epoch=phase1_epochs,
+        epochs=phase1_epochs + cfg.fine_tune_epochs,
+        callbacks=_callbacks(cfg, backup, 2),
+        **s.fit,
+    )
+    s.notify("phase2_end", s.model, s.base)
+    history = read_history(backup.history(2))
+    best1 = min((r["val_loss"] for r in history1 if "val_loss" in r), default=float("inf"))
+    best2 = min((r["val_loss"] for r in history if "val_loss" in r), default=float("inf"))
+    if best2 > best1:
+        # Fine-tuning never beat the head alone: keep phase 1's best weights.
+        load_weights(s.model, backup.weights(1))
+        s.log("phase 2 never beat phase 1's best val_loss: keeping phase 1's weights")
+    save_weights(s.model, backup.weights(2))
+    backup.marker(2).write_text(json.dumps({"epochs": len(history)}))
+    return history, unfrozen
+
+
+def build_and_freeze(cfg: TrainConfig, num_classes: int) -> tuple[Any, Any]:
+    from fovea.trainer.model import build_model, freeze_base
+
+    model, base = build_model(cfg, num_classes)
+    freeze_base(base)
+    return model, base
+
+
+def _export(
+    cfg: TrainConfig,
+    weights: dict[str, list[np.ndarray]],
+    labels: list[str],
+    metrics: dict[str, Any],
+    report_dir: str,
+) -> str:
+    """Publish a float32, non-distributed copy of the model (no mirrored variables, no float16 compute)."""
+    import tf_keras as keras
+    from fovea.trainer.export import export_model
+    from fovea.trainer.model import build_model
+
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        clone, _ = build_model(dataclasses.replace(cfg, weights="none"), len(labels))
+        set_layer_weights(clone, weights)
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+    exported_metrics = {k: v for k, v in metrics.items() if k not in ("history", "skipped_files")}
+    exported_metrics["skipped_files"] = len(metrics["skipped_files"])
+    return export_model(
+        clone,
+        models_dir=cfg.models,
+        name=cfg.name,
+        labels=labels,
+        input_size=(cfg.input_size, cfg.input_size),
+        backbone=cfg.backbone,
+        metrics=exported_metrics,
+        config=cfg.to_dict(),
+        report_dir=report_dir,
+    )
+
+
+def unfreeze_top(base: Any, num_layers: int) -> list[str]:
+    from fovea.trainer.model import unfreeze_top as _unfreeze
+
+    return _unfreeze(base, num_layers)
