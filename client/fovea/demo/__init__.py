@@ -73,6 +73,12 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classes", type=int, default=None, help="demo classes (default: the generator's)")
     parser.add_argument("--per-class", type=int, default=None, help="training images per class")
     parser.add_argument(
+        "--epochs", type=int, default=None, help="phase 1 epochs (default: the trainer's choice)"
+    )
+    parser.add_argument(
+        "--fine-tune-epochs", type=int, default=None, help="phase 2 epochs (default: the trainer's choice)"
+    )
+    parser.add_argument(
         "--heldout-per-class", type=int, default=4, help="held-out images per class to classify"
     )
     parser.add_argument(
@@ -94,7 +100,7 @@ def run(command: str, args: argparse.Namespace) -> int:
             _generate(heldout, args, seed=1, per_class=args.heldout_per_class)
         with _step(2):
             weights, input_size = _choose_weights(args)
-            version_dir = _train(data, models, weights, input_size, workdir)
+            version_dir = _train(data, models, weights, input_size, workdir, args)
         with _step(3):
             server = _start_server(models, args.ready_timeout)
         with _step(4):
@@ -176,7 +182,14 @@ def _choose_weights(args: argparse.Namespace) -> tuple[str, int]:
     return weights, size
 
 
-def _train(data: Path, models: Path, weights: str, input_size: int, workdir: Path) -> Path:
+def _train(
+    data: Path, models: Path, weights: str, input_size: int, workdir: Path, args: argparse.Namespace
+) -> Path:
+    extra = []
+    if args.epochs is not None:
+        extra += ["--epochs", str(args.epochs)]
+    if args.fine_tune_epochs is not None:
+        extra += ["--fine-tune-epochs", str(args.fine_tune_epochs)]
     _run_visible(
         _fovea(
             "train",
@@ -192,14 +205,16 @@ def _train(data: Path, models: Path, weights: str, input_size: int, workdir: Pat
             str(input_size),
             "--backup-dir",
             str(workdir / "backup"),
+            *extra,
         ),
         "fovea train",
     )
-    versions = sorted(
-        (int(p.name) for p in (models / MODEL_NAME).iterdir() if p.name.isdigit()), default=None
+    model_root = models / MODEL_NAME
+    versions = (
+        sorted(int(p.name) for p in model_root.iterdir() if p.name.isdigit()) if model_root.is_dir() else []
     )
-    if versions is None:
-        raise CLIError(f"training finished but published nothing under {models / MODEL_NAME}")
+    if not versions:
+        raise CLIError(f"training finished but published nothing under {model_root}")
     return models / MODEL_NAME / str(versions[-1])
 
 

@@ -44,7 +44,12 @@ class Settings:
         "--max-batch-size, because every new shape costs autotuning there.",
         flag_type="int_list",
     )
-    max_in_flight_batches: int = _setting(2, "Batches computed at once per model version.")
+    max_in_flight_batches: int = _setting(
+        1,
+        "Batches computed at once per model version. 1 suits a CPU, where one batch already uses every "
+        "core and requests queued meanwhile form the next, larger batch (measured in bench/); 2 can "
+        "overlap host work with a GPU's compute.",
+    )
     max_queue_size: int = _setting(
         256, "Most requests waiting per model version; beyond it requests are shed (RESOURCE_EXHAUSTED)."
     )

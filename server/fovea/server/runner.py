@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -145,7 +144,6 @@ class ModelRunner:
         self._decode = decode
         self._resize_uint8 = resize.get_concrete_function(tf.TensorSpec([None, None, 3], tf.uint8))
         self._resize_float = resize.get_concrete_function(tf.TensorSpec([None, None, 3], tf.float32))
-        self._lock = threading.Lock()
 
     @property
     def num_classes(self) -> int:
