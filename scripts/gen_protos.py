@@ -17,19 +17,19 @@ PROTO_ROOT = ROOT / "proto"
 DEFAULT_OUT = ROOT / "client"
 
 
-def proto_files() -> list[Path]:
-    return sorted(PROTO_ROOT.glob("fovea/**/*.proto"))
+def proto_files(proto_root: Path = PROTO_ROOT) -> list[Path]:
+    return sorted(proto_root.glob("fovea/**/*.proto"))
 
 
-def generate(out: Path) -> list[Path]:
+def generate(out: Path, proto_root: Path = PROTO_ROOT) -> list[Path]:
     """Run protoc (from grpcio-tools) on every proto; return the files written."""
     from grpc_tools import protoc  # dev-only dependency, so import it late
 
     include = Path(protoc.__file__).parent / "_proto"
-    files = [str(p.relative_to(PROTO_ROOT)) for p in proto_files()]
+    files = [str(p.relative_to(proto_root)) for p in proto_files(proto_root)]
     args = [
         "protoc",
-        f"-I{PROTO_ROOT}",
+        f"-I{proto_root}",
         f"-I{include}",
         f"--python_out={out}",
         f"--pyi_out={out}",
@@ -38,14 +38,15 @@ def generate(out: Path) -> list[Path]:
     ]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed: {' '.join(args)}")
-    return sorted(p for p in (out / "fovea").rglob("*_pb2*.py*"))
+    return sorted(p for p in (out / "fovea").rglob("*_pb2*") if p.suffix in (".py", ".pyi"))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output root (default: client/)")
+    parser.add_argument("--proto-root", type=Path, default=PROTO_ROOT, help="where fovea/**/*.proto live")
     args = parser.parse_args()
-    for path in generate(args.out):
+    for path in generate(args.out, args.proto_root):
         print(path.relative_to(args.out))
     return 0
 

@@ -242,7 +242,7 @@ def _start_server(models: Path, ready_timeout: float) -> Server:
             if process.poll() is not None:
                 raise CLIError(f"`fovea serve` exited with code {process.returncode} while warming up")
             with contextlib.suppress(Exception):
-                if client.health(timeout=2.0):
+                if client.health(timeout=2.0) == "SERVING":
                     break
             if time.monotonic() > deadline:
                 _kill(server)
@@ -294,7 +294,7 @@ def _print_metrics(server: Server) -> None:
     samples = prom_text.scrape(f"http://127.0.0.1:{server.metrics_port}/metrics")
     requests = prom_text.total(samples, "fovea_requests_total", method="Predict")
     print(f"      Predict requests: {requests:.0f}")
-    sizes = prom_text.per_bucket(prom_text.buckets(samples, "fovea_batch_size"))
+    sizes = prom_text.per_bucket(prom_text.buckets(samples, "fovea_batch_size_images"))
     if sizes:
         seen = ", ".join(f"<={_num(bound)}: {count:.0f}" for bound, count in sizes)
         print(f"      batches by size: {seen}")

@@ -1,0 +1,192 @@
+"""`fovea predict`, `fovea health`, `fovea metadata` and `fovea models`: the client's command line.
+
+Loaded by the dispatcher in fovea.cli; imports no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from fovea.cli import CLIError
+from fovea.client import Client, FoveaError, ModelMetadata, ModelStatus, Prediction
+
+DEFAULT_TARGET = "localhost:8500"
+CLI_DEFAULT_TIMEOUT = 10.0
+
+
+def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--target",
+        default=os.environ.get("FOVEA_TARGET", DEFAULT_TARGET),
+        metavar="HOST:PORT",
+        help="the server address or a gRPC name such as dns:///svc:8500 "
+        "(default: $FOVEA_TARGET, else %(default)s)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=CLI_DEFAULT_TIMEOUT,
+        metavar="S",
+        help="the deadline of the whole command in seconds, retries included (default: %(default)s)",
+    )
+    tls = parser.add_argument_group("TLS")
+    tls.add_argument("--tls", action="store_true", help="connect with TLS (system root certificates)")
+    tls.add_argument("--ca-cert", metavar="PEM", help="root certificates to trust (implies --tls)")
+    tls.add_argument("--client-cert", metavar="PEM", help="client certificate chain (needs --client-key)")
+    tls.add_argument("--client-key", metavar="PEM", help="client private key (needs --client-cert)")
+    if command in ("predict", "metadata"):
+        parser.add_argument("--model", metavar="NAME", help="the model name (default: the only one served)")
+        parser.add_argument(
+            "--version", type=int, default=0, metavar="N", help="the model version (default: latest)"
+        )
+    if command in ("predict", "metadata", "models"):
+        parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    if command == "predict":
+        parser.add_argument(
+            "--top-k",
+            type=int,
+            default=None,
+            metavar="K",
+            help="labels per image (default: the server's, 5 or every class when there are fewer)",
+        )
+        parser.add_argument(
+            "--probabilities", action="store_true", help="include every class probability (with --json)"
+        )
+        parser.add_argument(
+            "images",
+            nargs="+",
+            metavar="IMAGE_OR_DIR",
+            help="image files (JPEG, PNG, GIF, BMP) or folders of them",
+        )
+    if command == "health":
+        parser.add_argument(
+            "--service", default="", help="the service to ask about (default: the whole server)"
+        )
+
+
+def run(command: str, args: argparse.Namespace) -> int:
+    if args.timeout is None or not args.timeout > 0:
+        raise CLIError(f"--timeout must be a positive number of seconds, not {args.timeout}")
+    try:
+        with _client(args) as client:
+            if command == "predict":
+                return _predict(client, args)
+            if command == "health":
+                return _health(client, args)
+            if command == "metadata":
+                return _metadata(client, args)
+            if command == "models":
+                return _models(client, args)
+    except FoveaError as err:
+        raise CLIError(_one_line(args.target, err)) from None
+    raise CLIError(f"unknown command {command!r}")
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(
+        args.target,
+        default_timeout=args.timeout,
+        tls=args.tls,
+        root_certificates=args.ca_cert,
+        certificate_chain=args.client_cert,
+        private_key=args.client_key,
+    )
+
+
+def _one_line(target: str, err: FoveaError) -> str:
+    details = " ".join(err.details.split())
+    if err.code.name == "INVALID_ARGUMENT":
+        return details  # about the input; the server is beside the point
+    return f"{target}: {err.code.name}: {details}"
+
+
+# -- predict -------------------------------------------------------------------------------------
+
+
+def _predict(client: Client, args: argparse.Namespace) -> int:
+    predictions = client.predict(
+        args.images,
+        top_k=args.top_k,
+        model=args.model,
+        version=args.version,
+        return_probabilities=args.probabilities,
+    )
+    if args.json:
+        print(json.dumps([p.to_dict() for p in predictions], indent=2))
+    else:
+        print(format_predictions(predictions))
+    return 0
+
+
+def format_predictions(predictions: Sequence[Prediction]) -> str:
+    """An aligned table: one row per image, its top labels with scores, then the model used."""
+    k = max((len(p.top) for p in predictions), default=0)
+    header = ["FILE", *(f"TOP {i + 1}" for i in range(k))]
+    rows = [[p.source, *(f"{c.label} {c.score:.3f}" for c in p.top)] for p in predictions]
+    lines = _table([header, *rows])
+    models = sorted({(p.model_name, p.model_version) for p in predictions})
+    lines.append(
+        "model: " + ", ".join(f"{name or '(default)'} version {version}" for name, version in models)
+    )
+    return "\n".join(lines)
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    width = max(len(r) for r in rows)
+    widths = [max((len(r[i]) for r in rows if i < len(r)), default=0) for i in range(width)]
+    return ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows]
+
+
+# -- health, metadata, models --------------------------------------------------------------------
+
+
+def _health(client: Client, args: argparse.Namespace) -> int:
+    status = client.health(service=args.service)
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+def _metadata(client: Client, args: argparse.Namespace) -> int:
+    meta = client.metadata(model=args.model, version=args.version)
+    print(json.dumps(meta.to_dict(), indent=2) if args.json else format_metadata(meta))
+    return 0
+
+
+def format_metadata(meta: ModelMetadata) -> str:
+    fields = [
+        ("model", meta.name),
+        ("version", str(meta.version)),
+        ("loaded versions", ", ".join(map(str, meta.loaded_versions))),
+        ("backbone", meta.backbone),
+        ("input size", f"{meta.input_height}x{meta.input_width} (height x width)"),
+        ("classes", f"{len(meta.labels)}: {', '.join(meta.labels)}"),
+        ("created at", meta.created_at),
+        ("max images/request", str(meta.max_images_per_request or "not reported")),
+        *((f"metric {k}", f"{v:.4g}") for k, v in meta.metrics.items()),
+    ]
+    width = max(len(k) for k, _ in fields)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in fields)
+
+
+def _models(client: Client, args: argparse.Namespace) -> int:
+    models = client.list_models()
+    print(json.dumps([m.to_dict() for m in models], indent=2) if args.json else format_models(models))
+    return 0
+
+
+def format_models(models: Sequence[ModelStatus]) -> str:
+    if not models:
+        return "no models"
+    rows = [["MODEL", "VERSIONS", "READY"]]
+    rows += [[m.name, ",".join(map(str, m.versions)) or "-", "yes" if m.ready else "no"] for m in models]
+    return "\n".join(_table(rows))
+
+
+if __name__ == "__main__":  # pragma: no cover - the dispatcher is the entry point
+    from fovea.cli import main
+
+    sys.exit(main([sys.argv[1], *sys.argv[2:]]))
