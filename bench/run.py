@@ -32,7 +32,7 @@ sys.path[:0] = [str(ROOT / d) for d in ("client", "server", "trainer")]
 from fovea.demo import prom_text  # noqa: E402
 
 READY_LINE = re.compile(r"grpc_port[=: ]+(\d+).*metrics_port[=: ]+(\d+)")
-BATCH_SIZE_METRIC = "fovea_batch_size"
+BATCH_SIZE_METRIC = "fovea_batch_size_images"
 
 
 def env() -> dict[str, str]:
