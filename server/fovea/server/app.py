@@ -1,0 +1,192 @@
+"""Wiring: the grpc.aio server, health, reflection, metrics HTTP, the repository, and the drain."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from fovea.server import runner as tf_runner
+from fovea.server.config import Settings
+from fovea.server.core import Core
+from fovea.server.metrics import Metrics
+from fovea.server.repository import ModelRepository
+from fovea.server.servicer import SERVICE_NAME, ClassifierServicer
+from fovea.v1 import classifier_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger(__name__)
+
+HEALTH_SERVICES = ("", SERVICE_NAME)
+
+
+def grpc_options(s: Settings) -> list[tuple[str, int]]:
+    limit = s.max_message_mb * 1024 * 1024
+    options = [
+        ("grpc.max_send_message_length", limit),
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.keepalive_time_ms", int(s.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(s.keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # Let clients ping as often as every 10 s without being sent GOAWAY(too_many_pings).
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        # A second server on a taken port must fail, not silently share it.
+        ("grpc.so_reuseport", 0),
+    ]
+    if s.max_connection_age_s > 0:
+        options += [
+            ("grpc.max_connection_age_ms", int(s.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(s.max_connection_age_grace_s * 1000)),
+        ]
+    return options
+
+
+class StartupError(Exception):
+    """The server could not start (a port is taken, a certificate is unreadable); one line for the CLI."""
+
+
+def default_gpu_batch_sizes(max_batch_size: int) -> tuple[int, ...]:
+    """Powers of two below max_batch_size, then max_batch_size itself."""
+    sizes, size = [], 1
+    while size < max_batch_size:
+        sizes.append(size)
+        size *= 2
+    return (*sizes, max_batch_size)
+
+
+class Server:
+    """One fovea server: start(), then stop(grace) drains it. Several can run in one process."""
+
+    def __init__(self, settings: Settings, runner_factory=tf_runner.ModelRunner) -> None:
+        self.device = tf_runner.configure_device(settings.gpu_memory_limit_mb)
+        if self.device == "GPU" and not settings.allowed_batch_sizes:
+            # On a GPU every new batch shape costs autotuning, so batches are padded to a few sizes.
+            sizes = default_gpu_batch_sizes(settings.max_batch_size)
+            log.info("GPU: padding batches to sizes %s (set --allowed-batch-sizes to change)", sizes)
+            settings = dataclasses.replace(settings, allowed_batch_sizes=sizes)
+        self.settings = settings
+        self.metrics = Metrics()
+        self.health = health.aio.HealthServicer()
+        self.repository = ModelRepository(settings, self.metrics, self._on_ready_change, runner_factory)
+        self.core = Core(settings, self.repository, self.metrics)
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._draining = False
+        self._health_tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        s = self.settings
+        server = grpc.aio.server(options=grpc_options(s))
+        classifier_pb2_grpc.add_ClassifierServiceServicer_to_server(
+            ClassifierServicer(self.core, self.metrics), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        for service in HEALTH_SERVICES:
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if s.reflection:
+            names = (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            )
+            reflection.enable_server_reflection(names, server)
+        address = f"{s.host}:{s.port}"
+        try:
+            if s.tls_cert:
+                credentials = grpc.ssl_server_credentials(
+                    [(Path(s.tls_key).read_bytes(), Path(s.tls_cert).read_bytes())],
+                    root_certificates=Path(s.tls_client_ca).read_bytes() if s.tls_client_ca else None,
+                    require_client_auth=bool(s.tls_client_ca),
+                )
+                self.port = server.add_secure_port(address, credentials)
+            else:
+                self.port = server.add_insecure_port(address)
+        except (RuntimeError, OSError):
+            await server.stop(None)
+            hint = (
+                "is the port in use, or the TLS certificate or key invalid?"
+                if s.tls_cert
+                else "is the port in use?"
+            )
+            raise StartupError(f"cannot listen for gRPC on {address}; {hint}") from None
+        if s.metrics_port >= 0:
+            metrics_address = f"{s.metrics_host or s.host}:{s.metrics_port}"
+            try:
+                self.metrics_port = self.metrics.serve_http(s.metrics_host or s.host, s.metrics_port)
+            except OSError as exc:
+                await server.stop(None)
+                raise StartupError(
+                    f"cannot serve metrics on {metrics_address}: {exc.strerror or exc}"
+                ) from None
+        await server.start()
+        self._server = server
+        tls = " (mTLS)" if s.tls_client_ca else " (TLS)" if s.tls_cert else ""
+        log.info(
+            "serving %s on %s, grpc port %d%s, metrics port %s; models from %s",
+            SERVICE_NAME,
+            s.host,
+            self.port,
+            tls,
+            self.metrics_port,
+            s.model_dir,
+        )
+        self.repository.start()
+
+    def _on_ready_change(self, ready: bool) -> None:
+        if self._draining:
+            return
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        self.metrics.ready.set(1 if ready else 0)
+        log.info("health: %s", health_pb2.HealthCheckResponse.ServingStatus.Name(status))
+        for service in HEALTH_SERVICES:
+            task = asyncio.get_running_loop().create_task(self.health.set(service, status))
+            self._health_tasks.add(task)
+            task.add_done_callback(self._health_tasks.discard)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING first, refuse new work, finish in-flight RPCs within the grace period."""
+        grace = self.settings.grace_period if grace is None else grace
+        self._draining = True
+        self.metrics.ready.set(0)
+        await self.health.enter_graceful_shutdown()
+        log.info("draining: health NOT_SERVING, refusing new requests, waiting up to %gs", grace)
+        start = time.monotonic()
+        # The gRPC server keeps answering while the core drains, so health checks see NOT_SERVING
+        # and new calls get a clear UNAVAILABLE instead of a refused connection.
+        if not await self.core.drain(grace):
+            log.warning("grace period of %gs ended with requests still running; cancelling them", grace)
+        if self._server is not None:
+            await self._server.stop(max(0.0, grace - (time.monotonic() - start)))
+        await self.repository.close()
+        self.core.close()
+        self.metrics.close()
+        log.info("stopped")
+
+
+async def serve(settings: Settings) -> int:
+    """Run until SIGTERM or SIGINT, then drain and return 0."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    # Installed before anything starts, so a signal during start-up still drains and exits 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server = Server(settings)
+    await server.start()
+    # The one stdout line tests and scripts read to find the bound ports.
+    print(f"fovea serve: grpc_port={server.port} metrics_port={server.metrics_port}", flush=True)
+    await stop.wait()
+    # The handlers stay installed: a repeated signal during the drain must not kill the process.
+    log.info("signal received")
+    await server.stop()
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,183 @@
+"""Server settings: one dataclass, every field documented, read from flags and FOVEA_* variables.
+
+Precedence: a command-line flag, else the FOVEA_<FIELD_NAME> environment variable, else the default.
+The `help` of each field is its docstring and is what `fovea serve --help` prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_PREFIX = "FOVEA_"
+
+
+def _setting(default: Any, help: str, *, flag_type: Any = None, choices: tuple[str, ...] | None = None):
+    return field(default=default, metadata={"help": help, "type": flag_type, "choices": choices})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything `fovea serve` can be told."""
+
+    model_dir: str = _setting(
+        "", "Base folder of published models (<name>/<version>/), any tf.io.gfile path."
+    )
+    host: str = _setting("0.0.0.0", "Address the gRPC server binds to.")
+    port: int = _setting(8500, "gRPC port; 0 picks a free one (the bound port is logged).")
+    metrics_port: int = _setting(9090, "Prometheus /metrics HTTP port; 0 picks a free one, -1 turns it off.")
+    metrics_host: str = _setting("", "Address the metrics server binds to; empty means the same as --host.")
+    max_batch_size: int = _setting(32, "Most images in one model call.")
+    batch_timeout_ms: float = _setting(
+        0.0,
+        "Longest a queued image waits for a batch to fill, counted from the first queued image. "
+        "0 runs whatever is queued as soon as a model slot is free (batches still form under load).",
+    )
+    allowed_batch_sizes: tuple[int, ...] = _setting(
+        (),
+        "Comma-separated batch sizes the model is called with; a batch is padded up to the next one. "
+        "Empty: any size (the default on CPU); on a GPU the default is powers of two up to "
+        "--max-batch-size, because every new shape costs autotuning there.",
+        flag_type="int_list",
+    )
+    max_in_flight_batches: int = _setting(2, "Batches computed at once per model version.")
+    max_queue_size: int = _setting(
+        256, "Most requests waiting per model version; beyond it requests are shed (RESOURCE_EXHAUSTED)."
+    )
+    preprocess_threads: int = _setting(
+        0, "Threads that decode and resize images beside model compute; 0 means the number of CPUs."
+    )
+    poll_interval: float = _setting(5.0, "Seconds between scans of --model-dir for new versions.")
+    version_policy: str = _setting(
+        "latest",
+        "Which versions to serve: 'latest', 'all', or a comma-separated list of version numbers.",
+    )
+    grace_period: float = _setting(
+        20.0, "Seconds SIGTERM/SIGINT waits for queued and in-flight requests before exiting."
+    )
+    max_images_per_request: int = _setting(256, "Most images one PredictRequest may carry.")
+    max_pixels: int = _setting(
+        40_000_000,
+        "Most pixels (height x width, times frames for GIF) one image may have; checked from the "
+        "encoded header before decoding, so a decompression bomb is refused cheaply.",
+    )
+    max_message_mb: int = _setting(64, "gRPC send and receive message limit in MiB.")
+    keepalive_time_s: float = _setting(30.0, "Seconds between HTTP/2 keepalive pings to idle clients.")
+    keepalive_timeout_s: float = _setting(10.0, "Seconds to wait for a keepalive ack before closing.")
+    max_connection_age_s: float = _setting(
+        300.0,
+        "Close connections after this many seconds (with a grace), so clients reconnect and a "
+        "Kubernetes Service rebalances them; 0 turns it off.",
+    )
+    max_connection_age_grace_s: float = _setting(30.0, "Seconds an aged-out connection may finish its calls.")
+    gpu_memory_limit_mb: int = _setting(0, "Cap on GPU memory in MiB; 0 means memory growth, no cap.")
+    tls_cert: str = _setting("", "PEM server certificate chain; with --tls-key turns TLS on.")
+    tls_key: str = _setting("", "PEM private key of --tls-cert.")
+    tls_client_ca: str = _setting(
+        "", "PEM CA bundle; when set, clients must present a cert it signed (mTLS)."
+    )
+    warmup: bool = _setting(True, "Run every batch size once before a version serves (ready means warm).")
+    reflection: bool = _setting(True, "Serve gRPC server reflection.")
+    log_format: str = _setting("text", "Log format.", choices=("text", "json"))
+    log_level: str = _setting("INFO", "Log level.", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.max_batch_size < 1:
+            problems.append("--max-batch-size must be at least 1")
+        if any(b < 1 for b in self.allowed_batch_sizes):
+            problems.append("--allowed-batch-sizes must be positive")
+        if self.allowed_batch_sizes and max(self.allowed_batch_sizes) < self.max_batch_size:
+            problems.append("the largest --allowed-batch-sizes must be at least --max-batch-size")
+        if self.max_in_flight_batches < 1:
+            problems.append("--max-in-flight-batches must be at least 1")
+        if self.max_queue_size < 1:
+            problems.append("--max-queue-size must be at least 1")
+        if self.batch_timeout_ms < 0:
+            problems.append("--batch-timeout-ms must not be negative")
+        if self.poll_interval <= 0:
+            problems.append("--poll-interval must be positive")
+        if self.max_images_per_request < 1 or self.max_pixels < 1 or self.max_message_mb < 1:
+            problems.append("--max-images-per-request, --max-pixels and --max-message-mb must be positive")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            problems.append("--tls-cert and --tls-key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            problems.append("--tls-client-ca needs --tls-cert and --tls-key")
+        try:
+            self.specific_versions()
+        except ValueError:
+            problems.append("--version-policy must be 'latest', 'all' or comma-separated positive integers")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def specific_versions(self) -> tuple[int, ...] | None:
+        """The versions a specific policy names, or None for 'latest'/'all'."""
+        if self.version_policy in ("latest", "all"):
+            return None
+        versions = tuple(int(v) for v in self.version_policy.split(",") if v.strip())
+        if not versions or any(v < 1 for v in versions):
+            raise ValueError(self.version_policy)
+        return versions
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def _parse_value(f: dataclasses.Field, raw: str) -> Any:
+    kind = f.metadata.get("type") or f.type
+    if kind == "int_list":
+        return tuple(int(v) for v in raw.replace(" ", "").split(",") if v)
+    if f.type == "bool":
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"not a boolean: {raw!r}")
+    return {"int": int, "float": float, "str": str}[f.type](raw)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field; defaults come from FOVEA_* variables when set (read at parse time)."""
+    for f in dataclasses.fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        env = env_name(f.name)
+        default_text = f.default
+        if f.type == "tuple[int, ...]":
+            default_text = ",".join(map(str, f.default)) or "(none)"
+        help_text = f"{f.metadata['help']} [env {env}; default {default_text}]".replace("%", "%%")
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
+        if f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        if f.metadata.get("choices"):
+            kwargs["choices"] = f.metadata["choices"]
+        if f.name == "model_dir":
+            kwargs["metavar"] = "MODELS_DIR"
+        parser.add_argument(flag, type=str, **kwargs)
+
+
+def from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from parsed flags, then the environment, then defaults; ValueError on a bad value."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        raw = getattr(args, f.name, None)
+        source = "--" + f.name.replace("_", "-")
+        if raw is None and env_name(f.name) in environ:
+            raw, source = environ[env_name(f.name)], env_name(f.name)
+        if raw is None:
+            continue
+        if isinstance(raw, bool):
+            values[f.name] = raw
+            continue
+        try:
+            values[f.name] = _parse_value(f, raw)
+        except (ValueError, KeyError):
+            raise ValueError(f"{source}: cannot read {raw!r} as {f.type}") from None
+    return Settings(**values)

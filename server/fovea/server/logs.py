@@ -1,0 +1,63 @@
+"""Structured logging: text or JSON lines, each carrying the request id of the RPC that logged it."""
+
+from __future__ import annotations
+
+import contextvars
+import itertools
+import json
+import logging
+import sys
+import time
+import uuid
+
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("fovea_request_id", default="-")
+
+REQUEST_ID_HEADER = "x-request-id"
+
+
+_PREFIX = uuid.uuid4().hex[:8]
+_counter = itertools.count(1)
+
+
+def new_request_id() -> str:
+    """Unique per process run and cheap: a random per-process prefix and a counter."""
+    return f"{_PREFIX}-{next(_counter)}"
+
+
+class _RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "request_id": getattr(record, "request_id", "-"),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def setup(log_format: str = "text", level: str = "INFO") -> None:
+    """Route fovea's logs to stderr in the chosen format (replacing earlier fovea handlers)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_RequestIdFilter())
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
+        )
+    root = logging.getLogger("fovea")
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False

@@ -1,0 +1,155 @@
+"""Prometheus metrics: one registry per server instance (tests run several), names fovea_*_<unit>.
+
+Durations and batch sizes are histograms, so they aggregate across pods.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+from fovea.server.batcher import BatcherStats
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+_LOAD = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class Metrics:
+    """Every metric the server exports, registered in its own registry."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "fovea_requests", "RPCs finished, by method and gRPC status code.", ["method", "code"], registry=r
+        )
+        self.request_duration = Histogram(
+            "fovea_request_duration_seconds", "RPC handling time.", ["method"], buckets=_LATENCY, registry=r
+        )
+        self.preprocess_duration = Histogram(
+            "fovea_preprocess_duration_seconds",
+            "Time to validate, decode and resize one request's images.",
+            ["model"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.queue_duration = Histogram(
+            "fovea_queue_duration_seconds",
+            "Time a request waited in the batch queue.",
+            ["model"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.compute_duration = Histogram(
+            "fovea_compute_duration_seconds",
+            "Time of one model call on a batch.",
+            ["model"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "fovea_batch_size_images", "Real images per model call.", ["model"], buckets=_SIZES, registry=r
+        )
+        self.batch_padding = Histogram(
+            "fovea_batch_padding_images",
+            "Padding images added to reach an allowed batch size.",
+            ["model"],
+            buckets=(0, *_SIZES),
+            registry=r,
+        )
+        self.images = Counter("fovea_images_inferred", "Images computed by a model.", ["model"], registry=r)
+        self.batches = Counter("fovea_batches", "Model calls on batches.", ["model"], registry=r)
+        self.shed = Counter(
+            "fovea_shed_requests", "Requests refused because the queue was full.", ["model"], registry=r
+        )
+        self.expired = Counter(
+            "fovea_expired_requests",
+            "Requests dropped before compute because their deadline had passed.",
+            ["model"],
+            registry=r,
+        )
+        self.cancelled = Counter(
+            "fovea_cancelled_requests",
+            "Requests dropped before compute because the caller left.",
+            ["model"],
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "fovea_queue_depth_requests", "Requests waiting for a batch.", ["model", "version"], registry=r
+        )
+        self.model_loads = Counter(
+            "fovea_model_loads", "Model versions loaded and warmed successfully.", ["model"], registry=r
+        )
+        self.model_load_failures = Counter(
+            "fovea_model_load_failures", "Model version loads or warm-ups that failed.", ["model"], registry=r
+        )
+        self.load_duration = Histogram(
+            "fovea_model_load_duration_seconds", "SavedModel load time.", ["model"], buckets=_LOAD, registry=r
+        )
+        self.warmup_duration = Histogram(
+            "fovea_model_warmup_duration_seconds",
+            "Warm-up time of a loaded version.",
+            ["model"],
+            buckets=_LOAD,
+            registry=r,
+        )
+        self.version_info = Gauge(
+            "fovea_model_version_info",
+            "1 for every loaded, serving model version.",
+            ["model", "version"],
+            registry=r,
+        )
+        self.ready = Gauge("fovea_ready", "1 when the server is SERVING, else 0.", registry=r)
+        self._http = None
+        self._http_thread: threading.Thread | None = None
+
+    def batcher_stats(self, model: str, version: int) -> BatcherStats:
+        return _ModelStats(self, model, str(version))
+
+    def serve_http(self, host: str, port: int) -> int:
+        """Start /metrics on its own port (0 picks one); return the bound port."""
+        self._http, self._http_thread = start_http_server(port, addr=host, registry=self.registry)
+        return int(self._http.server_port)
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+
+class _ModelStats(BatcherStats):
+    def __init__(self, metrics: Metrics, model: str, version: str) -> None:
+        self._m = metrics
+        self._depth = metrics.queue_depth.labels(model, version)
+        self._shed = metrics.shed.labels(model)
+        self._expired = metrics.expired.labels(model)
+        self._cancelled = metrics.cancelled.labels(model)
+        self._queue = metrics.queue_duration.labels(model)
+        self._compute = metrics.compute_duration.labels(model)
+        self._size = metrics.batch_size.labels(model)
+        self._padding = metrics.batch_padding.labels(model)
+        self._images = metrics.images.labels(model)
+        self._batches = metrics.batches.labels(model)
+
+    def queue_depth(self, requests: int) -> None:
+        self._depth.set(requests)
+
+    def shed(self) -> None:
+        self._shed.inc()
+
+    def expired(self, requests: int) -> None:
+        self._expired.inc(requests)
+
+    def cancelled(self, requests: int) -> None:
+        self._cancelled.inc(requests)
+
+    def batch(self, images: int, padding: int, queue_waits: Sequence[float], compute_s: float) -> None:
+        for wait in queue_waits:
+            self._queue.observe(wait)
+        self._compute.observe(compute_s)
+        self._size.observe(images)
+        self._padding.observe(padding)
+        self._images.inc(images)
+        self._batches.inc()

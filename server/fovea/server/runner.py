@@ -1,0 +1,193 @@
+"""The one module that touches TensorFlow: devices, model folders, SavedModel load, signature calls.
+
+The rest of the server sees numpy arrays and plain Python. Preprocessing uses exactly the ops of the
+export contract's `decode_and_resize` (decode_image with channels=3 and expand_animations=False,
+bilinear resize, round, clip, cast to uint8), so the server's pixels equal the bytes signature's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+log = logging.getLogger(__name__)
+
+# The export contract (trainer/fovea/trainer/export.py); the server must not import the trainer.
+SIGNATURE_IMAGES = "serving_default"
+INPUT_IMAGES = "images"
+OUTPUT = "probabilities"
+METADATA_FILE = "assets.extra/fovea.json"
+LABELS_FILE = "assets/labels.txt"
+
+
+def configure_device(gpu_memory_limit_mb: int = 0) -> str:
+    """Use the GPU when there is one (memory growth, or a hard cap), else the CPU; say which."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        log.info("no GPU found; serving on the CPU")
+        return "CPU"
+    try:
+        for gpu in gpus:
+            if gpu_memory_limit_mb > 0:
+                tf.config.set_logical_device_configuration(
+                    gpu, [tf.config.LogicalDeviceConfiguration(memory_limit=gpu_memory_limit_mb)]
+                )
+            else:
+                tf.config.experimental.set_memory_growth(gpu, True)
+    except RuntimeError as exc:  # already initialised (a second server in one process)
+        log.warning("could not configure GPU memory: %s", exc)
+    log.info(
+        "serving on %d GPU(s): %s%s",
+        len(gpus),
+        ", ".join(g.name for g in gpus),
+        f" (memory limit {gpu_memory_limit_mb} MiB)" if gpu_memory_limit_mb > 0 else " (memory growth)",
+    )
+    return "GPU"
+
+
+def list_model_names(base: str) -> list[str]:
+    """Model folders under the base folder (hidden ones skipped), sorted."""
+    if not tf.io.gfile.isdir(base):
+        return []
+    names = (n.rstrip("/") for n in tf.io.gfile.listdir(base))
+    return sorted(
+        n for n in names if n and not n.startswith(".") and tf.io.gfile.isdir(posixpath.join(base, n))
+    )
+
+
+def list_versions(model_root: str) -> list[int]:
+    """Complete published versions: positive integer folders holding saved_model.pb, ascending.
+
+    Exports are renamed into place from hidden `.tmp-*` folders, so a listed version is whole.
+    """
+    if not tf.io.gfile.isdir(model_root):
+        return []
+    found = []
+    for raw in tf.io.gfile.listdir(model_root):
+        name = raw.rstrip("/")
+        complete = name.isdigit() and tf.io.gfile.exists(posixpath.join(model_root, name, "saved_model.pb"))
+        if complete and int(name) > 0:
+            found.append(int(name))
+    return sorted(found)
+
+
+@dataclass
+class ModelInfo:
+    """What the metadata file says about one version."""
+
+    name: str
+    version: int
+    path: str
+    labels: list[str]
+    height: int
+    width: int
+    backbone: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    created_at: str = ""
+
+
+def read_info(path: str, name: str, version: int) -> ModelInfo:
+    meta: dict[str, Any] = {}
+    meta_path = posixpath.join(path, METADATA_FILE)
+    if tf.io.gfile.exists(meta_path):
+        with tf.io.gfile.GFile(meta_path) as f:
+            meta = json.load(f)
+    labels = list(meta.get("labels") or [])
+    if not labels:
+        with tf.io.gfile.GFile(posixpath.join(path, LABELS_FILE)) as f:
+            labels = [line.rstrip("\n") for line in f if line.strip()]
+    size = meta.get("input_size") or {}
+    metrics = {k: float(v) for k, v in (meta.get("metrics") or {}).items() if isinstance(v, (int, float))}
+    return ModelInfo(
+        name=name,
+        version=version,
+        path=path,
+        labels=labels,
+        height=int(size.get("height", 0)),
+        width=int(size.get("width", 0)),
+        backbone=str(meta.get("backbone", "")),
+        metrics=metrics,
+        created_at=str(meta.get("created_at", "")),
+    )
+
+
+class ModelRunner:
+    """One loaded SavedModel version: batched inference plus the per-image preprocessing it needs."""
+
+    def __init__(self, path: str, name: str, version: int) -> None:
+        self.info = read_info(path, name, version)
+        self._loaded = tf.saved_model.load(path)
+        # The concrete signature function: it never retraces, unlike the restored Keras object.
+        self._signature = self._loaded.signatures[SIGNATURE_IMAGES]
+        spec = self._signature.structured_input_signature[1][INPUT_IMAGES]
+        height, width = spec.shape[1], spec.shape[2]
+        if not self.info.height:
+            self.info.height, self.info.width = int(height), int(width)
+        h, w = self.info.height, self.info.width
+
+        @tf.function(input_signature=[tf.TensorSpec([], tf.string)])
+        def decode(image_bytes: tf.Tensor) -> tf.Tensor:
+            image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+            return _resize(image, h, w)
+
+        @tf.function
+        def resize(image: tf.Tensor) -> tf.Tensor:
+            return _resize(image, h, w)
+
+        self._decode = decode
+        self._resize_uint8 = resize.get_concrete_function(tf.TensorSpec([None, None, 3], tf.uint8))
+        self._resize_float = resize.get_concrete_function(tf.TensorSpec([None, None, 3], tf.float32))
+        self._lock = threading.Lock()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.info.labels)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [N, H, W, 3] -> float32 probabilities [N, classes]."""
+        return self._signature(**{INPUT_IMAGES: tf.constant(images)})[OUTPUT].numpy()
+
+    def decode(self, data: bytes) -> np.ndarray:
+        """Encoded bytes -> uint8 [H, W, 3] at the model's size; ValueError if they do not decode."""
+        try:
+            return self._decode(tf.constant(data)).numpy()
+        except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as exc:
+            raise ValueError(str(exc).splitlines()[0] if str(exc) else "undecodable") from None
+
+    def resize(self, image: np.ndarray) -> np.ndarray:
+        """uint8 or float32 [h, w, 3] (floats already clipped to 0..255) -> uint8 [H, W, 3]."""
+        fn = self._resize_uint8 if image.dtype == np.uint8 else self._resize_float
+        return fn(tf.constant(image)).numpy()
+
+    def warm_up(self, batch_sizes: Sequence[int]) -> None:
+        """Run every batch size and every preprocessing path once, so the first request is not slow."""
+        h, w = self.info.height, self.info.width
+        for size in batch_sizes:
+            out = self.predict(np.zeros((size, h, w, 3), np.uint8))
+            if out.shape != (size, self.num_classes):
+                raise ValueError(
+                    f"signature returned shape {out.shape} for a batch of {size}; expected "
+                    f"({size}, {self.num_classes}) from {self.num_classes} labels"
+                )
+        sample = np.full((3, 5, 3), 128, np.uint8)
+        self.decode(tf.io.encode_png(sample).numpy())
+        self.decode(tf.io.encode_jpeg(sample).numpy())
+        self.resize(sample)
+        self.resize(sample.astype(np.float32))
+
+    def release(self) -> None:
+        self._signature = None
+        self._loaded = None
+
+
+def _resize(image: tf.Tensor, height: int, width: int) -> tf.Tensor:
+    image = tf.image.resize(image, [height, width], method="bilinear")
+    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)

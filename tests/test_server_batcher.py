@@ -1,0 +1,234 @@
+"""The batcher with a fake model: no grpc, no TensorFlow, milliseconds each."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+from fovea.server.batcher import Batcher, BatcherStats, warmup_sizes
+from fovea.server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+
+
+class FakeModel:
+    """Output row = input row * 10 (so a caller can check it got its own rows); records batches."""
+
+    def __init__(self, delay: float = 0.0, fail_on: int | None = None) -> None:
+        self.delay = delay
+        self.fail_on = fail_on
+        self.batches: list[np.ndarray] = []
+        self.gate: threading.Event | None = None
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        if self.gate is not None:
+            self.gate.wait(5)
+        if self.delay:
+            time.sleep(self.delay)
+        self.batches.append(batch.copy())
+        if self.fail_on is not None and self.fail_on in batch:
+            raise ValueError("poisoned batch")
+        return batch * 10
+
+
+class Stats(BatcherStats):
+    def __init__(self) -> None:
+        self.shed_n = self.expired_n = self.cancelled_n = 0
+        self.sizes: list[tuple[int, int]] = []
+
+    def shed(self) -> None:
+        self.shed_n += 1
+
+    def expired(self, requests: int) -> None:
+        self.expired_n += requests
+
+    def cancelled(self, requests: int) -> None:
+        self.cancelled_n += requests
+
+    def batch(self, images, padding, queue_waits, compute_s) -> None:
+        self.sizes.append((images, padding))
+
+
+def rows(*values: int) -> list[np.ndarray]:
+    return [np.array([v], dtype=np.int64) for v in values]
+
+
+def values(out) -> list[int]:
+    return [int(r[0]) for r in out]
+
+
+async def test_concurrent_callers_are_batched_and_get_their_own_rows() -> None:
+    model, stats = FakeModel(), Stats()
+    b = Batcher(model, max_batch_size=8, batch_timeout_s=0.05, stats=stats)
+    outs = await asyncio.gather(*(b.submit(rows(i, 100 + i)) for i in range(4)))
+    for i, out in enumerate(outs):
+        assert values(out) == [10 * i, 10 * (100 + i)]
+    assert [len(x) for x in model.batches] == [8]
+    assert stats.sizes == [(8, 0)]
+    await b.close()
+
+
+async def test_max_batch_size_splits_work() -> None:
+    model = FakeModel()
+    b = Batcher(model, max_batch_size=3, batch_timeout_s=0.05)
+    outs = await asyncio.gather(*(b.submit(rows(i)) for i in range(7)))
+    assert [values(o) for o in outs] == [[10 * i] for i in range(7)]
+    assert all(len(x) <= 3 for x in model.batches)
+    assert sum(len(x) for x in model.batches) == 7
+    # A request larger than a batch is split across batches and reassembled in order.
+    out = await b.submit(rows(*range(8)))
+    assert values(out) == [10 * i for i in range(8)]
+    await b.close()
+
+
+async def test_timeout_is_measured_from_first_item() -> None:
+    model = FakeModel()
+    b = Batcher(model, max_batch_size=64, batch_timeout_s=0.1)
+    t0 = time.monotonic()
+    first = asyncio.ensure_future(b.submit(rows(1)))
+    await asyncio.sleep(0.06)
+    second = asyncio.ensure_future(b.submit(rows(2)))
+    await asyncio.gather(first, second)
+    elapsed = time.monotonic() - t0
+    assert 0.09 <= elapsed < 0.16, elapsed  # not 0.06 + 0.1: the clock started at the first item
+    assert [len(x) for x in model.batches] == [2]
+    await b.close()
+
+
+async def test_zero_timeout_runs_at_once_and_batches_under_load() -> None:
+    model = FakeModel(delay=0.03)
+    b = Batcher(model, max_batch_size=16, batch_timeout_s=0.0, max_in_flight=1)
+    t0 = time.monotonic()
+    await b.submit(rows(1))
+    assert time.monotonic() - t0 < 0.03 + 0.02
+    outs = await asyncio.gather(*(b.submit(rows(i)) for i in range(10)))
+    assert [values(o) for o in outs] == [[10 * i] for i in range(10)]
+    assert max(len(x) for x in model.batches) > 1
+    await b.close()
+
+
+async def test_queue_bound_sheds() -> None:
+    model, stats = FakeModel(), Stats()
+    model.gate = threading.Event()
+    b = Batcher(model, max_batch_size=1, max_queue_size=1, max_in_flight=1, stats=stats)
+    running = asyncio.ensure_future(b.submit(rows(1)))  # taken by the worker, blocked on the gate
+    await asyncio.sleep(0.02)
+    queued = asyncio.ensure_future(b.submit(rows(2)))  # waits in the queue
+    await asyncio.sleep(0.01)
+    with pytest.raises(ResourceExhausted, match="max-queue-size"):
+        await b.submit(rows(3))
+    assert stats.shed_n == 1
+    model.gate.set()
+    assert values(await running) == [10] and values(await queued) == [20]
+    await b.close()
+
+
+async def test_deadline_expired_in_queue_is_never_computed() -> None:
+    model, stats = FakeModel(), Stats()
+    model.gate = threading.Event()
+    b = Batcher(model, max_batch_size=1, max_in_flight=1, stats=stats)
+    running = asyncio.ensure_future(b.submit(rows(1)))
+    await asyncio.sleep(0.02)
+    late = asyncio.ensure_future(b.submit(rows(2), deadline=time.monotonic() + 0.02))
+    await asyncio.sleep(0.05)
+    model.gate.set()
+    await running
+    with pytest.raises(DeadlineExceeded):
+        await late
+    assert stats.expired_n == 1
+    assert all(2 not in x for x in model.batches)
+    await b.close()
+
+
+async def test_cancelled_request_is_dropped_before_compute() -> None:
+    model, stats = FakeModel(), Stats()
+    model.gate = threading.Event()
+    b = Batcher(model, max_batch_size=1, max_in_flight=1, stats=stats)
+    running = asyncio.ensure_future(b.submit(rows(1)))
+    await asyncio.sleep(0.02)
+    doomed = asyncio.ensure_future(b.submit(rows(2)))
+    kept = asyncio.ensure_future(b.submit(rows(3)))
+    await asyncio.sleep(0.01)
+    doomed.cancel()
+    model.gate.set()
+    assert values(await running) == [10] and values(await kept) == [30]
+    assert stats.cancelled_n == 1
+    assert all(2 not in x for x in model.batches)
+    await b.close()
+
+
+async def test_allowed_sizes_pad_and_results_exclude_padding() -> None:
+    model, stats = FakeModel(), Stats()
+    b = Batcher(model, max_batch_size=8, batch_timeout_s=0.05, allowed_batch_sizes=(1, 4, 8), stats=stats)
+    outs = await asyncio.gather(*(b.submit(rows(i + 1)) for i in range(3)))
+    assert [values(o) for o in outs] == [[10], [20], [30]]
+    assert [len(x) for x in model.batches] == [4]
+    assert stats.sizes == [(3, 1)]
+    await b.close()
+    assert warmup_sizes(8, (1, 4, 8, 16)) == [1, 4, 8]
+    assert warmup_sizes(6, (2, 4, 8, 16)) == [2, 4, 8]
+    assert warmup_sizes(8, ()) == [1, 8]
+
+
+async def test_errors_reach_exactly_the_affected_callers() -> None:
+    model = FakeModel(fail_on=13)
+    b = Batcher(model, max_batch_size=2, batch_timeout_s=0.05)
+    results = await asyncio.gather(
+        b.submit(rows(1)), b.submit(rows(13)), b.submit(rows(3)), b.submit(rows(4)), return_exceptions=True
+    )
+    # Batches are [1, 13] and [3, 4]: the first batch fails for both its callers, the second succeeds.
+    assert isinstance(results[0], ValueError) and isinstance(results[1], ValueError)
+    assert values(results[2]) == [30] and values(results[3]) == [40]
+    await b.close()
+
+
+async def test_wrong_number_of_results_is_an_error() -> None:
+    b = Batcher(lambda batch: batch[:-1], max_batch_size=4, batch_timeout_s=0.02)
+    results = await asyncio.gather(b.submit(rows(1)), b.submit(rows(2)), return_exceptions=True)
+    assert all(isinstance(r, RuntimeError) and "returned 1 rows for a batch of 2" in str(r) for r in results)
+    await b.close()
+
+
+async def test_in_flight_batches_run_concurrently() -> None:
+    model = FakeModel(delay=0.1)
+    b = Batcher(model, max_batch_size=1, max_in_flight=2)
+    t0 = time.monotonic()
+    await asyncio.gather(b.submit(rows(1)), b.submit(rows(2)))
+    assert time.monotonic() - t0 < 0.18
+    await b.close()
+
+
+async def test_close_drains_queue_then_refuses() -> None:
+    model = FakeModel(delay=0.02)
+    b = Batcher(model, max_batch_size=1, max_in_flight=1)
+    pending = [asyncio.ensure_future(b.submit(rows(i))) for i in range(4)]
+    await asyncio.sleep(0)
+    await b.close(drain=True)
+    assert [values(await p) for p in pending] == [[0], [10], [20], [30]]
+    with pytest.raises(Unavailable):
+        await b.submit(rows(5))
+
+
+async def test_close_without_drain_fails_queued() -> None:
+    model = FakeModel()
+    model.gate = threading.Event()
+    b = Batcher(model, max_batch_size=1, max_in_flight=1)
+    running = asyncio.ensure_future(b.submit(rows(1)))
+    await asyncio.sleep(0.02)
+    queued = asyncio.ensure_future(b.submit(rows(2)))
+    await asyncio.sleep(0)
+    closing = asyncio.ensure_future(b.close(drain=False))
+    await asyncio.sleep(0.01)
+    model.gate.set()
+    await closing
+    assert values(await running) == [10]
+    with pytest.raises(Unavailable):
+        await queued
+
+
+async def test_empty_queue_admits_a_request_larger_than_the_bound() -> None:
+    model = FakeModel()
+    b = Batcher(model, max_batch_size=1, max_queue_size=1)
+    assert values(await b.submit(rows(1, 2, 3))) == [10, 20, 30]
+    await b.close()
