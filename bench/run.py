@@ -269,7 +269,7 @@ def run(args: argparse.Namespace) -> dict:
 
     concurrencies = [1, 4] if quick else [1, 4, 16, 64]
     setups = {
-        "batched": ["--max-batch-size", str(max_batch), "--batch-timeout-ms", "5"],
+        "batched": ["--max-batch-size", str(max_batch)],
         "unbatched": ["--max-batch-size", "1"],
     }
     if quick:
