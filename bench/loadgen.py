@@ -1,0 +1,131 @@
+"""Load generator for one benchmark point: a separate process, so its CPU is measured on its own.
+
+Sends single-image Predict requests with raw grpc.aio stubs (the least client overhead there is) in a
+closed loop (N callers, each sending the next request as soon as the last returns) or an open loop
+(requests started at a fixed rate, whatever the server does). Prints one JSON object on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+from fovea.v1 import classifier_pb2, classifier_pb2_grpc
+
+
+def _request(payload: Path) -> classifier_pb2.PredictRequest:
+    if payload.suffix == ".npy":
+        array = np.load(payload)
+        image = classifier_pb2.Image(
+            raw=classifier_pb2.RawImage(
+                dtype=classifier_pb2.DATA_TYPE_UINT8, shape=list(array.shape), data=array.tobytes()
+            )
+        )
+    else:
+        image = classifier_pb2.Image(encoded=payload.read_bytes())
+    return classifier_pb2.PredictRequest(images=[image], top_k=1)
+
+
+async def _closed(stub, request, concurrency: int, warmup: float, duration: float) -> tuple[list[float], int]:
+    latencies: list[float] = []
+    errors = 0
+    start = time.perf_counter()
+    measure_from, stop_at = start + warmup, start + warmup + duration
+
+    async def caller() -> None:
+        nonlocal errors
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= stop_at:
+                return
+            try:
+                await stub.Predict(request, timeout=30)
+            except grpc.aio.AioRpcError:
+                errors += t0 >= measure_from
+                continue
+            if t0 >= measure_from:
+                latencies.append(time.perf_counter() - t0)
+
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    return latencies, errors
+
+
+async def _open(stub, request, rate: float, warmup: float, duration: float) -> tuple[list[float], int]:
+    latencies: list[float] = []
+    errors = 0
+    start = time.perf_counter()
+    measure_from = start + warmup
+    total = int(rate * (warmup + duration))
+    tasks = []
+
+    async def one(t0: float) -> None:
+        nonlocal errors
+        try:
+            await stub.Predict(request, timeout=30)
+        except grpc.aio.AioRpcError:
+            errors += t0 >= measure_from
+            return
+        if t0 >= measure_from:
+            latencies.append(time.perf_counter() - t0)
+
+    for i in range(total):
+        due = start + i / rate
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        # Latency is counted from when the request was due, so a late sender does not hide queueing.
+        tasks.append(asyncio.create_task(one(due)))
+    await asyncio.gather(*tasks)
+    return latencies, errors
+
+
+async def main_async(args: argparse.Namespace) -> dict:
+    options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+    async with grpc.aio.insecure_channel(args.target, options=options) as channel:
+        stub = classifier_pb2_grpc.ClassifierServiceStub(channel)
+        request = _request(args.payload)
+        await stub.Predict(request, timeout=60)  # connect before the clock starts
+        t0 = time.perf_counter()
+        if args.mode == "closed":
+            latencies, errors = await _closed(stub, request, args.concurrency, args.warmup, args.duration)
+        else:
+            latencies, errors = await _open(stub, request, args.rate, args.warmup, args.duration)
+        wall = time.perf_counter() - t0 - args.warmup
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    lat = np.array(latencies) * 1000
+    return {
+        "requests": len(latencies),
+        "errors": errors,
+        "seconds": wall,
+        "throughput": len(latencies) / wall if wall > 0 else 0.0,
+        "p50_ms": float(np.percentile(lat, 50)) if lat.size else None,
+        "p90_ms": float(np.percentile(lat, 90)) if lat.size else None,
+        "p99_ms": float(np.percentile(lat, 99)) if lat.size else None,
+        "loadgen_cpu_s": usage.ru_utime + usage.ru_stime,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", required=True)
+    parser.add_argument("--payload", type=Path, required=True, help=".npy (uint8 pixels) or an encoded image")
+    parser.add_argument("--mode", choices=["closed", "open"], default="closed")
+    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--rate", type=float, default=10.0, help="requests per second (open loop)")
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--duration", type=float, default=10.0)
+    args = parser.parse_args()
+    json.dump(asyncio.run(main_async(args)), sys.stdout)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Publish the benchmark models with the trainer's export code: ResNet50 at 96 px and a tiny CNN at 32 px.
+
+Random weights: speed does not depend on what the weights learned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+LABELS = [f"class_{i}" for i in range(10)]
+
+
+def resnet50(size: int):
+    import tf_keras as keras
+
+    inputs = keras.Input((size, size, 3), dtype="float32")
+    x = keras.layers.Lambda(keras.applications.resnet50.preprocess_input)(inputs)
+    base = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(size, size, 3))
+    x = base(x, training=False)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(len(LABELS), activation="softmax")(x)
+    return keras.Model(inputs, outputs)
+
+
+def tiny(size: int):
+    import tf_keras as keras
+
+    inputs = keras.Input((size, size, 3), dtype="float32")
+    x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0)(inputs)
+    for filters in (8, 16, 32):
+        x = keras.layers.Conv2D(filters, 3, strides=2, padding="same", activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(len(LABELS), activation="softmax")(x)
+    return keras.Model(inputs, outputs)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="models folder")
+    parser.add_argument("--which", default="resnet50,tiny")
+    args = parser.parse_args()
+
+    from fovea.trainer.export import export_model
+
+    builders = {"resnet50": (resnet50, 96), "tiny": (tiny, 32)}
+    for name in args.which.split(","):
+        build, size = builders[name]
+        path = export_model(
+            build(size), models_dir=args.out, name=name, labels=LABELS, input_size=(size, size), backbone=name
+        )
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
