@@ -480,21 +480,28 @@ def plot(rows: list[dict], summary: dict, out: Path) -> None:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for setup, colour in (("batched", "tab:blue"), ("unbatched", "tab:orange")):
+    # One series per load shape: closed-loop points in concurrency order, open-loop in rate order.
+    # (Sorting both together by throughput would zigzag between them.)
+    series = (
+        ("batched", "closed", "tab:blue", "o"),
+        ("batched", "open", "tab:green", "^"),
+        ("unbatched", "closed", "tab:orange", "s"),
+    )
+    for setup, mode, colour, marker in series:
         pts = sorted(
-            (r["throughput"], r["p50_ms"], r["p90_ms"], r["p99_ms"])
+            (r["level"], r["throughput"], r["p50_ms"], r["p99_ms"])
             for r in rows
             if r["model"] == model
             and r["setup"] == setup
             and r["encoding"] == "uint8"
-            and r["mode"] in ("closed", "open")
+            and r["mode"] == mode
             and r.get("p99_ms") is not None
         )
         if pts:
-            t, p50, p90, p99 = zip(*pts, strict=True)
-            ax.plot(t, p50, "-o", color=colour, label=f"{setup} p50")
-            ax.plot(t, p90, "--", color=colour, label=f"{setup} p90")
-            ax.plot(t, p99, ":", color=colour, label=f"{setup} p99")
+            _, t, p50, p99 = zip(*pts, strict=True)
+            what = "closed loop, rising concurrency" if mode == "closed" else "open loop, rising rate"
+            ax.plot(t, p50, f"-{marker}", color=colour, label=f"{setup}, {what}: p50")
+            ax.plot(t, p99, f":{marker}", color=colour, alpha=0.6, label=f"{setup}, {what}: p99")
     ax.set_yscale("log")
     ax.set_xlabel("throughput (images / s)")
     ax.set_ylabel("latency (ms)")
@@ -582,6 +589,9 @@ def main() -> int:
 def write_docs(result: dict, out: Path, docs: Path) -> None:
     s = result["summary"]
     rel = os.path.relpath(out, docs.parent)
+    # Hand-written findings (profiles, before/after) survive a re-run of the benchmark.
+    notes_file = BENCH / "NOTES.md"
+    notes = "\n" + notes_file.read_text() if notes_file.exists() else ""
     text = f"""# Benchmarks
 
 Measured by `python bench/run.py` on {s["date"]}.
@@ -609,7 +619,7 @@ p50 {s["tiny"]["p50_ms_c1"]:.2f} ms against {s["tiny"]["raw_p50_ms_b1"]:.2f} ms 
 ## All points
 
 {(out / "results.md").read_text()}
-"""
+{notes}"""
     docs.parent.mkdir(parents=True, exist_ok=True)
     docs.write_text(text)
 
