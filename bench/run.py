@@ -10,19 +10,16 @@ with a full run also docs/benchmarks.md. Every figure comes from this run on thi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as dt
 import json
 import os
 import platform
-import re
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,8 +27,8 @@ BENCH = ROOT / "bench"
 sys.path[:0] = [str(ROOT / d) for d in ("client", "server", "trainer")]
 
 from fovea.demo import prom_text  # noqa: E402
+from fovea.demo.server_process import ServerProcess, ServerStartError  # noqa: E402
 
-READY_LINE = re.compile(r"grpc_port[=: ]+(\d+).*metrics_port[=: ]+(\d+)")
 BATCH_SIZE_METRIC = "fovea_batch_size_images"
 
 
@@ -49,16 +46,8 @@ def log(msg: str) -> None:
 # --------------------------------------------------------------------------- server process
 
 
-@dataclass
-class Server:
-    process: subprocess.Popen
-    grpc_port: int = 0
-    metrics_port: int = 0
-    output: list[str] = field(default_factory=list)
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
+class Server(ServerProcess):
+    """The shared server subprocess, plus what the benchmark reads off it."""
 
     def cpu_seconds(self) -> float:
         fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -71,70 +60,21 @@ class Server:
         return float("nan")
 
     def metrics(self) -> list[prom_text.Sample]:
-        return prom_text.scrape(f"http://127.0.0.1:{self.metrics_port}/metrics")
+        return prom_text.scrape(self.metrics_url)
 
 
 def start_server(models: Path, extra: list[str], timeout: float = 300.0) -> Server:
-    argv = [
-        sys.executable,
-        "-m",
-        "fovea.cli",
-        "serve",
-        "--model-dir",
-        str(models),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--metrics-port",
-        "0",
-        *extra,
-    ]
-    process = subprocess.Popen(argv, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    server = Server(process)
-    seen = threading.Event()
-
-    def pump() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            server.output.append(line.rstrip())
-            match = READY_LINE.search(line)
-            if match and not seen.is_set():
-                server.grpc_port, server.metrics_port = int(match.group(1)), int(match.group(2))
-                seen.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    deadline = time.monotonic() + timeout
-    while not seen.wait(0.2):
-        if process.poll() is not None or time.monotonic() > deadline:
-            stop_server(server)
-            raise RuntimeError("server did not start:\n" + "\n".join(server.output[-30:]))
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    with grpc.insecure_channel(server.target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            try:
-                status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return server
-            except grpc.RpcError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                stop_server(server)
-                raise RuntimeError("server never became SERVING:\n" + "\n".join(server.output[-30:]))
-            time.sleep(0.3)
+    server = Server(models, extra, env=env())
+    try:
+        return server.start(timeout)
+    except ServerStartError as exc:
+        raise RuntimeError(f"{exc}:\n" + "\n".join(server.output[-30:])) from None
 
 
 def stop_server(server: Server) -> None:
-    if server.process.poll() is None:
-        server.process.send_signal(signal.SIGTERM)
-        try:
-            server.process.wait(60)
-        except subprocess.TimeoutExpired:
-            server.process.kill()
-            server.process.wait()
+    # A stop that times out has killed the server; the measurements are already taken.
+    with contextlib.suppress(TimeoutError):
+        server.stop(timeout=60.0)
 
 
 # --------------------------------------------------------------------------- measurements

@@ -12,20 +12,17 @@ import asyncio
 import contextlib
 import math
 import os
-import re
-import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from fovea.cli import CLIError
 from fovea.demo import prom_text
+from fovea.demo.server_process import ServerProcess, ServerStartError
 
 STEPS = (
     "generate demo data",
@@ -39,16 +36,7 @@ STEPS = (
 )
 # Where the Keras ImageNet weights come from; probed once so an offline machine falls back quickly.
 IMAGENET_PROBE_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
-READY_LINE = re.compile(r"grpc_port[=: ]+(\d+).*metrics_port[=: ]+(\d+)")
 MODEL_NAME = "demo"
-
-
-@dataclass
-class Server:
-    process: subprocess.Popen
-    grpc_port: int = 0
-    metrics_port: int = 0
-    lines: list[str] = field(default_factory=list)
 
 
 def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
@@ -93,7 +81,7 @@ def run(command: str, args: argparse.Namespace) -> int:
     workdir: Path = args.workdir.resolve()
     data, heldout, models = workdir / "data", workdir / "heldout", workdir / "models"
     started = time.monotonic()
-    server: Server | None = None
+    server: ServerProcess | None = None
     try:
         with _step(1):
             _generate(data, args, seed=0)
@@ -118,7 +106,7 @@ def run(command: str, args: argparse.Namespace) -> int:
             print(f"      server exited with code {code}")
     finally:
         if server is not None:
-            _kill(server)
+            server.kill()
     print(f"\nDemo finished in {time.monotonic() - started:.0f} s. Everything is under {workdir}")
     return 0
 
@@ -218,61 +206,22 @@ def _train(
     return models / MODEL_NAME / str(versions[-1])
 
 
-def _start_server(models: Path, ready_timeout: float) -> Server:
-    process = subprocess.Popen(
-        _fovea(
-            "serve", "--model-dir", str(models), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"
-        ),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        bufsize=1,
-    )
-    server = Server(process)
-    ports_seen = threading.Event()
-
-    def pump() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            server.lines.append(line.rstrip())
-            print(f"      server | {line.rstrip()}", flush=True)
-            match = READY_LINE.search(line)
-            if match and not ports_seen.is_set():
-                server.grpc_port, server.metrics_port = int(match.group(1)), int(match.group(2))
-                ports_seen.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    deadline = time.monotonic() + ready_timeout
-    while not ports_seen.wait(0.2):
-        if process.poll() is not None:
-            raise CLIError(f"`fovea serve` exited with code {process.returncode} before listening")
-        if time.monotonic() > deadline:
-            _kill(server)
-            raise CLIError(f"`fovea serve` did not report its ports within {ready_timeout:.0f} s")
-
-    from fovea.client import Client
-
-    with Client(f"127.0.0.1:{server.grpc_port}") as client:
-        while True:
-            if process.poll() is not None:
-                raise CLIError(f"`fovea serve` exited with code {process.returncode} while warming up")
-            with contextlib.suppress(Exception):
-                if client.health(timeout=2.0) == "SERVING":
-                    break
-            if time.monotonic() > deadline:
-                _kill(server)
-                raise CLIError(f"the server was not SERVING within {ready_timeout:.0f} s")
-            time.sleep(0.5)
-    print(f"      SERVING on 127.0.0.1:{server.grpc_port}, metrics on :{server.metrics_port}/metrics")
+def _start_server(models: Path, ready_timeout: float) -> ServerProcess:
+    server = ServerProcess(models, echo=lambda line: print(f"      server | {line}", flush=True))
+    try:
+        server.start(ready_timeout)
+    except ServerStartError as exc:
+        raise CLIError(str(exc)) from None
+    print(f"      SERVING on {server.target}, metrics on :{server.metrics_port}/metrics")
     return server
 
 
-def _classify(server: Server, files: list[Path]) -> list:
+def _classify(server: ServerProcess, files: list[Path]) -> list:
     """One request per image, all at once, the way many independent callers would arrive."""
     from fovea.client import AsyncClient
 
     async def go() -> list:
-        async with AsyncClient(f"127.0.0.1:{server.grpc_port}") as client:
+        async with AsyncClient(server.target) as client:
             results = await asyncio.gather(*(client.predict([f], top_k=3, timeout=60.0) for f in files))
         return [r[0] for r in results]
 
@@ -305,8 +254,8 @@ def _print_table(files: list[Path], predictions: list, root: Path) -> None:
     )
 
 
-def _print_metrics(server: Server) -> None:
-    samples = prom_text.scrape(f"http://127.0.0.1:{server.metrics_port}/metrics")
+def _print_metrics(server: ServerProcess) -> None:
+    samples = prom_text.scrape(server.metrics_url)
     requests = prom_text.total(samples, "fovea_requests_total", method="Predict")
     print(f"      Predict requests: {requests:.0f}")
     sizes = prom_text.per_bucket(prom_text.buckets(samples, "fovea_batch_size_images"))
@@ -334,19 +283,11 @@ def _print_report(version_dir: Path) -> None:
         print(f"      {name:<22} {path}" + ("" if path.exists() else "  (missing)"))
 
 
-def _stop_server(server: Server, timeout: float = 60.0) -> int:
-    server.process.send_signal(signal.SIGTERM)
+def _stop_server(server: ServerProcess) -> int:
     try:
-        return server.process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        _kill(server)
-        raise CLIError(f"the server did not exit within {timeout:.0f} s of SIGTERM") from None
-
-
-def _kill(server: Server) -> None:
-    if server.process.poll() is None:
-        server.process.kill()
-        server.process.wait()
+        return server.stop(timeout=60.0)
+    except TimeoutError as exc:
+        raise CLIError(str(exc)) from None
 
 
 # Keep `python -m fovea.demo` working for people who prefer it.
