@@ -7,7 +7,6 @@ to the servers from their own thread with blocking gRPC calls.
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 import threading
 import time
@@ -16,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import subprocess_env as subprocess_env  # re-exported: one definition for all tests
 
 _loop: asyncio.AbstractEventLoop | None = None
 _lock = threading.Lock()
@@ -83,13 +81,6 @@ def sample(server, name: str, **labels: str) -> float:
 
 def channel(port: int) -> grpc.Channel:
     return grpc.insecure_channel(f"127.0.0.1:{port}")
-
-
-def subprocess_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(str(ROOT / p) for p in ("client", "server", "trainer"))
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    return env
 
 
 def serve_command(*args: str) -> list[str]:
