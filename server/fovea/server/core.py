@@ -189,7 +189,13 @@ class Core:
                 raise InvalidArgument(
                     f"images[{i}].encoded: the {info.format} header says the image is empty"
                 )
-            self._check_pixels(i, info.width, info.height, info.frames)
+            if info.pixels > self._settings.max_pixels:
+                frames = f" in {info.frames} frames" if info.frames > 1 else ""
+                raise InvalidArgument(
+                    f"images[{i}] is a {info.width}x{info.height} {info.format} that decodes "
+                    f"{info.pixels} pixels{frames}; this server accepts at most {self._settings.max_pixels} "
+                    "(--max-pixels): downscale it before sending"
+                )
             return None
         if isinstance(image, RawImage):
             dtype = _DTYPES.get(image.dtype)
@@ -205,7 +211,7 @@ class Core:
                 raise InvalidArgument(
                     f"images[{i}].raw.shape is {list(shape)}; height and width must be positive"
                 )
-            self._check_pixels(i, shape[1], shape[0], 1)
+            self._check_pixels(i, shape[1], shape[0])
             expected = int(np.prod(shape)) * dtype.itemsize
             if len(image.data) != expected:
                 raise InvalidArgument(
@@ -217,12 +223,11 @@ class Core:
             return None
         raise InvalidArgument(f"images[{i}] is empty; set encoded or raw")
 
-    def _check_pixels(self, i: int, width: int, height: int, frames: int) -> None:
-        pixels = width * height * frames
+    def _check_pixels(self, i: int, width: int, height: int) -> None:
+        pixels = width * height
         if pixels > self._settings.max_pixels:
-            frames_text = f" x {frames} frames" if frames > 1 else ""
             raise InvalidArgument(
-                f"images[{i}] is {width}x{height}{frames_text} = {pixels} pixels; this server accepts at most "
+                f"images[{i}] is {width}x{height} = {pixels} pixels; this server accepts at most "
                 f"{self._settings.max_pixels} (--max-pixels): downscale it before sending"
             )
 
