@@ -12,16 +12,9 @@ import time
 
 import numpy as np
 import pytest
+from _bombs import stub_gif as gif
 from fovea.server import imageinfo
 from PIL import Image
-
-
-def gif(screen: tuple[int, int], frames: list[tuple[int, int]], data: bytes = b"\x01\x00") -> bytes:
-    """A GIF whose descriptors claim these frame sizes; the LZW data is a stub (never decoded here)."""
-    out = b"GIF89a" + struct.pack("<HHBBB", *screen, 0, 0, 0)
-    for w, h in frames:
-        out += b"\x2c" + struct.pack("<HHHHB", 0, 0, w, h, 0) + b"\x08" + bytes([len(data)]) + data + b"\0"
-    return out + b"\x3b"
 
 
 def encoded(array: np.ndarray, fmt: str, **kw) -> bytes:
