@@ -3,6 +3,9 @@
 Sends single-image Predict requests with raw grpc.aio stubs (the least client overhead there is) in a
 closed loop (N callers, each sending the next request as soon as the last returns) or an open loop
 (requests started at a fixed rate, whatever the server does). Prints one JSON object on stdout.
+
+The open loop also counts answers by status code, and with --probe-threshold-ms measures recovery:
+once sending stops, one probe request after another until one answers within the threshold.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 import resource
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import grpc
@@ -57,8 +61,11 @@ async def _closed(stub, request, concurrency: int, warmup: float, duration: floa
     return latencies, errors
 
 
-async def _open(stub, request, rate: float, warmup: float, duration: float) -> tuple[list[float], int]:
+async def _open(
+    stub, request, rate: float, warmup: float, duration: float, deadline: float, probe_threshold_ms: float
+) -> tuple[list[float], int, dict]:
     latencies: list[float] = []
+    codes: Counter = Counter()
     errors = 0
     start = time.perf_counter()
     measure_from = start + warmup
@@ -68,11 +75,14 @@ async def _open(stub, request, rate: float, warmup: float, duration: float) -> t
     async def one(t0: float) -> None:
         nonlocal errors
         try:
-            await stub.Predict(request, timeout=30)
-        except grpc.aio.AioRpcError:
-            errors += t0 >= measure_from
+            await stub.Predict(request, timeout=deadline)
+        except grpc.aio.AioRpcError as exc:
+            if t0 >= measure_from:
+                errors += 1
+                codes[exc.code().name] += 1
             return
         if t0 >= measure_from:
+            codes["OK"] += 1
             latencies.append(time.perf_counter() - t0)
 
     for i in range(total):
@@ -82,8 +92,24 @@ async def _open(stub, request, rate: float, warmup: float, duration: float) -> t
             await asyncio.sleep(delay)
         # Latency is counted from when the request was due, so a late sender does not hide queueing.
         tasks.append(asyncio.create_task(one(due)))
+    sending_ended = time.perf_counter()
+    extra = {"codes": dict(codes), "late_s": sending_ended - (start + total / rate)}
+    if probe_threshold_ms > 0:
+        # Recovery: how long after the overload ends until a lone request is fast again.
+        while True:
+            t0 = time.perf_counter()
+            try:
+                await stub.Predict(request, timeout=deadline)
+                ok = (time.perf_counter() - t0) * 1000 <= probe_threshold_ms
+            except grpc.aio.AioRpcError:
+                ok = False
+            if ok or t0 - sending_ended > 120:
+                extra["recovery_s"] = time.perf_counter() - sending_ended if ok else None
+                break
+            await asyncio.sleep(0.02)
     await asyncio.gather(*tasks)
-    return latencies, errors
+    extra["codes"] = dict(codes)
+    return latencies, errors, extra
 
 
 async def main_async(args: argparse.Namespace) -> dict:
@@ -93,10 +119,13 @@ async def main_async(args: argparse.Namespace) -> dict:
         request = _request(args.payload)
         await stub.Predict(request, timeout=60)  # connect before the clock starts
         t0 = time.perf_counter()
+        extra: dict = {}
         if args.mode == "closed":
             latencies, errors = await _closed(stub, request, args.concurrency, args.warmup, args.duration)
         else:
-            latencies, errors = await _open(stub, request, args.rate, args.warmup, args.duration)
+            latencies, errors, extra = await _open(
+                stub, request, args.rate, args.warmup, args.duration, args.deadline, args.probe_threshold_ms
+            )
         wall = time.perf_counter() - t0 - args.warmup
     usage = resource.getrusage(resource.RUSAGE_SELF)
     lat = np.array(latencies) * 1000
@@ -109,6 +138,7 @@ async def main_async(args: argparse.Namespace) -> dict:
         "p90_ms": float(np.percentile(lat, 90)) if lat.size else None,
         "p99_ms": float(np.percentile(lat, 99)) if lat.size else None,
         "loadgen_cpu_s": usage.ru_utime + usage.ru_stime,
+        **extra,
     }
 
 
@@ -119,6 +149,10 @@ def main() -> int:
     parser.add_argument("--mode", choices=["closed", "open"], default="closed")
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--rate", type=float, default=10.0, help="requests per second (open loop)")
+    parser.add_argument("--deadline", type=float, default=30.0, help="seconds, per request (open loop)")
+    parser.add_argument(
+        "--probe-threshold-ms", type=float, default=0.0, help="measure recovery after an open loop (0: off)"
+    )
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--duration", type=float, default=10.0)
     args = parser.parse_args()

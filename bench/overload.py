@@ -1,0 +1,197 @@
+"""Overload run: 4x a server's capacity for 60 s, with small and with large images.
+
+    python bench/overload.py                 # ResNet50 at 96 px: small PNGs and 2000x2000 JPEGs
+    python bench/overload.py --seconds 10    # shorter, for a look
+
+For each image size: measure capacity (closed loop at concurrency 32), then send 4x that rate as an
+open loop (requests due at fixed times, whatever the server answers) for --seconds, each with a
+--deadline. Reported, for the requests due in the window:
+- goodput: OK answers per second, as a share of capacity (target >= 90%);
+- accepted p50/p99: latency of the OK answers, from when each was due (target p99 <= 1 s);
+- shed share: RESOURCE_EXHAUSTED + UNAVAILABLE answers as a share of all sent;
+- peak RSS of the server (VmHWM) against the bound docs/memory.md computes from its settings;
+- recovery: from the end of the overload until a lone request answers within 2x its idle p50 + 20 ms.
+Writes bench/results/overload.json and overload.md, and says what else was using the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+# run.py puts client/, server/ and trainer/ on sys.path when imported.
+from run import env, log, make_models, start_server, stop_server  # noqa: E402
+
+TARGETS = {"goodput_share": 0.90, "accepted_p99_s": 1.0}
+
+
+def payloads(folder: Path) -> dict[str, Path]:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    # A photo-like 2000x2000 JPEG of about 1 MB: smooth gradients plus mild noise.
+    y, x = np.mgrid[0:2000, 0:2000]
+    base = np.stack([(x * 255 // 2000), (y * 255 // 2000), ((x + y) * 255 // 4000)], axis=2)
+    large = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+    out = {"small": folder / "small.png", "large": folder / "large.jpg"}
+    Image.fromarray(small).save(out["small"])
+    Image.fromarray(large).save(out["large"], quality=90)
+    return out
+
+
+def loadgen(server, payload: Path, *args: str) -> dict:
+    argv = [
+        sys.executable,
+        str(BENCH / "loadgen.py"),
+        "--target",
+        server.target,
+        "--payload",
+        str(payload),
+        *args,
+    ]
+    out = subprocess.run(argv, env=env(), check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)
+
+
+def machine_load() -> str:
+    """The load average and the busiest other processes: the machine may be shared."""
+    load = Path("/proc/loadavg").read_text().split()[:3]
+    top = subprocess.run(
+        ["ps", "-eo", "pcpu,comm", "--sort=-pcpu", "--no-headers"], capture_output=True, text=True
+    ).stdout.splitlines()[:5]
+    return f"load average {' '.join(load)}; busiest: " + ", ".join(" ".join(t.split()) for t in top)
+
+
+def memory_bound_mb(flags: list[str]) -> float | None:
+    """The worst case docs/memory.md gives for these settings, if the server can compute it."""
+    try:
+        from fovea.server import config, memory
+    except ImportError:
+        return None
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser)
+    settings = config.from_args(parser.parse_args(flags), environ={})
+    return memory.worst_case_bytes(settings) / 2**20
+
+
+def overload_point(models: Path, name: str, payload: Path, args: argparse.Namespace) -> dict:
+    flags = args.server_flags.split()
+    server = start_server(models, flags)
+    try:
+        idle = loadgen(
+            server, payload, "--mode", "closed", "--concurrency", "1", "--warmup", "1", "--duration", "4"
+        )
+        capacity = loadgen(
+            server, payload, "--mode", "closed", "--concurrency", "32", "--warmup", "3", "--duration", "10"
+        )
+        rate = 4 * capacity["throughput"]
+        threshold_ms = 2 * idle["p50_ms"] + 20
+        log(
+            f"{name}: capacity {capacity['throughput']:.1f} req/s, idle p50 {idle['p50_ms']:.1f} ms; "
+            f"sending {rate:.1f} req/s for {args.seconds:.0f} s"
+        )
+        load_before = machine_load()
+        result = loadgen(
+            server, payload, "--mode", "open", "--rate", f"{rate:.2f}", "--warmup", "2",
+            "--duration", str(args.seconds), "--deadline", str(args.deadline),
+            "--probe-threshold-ms", f"{threshold_ms:.1f}",
+        )  # fmt: skip
+        peak_rss = server.peak_rss_mb()
+    finally:
+        stop_server(server)
+    codes = result.get("codes", {})
+    sent = sum(codes.values())
+    ok = codes.get("OK", 0)
+    shed = codes.get("RESOURCE_EXHAUSTED", 0) + codes.get("UNAVAILABLE", 0)
+    row = {
+        "images": name,
+        "payload_bytes": payload.stat().st_size,
+        "capacity_rps": capacity["throughput"],
+        "offered_rps": rate,
+        "goodput_rps": ok / args.seconds,
+        "goodput_share": ok / args.seconds / capacity["throughput"],
+        "accepted_p50_s": (result["p50_ms"] or 0) / 1000,
+        "accepted_p99_s": (result["p99_ms"] or 0) / 1000,
+        "shed_share": shed / sent if sent else 0.0,
+        "codes": codes,
+        "peak_rss_mb": peak_rss,
+        "rss_bound_mb": memory_bound_mb(flags),
+        "recovery_s": result.get("recovery_s"),
+        "loadgen_late_s": result.get("late_s"),
+        "loadgen_cpu_s": result["loadgen_cpu_s"],
+        "machine_before": load_before,
+        "machine_after": machine_load(),
+    }
+    bound = row["rss_bound_mb"]
+    row["meets_targets"] = (
+        row["goodput_share"] >= TARGETS["goodput_share"]
+        and row["accepted_p99_s"] <= TARGETS["accepted_p99_s"]
+        and (bound is None or peak_rss <= bound)
+    )
+    log(
+        f"{name}: goodput {row['goodput_rps']:.1f} req/s = {row['goodput_share']:.0%} of capacity, accepted p50 "
+        f"{row['accepted_p50_s']:.3f} s p99 {row['accepted_p99_s']:.3f} s, shed {row['shed_share']:.0%}, "
+        f"codes {codes}, peak RSS {peak_rss:.0f} MB (bound {bound if bound is None else round(bound)}), "
+        f"recovery {row['recovery_s']} s"
+    )
+    return row
+
+
+def write(rows: list[dict], out: Path, args: argparse.Namespace) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "overload.json").write_text(
+        json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=2)
+    )
+    lines = [
+        f"Overload: 4x capacity for {args.seconds:.0f} s, deadline {args.deadline:g} s, ResNet50 at 96 px, "
+        f"server flags `{args.server_flags or '(defaults)'}`, {os.cpu_count()} CPUs.",
+        "",
+        "| images | capacity req/s | goodput | accepted p50 / p99 | shed | peak RSS / bound MB | recovery | targets |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        bound = "n/a" if r["rss_bound_mb"] is None else f"{r['rss_bound_mb']:.0f}"
+        recovery = "none in 120 s" if r["recovery_s"] is None else f"{r['recovery_s']:.2f} s"
+        lines.append(
+            f"| {r['images']} ({r['payload_bytes'] // 1024} KB) | {r['capacity_rps']:.1f} | "
+            f"{r['goodput_share']:.0%} ({r['goodput_rps']:.1f}/s) | {r['accepted_p50_s']:.3f} / "
+            f"{r['accepted_p99_s']:.3f} s | {r['shed_share']:.0%} | {r['peak_rss_mb']:.0f} / {bound} | {recovery} | "
+            f"{'met' if r['meets_targets'] else 'MISSED'} |"
+        )
+    lines += ["", *(f"- {r['images']}: codes {r['codes']}; machine: {r['machine_before']}" for r in rows)]
+    (out / "overload.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=60.0, help="length of the overload")
+    parser.add_argument("--deadline", type=float, default=10.0, help="each request's deadline, seconds")
+    parser.add_argument("--sizes", default="small,large")
+    parser.add_argument("--server-flags", default="", help="extra `fovea serve` flags, one string")
+    parser.add_argument("--out", type=Path, default=BENCH / "results")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="fovea-overload-"))
+    log("exporting ResNet50 at 96 px with the trainer's export code")
+    make_models(work / "models", ["resnet50"])
+    images = payloads(work)
+    start = time.monotonic()
+    rows = [overload_point(work / "models", name, images[name], args) for name in args.sizes.split(",")]
+    log(f"done in {time.monotonic() - start:.0f} s")
+    write(rows, args.out, args)
+    return 0 if all(r["meets_targets"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
