@@ -1,5 +1,6 @@
-"""The one module that touches TensorFlow: devices, model folders, SavedModel load, signature calls.
+"""The one server module that imports TensorFlow: devices, storage, SavedModel load, signature calls.
 
+In TF Serving's words this is the loader: it turns one version folder into a warm, callable model.
 The rest of the server sees numpy arrays and plain Python. Preprocessing uses exactly the ops of the
 export contract's `decode_and_resize` (decode_image with channels=3 and expand_animations=False,
 bilinear resize, round, clip, cast to uint8), so the server's pixels equal the bytes signature's.
@@ -11,11 +12,11 @@ import json
 import logging
 import posixpath
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
+from fovea.server.servable import VersionInfo
 
 log = logging.getLogger(__name__)
 
@@ -52,48 +53,22 @@ def configure_device(gpu_memory_limit_mb: int = 0) -> str:
     return "GPU"
 
 
-def list_model_names(base: str) -> list[str]:
-    """Model folders under the base folder (hidden ones skipped), sorted."""
-    if not tf.io.gfile.isdir(base):
-        return []
-    names = (n.rstrip("/") for n in tf.io.gfile.listdir(base))
-    return sorted(
-        n for n in names if n and not n.startswith(".") and tf.io.gfile.isdir(posixpath.join(base, n))
-    )
+class GFileStorage:
+    """The `source.Storage` the server uses: tf.io.gfile, so the model folder may be any gfile path."""
+
+    def listdir(self, path: str) -> list[str]:
+        if not tf.io.gfile.isdir(path):
+            return []
+        return [n.rstrip("/") for n in tf.io.gfile.listdir(path)]
+
+    def isdir(self, path: str) -> bool:
+        return tf.io.gfile.isdir(path)
+
+    def exists(self, path: str) -> bool:
+        return tf.io.gfile.exists(path)
 
 
-def list_versions(model_root: str) -> list[int]:
-    """Complete published versions: positive integer folders holding saved_model.pb, ascending.
-
-    Exports are renamed into place from hidden `.tmp-*` folders, so a listed version is whole.
-    """
-    if not tf.io.gfile.isdir(model_root):
-        return []
-    found = []
-    for raw in tf.io.gfile.listdir(model_root):
-        name = raw.rstrip("/")
-        complete = name.isdigit() and tf.io.gfile.exists(posixpath.join(model_root, name, "saved_model.pb"))
-        if complete and int(name) > 0:
-            found.append(int(name))
-    return sorted(found)
-
-
-@dataclass
-class ModelInfo:
-    """What the metadata file says about one version."""
-
-    name: str
-    version: int
-    path: str
-    labels: list[str]
-    height: int
-    width: int
-    backbone: str = ""
-    metrics: dict[str, float] = field(default_factory=dict)
-    created_at: str = ""
-
-
-def read_info(path: str, name: str, version: int) -> ModelInfo:
+def read_info(path: str, name: str, version: int) -> VersionInfo:
     meta: dict[str, Any] = {}
     meta_path = posixpath.join(path, METADATA_FILE)
     if tf.io.gfile.exists(meta_path):
@@ -105,7 +80,7 @@ def read_info(path: str, name: str, version: int) -> ModelInfo:
             labels = [line.rstrip("\n") for line in f if line.strip()]
     size = meta.get("input_size") or {}
     metrics = {k: float(v) for k, v in (meta.get("metrics") or {}).items() if isinstance(v, (int, float))}
-    return ModelInfo(
+    return VersionInfo(
         name=name,
         version=version,
         path=path,
@@ -118,8 +93,11 @@ def read_info(path: str, name: str, version: int) -> ModelInfo:
     )
 
 
-class ModelRunner:
-    """One loaded SavedModel version: batched inference plus the per-image preprocessing it needs."""
+class LoadedModel:
+    """One loaded SavedModel version: batched inference plus the per-image preprocessing it needs.
+
+    It satisfies `servable.Model`; `load` is the factory the manager calls on its loader thread.
+    """
 
     def __init__(self, path: str, name: str, version: int) -> None:
         self.info = read_info(path, name, version)
@@ -184,6 +162,11 @@ class ModelRunner:
     def release(self) -> None:
         self._signature = None
         self._loaded = None
+
+
+def load(path: str, name: str, version: int) -> LoadedModel:
+    """Load one version folder (blocking: the manager calls it on its loader thread)."""
+    return LoadedModel(path, name, version)
 
 
 def _resize(image: tf.Tensor, height: int, width: int) -> tf.Tensor:
