@@ -12,10 +12,11 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+from fovea.contract import ModelMetadata
 from fovea.server import imageinfo
 from fovea.server.config import Settings
 from fovea.server.errors import InvalidArgument, ServingError, Unavailable
@@ -70,17 +71,12 @@ class PredictResult:
 
 
 @dataclass
-class ModelMetadata:
-    name: str
-    version: int
-    labels: list[str]
-    input_height: int
-    input_width: int
-    backbone: str
+class ModelDescription:
+    """What a metadata call answers: the version's fovea.json, the model's loaded versions, the limit."""
+
+    metadata: ModelMetadata  # a copy; input size filled in from the signature when the file lacks it
     loaded_versions: list[int]
-    metrics: dict[str, float] = field(default_factory=dict)
-    created_at: str = ""
-    max_images_per_request: int = 0
+    max_images_per_request: int
 
 
 @dataclass
@@ -146,7 +142,7 @@ class Core:
                 f"{self._settings.max_images_per_request} per request: split it"
             )
         with self._manager.lookup(request.model_name, request.model_version).leased() as served:
-            classes = len(served.info.labels)
+            classes = len(served.metadata.labels)
             top_k = request.top_k
             if top_k == 0:
                 top_k = min(5, classes)
@@ -157,7 +153,7 @@ class Core:
                 )
             rows = await self._preprocess(request.images, served)
             probabilities = await served.infer(rows, request.deadline)
-        labels = served.info.labels
+        labels = served.metadata.labels
         # argsort on a stable, descending key: ties keep index order, as a reader would expect.
         order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
         predictions = []
@@ -168,7 +164,7 @@ class Core:
 
     async def _preprocess(self, images: Sequence, served: ServedVersion) -> list[np.ndarray]:
         """Validate every image on the loop (cheap), then let the version decode/resize the rest."""
-        h, w = served.info.height, served.info.width
+        h, w = served.metadata.input_height, served.metadata.input_width
         rows: list[np.ndarray | None] = []
         slow: dict[int, bytes | np.ndarray] = {}
         for i, image in enumerate(images):
@@ -238,19 +234,11 @@ class Core:
                 f"{self._settings.max_pixels} (--max-pixels): downscale it before sending"
             )
 
-    def metadata(self, name: str = "", version: int = 0) -> ModelMetadata:
+    def metadata(self, name: str = "", version: int = 0) -> ModelDescription:
         served = self._manager.lookup(name, version)
-        info = served.info
-        return ModelMetadata(
-            name=info.name,
-            version=info.version,
-            labels=list(info.labels),
-            input_height=info.height,
-            input_width=info.width,
-            backbone=info.backbone,
-            loaded_versions=self._manager.loaded_versions(info.name),
-            metrics=dict(info.metrics),
-            created_at=info.created_at,
+        return ModelDescription(
+            metadata=served.metadata.replace(),
+            loaded_versions=self._manager.loaded_versions(served.name),
             max_images_per_request=self._settings.max_images_per_request,
         )
 

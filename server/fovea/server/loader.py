@@ -8,24 +8,23 @@ bilinear resize, round, clip, cast to uint8), so the server's pixels equal the b
 
 from __future__ import annotations
 
-import json
 import logging
 import posixpath
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import tensorflow as tf
-from fovea.server.servable import VersionInfo
+from fovea.contract import (
+    INPUT_IMAGES,
+    LABELS_FILE,
+    METADATA_FILE,
+    OUTPUT,
+    SIGNATURE_IMAGES,
+    ModelMetadata,
+    parse_labels,
+)
 
 log = logging.getLogger(__name__)
-
-# The export contract (trainer/fovea/trainer/export.py); the server must not import the trainer.
-SIGNATURE_IMAGES = "serving_default"
-INPUT_IMAGES = "images"
-OUTPUT = "probabilities"
-METADATA_FILE = "assets.extra/fovea.json"
-LABELS_FILE = "assets/labels.txt"
 
 
 def configure_device(gpu_memory_limit_mb: int = 0) -> str:
@@ -68,29 +67,18 @@ class GFileStorage:
         return tf.io.gfile.exists(path)
 
 
-def read_info(path: str, name: str, version: int) -> VersionInfo:
-    meta: dict[str, Any] = {}
+def read_metadata(path: str, name: str, version: int) -> ModelMetadata:
+    """fovea.json of a version folder; without one (or without labels in it), labels.txt gives the labels."""
     meta_path = posixpath.join(path, METADATA_FILE)
     if tf.io.gfile.exists(meta_path):
         with tf.io.gfile.GFile(meta_path) as f:
-            meta = json.load(f)
-    labels = list(meta.get("labels") or [])
-    if not labels:
+            meta = ModelMetadata.from_json(f.read(), name=name, version=version)
+    else:
+        meta = ModelMetadata(name=name, version=version, labels=[], input_height=0, input_width=0)
+    if not meta.labels:
         with tf.io.gfile.GFile(posixpath.join(path, LABELS_FILE)) as f:
-            labels = [line.rstrip("\n") for line in f if line.strip()]
-    size = meta.get("input_size") or {}
-    metrics = {k: float(v) for k, v in (meta.get("metrics") or {}).items() if isinstance(v, (int, float))}
-    return VersionInfo(
-        name=name,
-        version=version,
-        path=path,
-        labels=labels,
-        height=int(size.get("height", 0)),
-        width=int(size.get("width", 0)),
-        backbone=str(meta.get("backbone", "")),
-        metrics=metrics,
-        created_at=str(meta.get("created_at", "")),
-    )
+            meta.labels = parse_labels(f.read())
+    return meta
 
 
 class LoadedModel:
@@ -100,15 +88,15 @@ class LoadedModel:
     """
 
     def __init__(self, path: str, name: str, version: int) -> None:
-        self.info = read_info(path, name, version)
+        self.metadata = read_metadata(path, name, version)
         self._loaded = tf.saved_model.load(path)
         # The concrete signature function: it never retraces, unlike the restored Keras object.
         self._signature = self._loaded.signatures[SIGNATURE_IMAGES]
         spec = self._signature.structured_input_signature[1][INPUT_IMAGES]
         height, width = spec.shape[1], spec.shape[2]
-        if not self.info.height:
-            self.info.height, self.info.width = int(height), int(width)
-        h, w = self.info.height, self.info.width
+        if not self.metadata.input_height:
+            self.metadata.input_height, self.metadata.input_width = int(height), int(width)
+        h, w = self.metadata.input_height, self.metadata.input_width
 
         @tf.function(input_signature=[tf.TensorSpec([], tf.string)])
         def decode(image_bytes: tf.Tensor) -> tf.Tensor:
@@ -125,7 +113,7 @@ class LoadedModel:
 
     @property
     def num_classes(self) -> int:
-        return len(self.info.labels)
+        return len(self.metadata.labels)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """uint8 [N, H, W, 3] -> float32 probabilities [N, classes]."""
@@ -145,7 +133,7 @@ class LoadedModel:
 
     def warm_up(self, batch_sizes: Sequence[int]) -> None:
         """Run every batch size and every preprocessing path once, so the first request is not slow."""
-        h, w = self.info.height, self.info.width
+        h, w = self.metadata.input_height, self.metadata.input_width
         for size in batch_sizes:
             out = self.predict(np.zeros((size, h, w, 3), np.uint8))
             if out.shape != (size, self.num_classes):

@@ -223,9 +223,9 @@ class ModelManager:
             "loaded %s version %d (%dx%d, %d classes) in %.2fs%s",
             name,
             version,
-            model.info.height,
-            model.info.width,
-            len(model.info.labels),
+            model.metadata.input_height,
+            model.metadata.input_width,
+            len(model.metadata.labels),
             time.monotonic() - start,
             f", warmed batch sizes {sizes}" if s.warmup else ", warm-up off",
         )

@@ -13,34 +13,20 @@ import concurrent.futures
 import contextlib
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+from fovea.contract import ModelMetadata
 from fovea.server.batcher import Batcher, BatcherStats
 from fovea.server.errors import InvalidArgument
 from fovea.server.lease import Gate
 
 
-@dataclass
-class VersionInfo:
-    """What one version's folder says about it (the loader fills this in)."""
-
-    name: str
-    version: int
-    path: str
-    labels: list[str]
-    height: int
-    width: int
-    backbone: str = ""
-    metrics: dict[str, float] = field(default_factory=dict)
-    created_at: str = ""
-
-
 class Model(Protocol):
     """What the loader hands over (loader.LoadedModel); every call is blocking, made off the loop."""
 
-    info: VersionInfo
+    metadata: ModelMetadata  # input size filled in from the signature when fovea.json lacks it
 
     def predict(self, images: np.ndarray) -> np.ndarray: ...
     def decode(self, data: bytes) -> np.ndarray: ...
@@ -102,7 +88,7 @@ class ServedVersion:
         stats: BatcherStats | None = None,
     ) -> None:
         self.model = model
-        self.info = model.info
+        self.metadata = model.metadata
         self.stats = VersionStats()
         self.leases = Gate()
         self._pool = pool
@@ -116,11 +102,11 @@ class ServedVersion:
 
     @property
     def name(self) -> str:
-        return self.info.name
+        return self.metadata.name
 
     @property
     def version(self) -> int:
-        return self.info.version
+        return self.metadata.version
 
     @property
     def queue_depth(self) -> int:
@@ -179,7 +165,7 @@ class ServedVersion:
 
     def _prepare(self, items: list[tuple[int, bytes | np.ndarray]]) -> list[np.ndarray]:
         """On a pool thread: decode and resize each image to the model's uint8 [H, W, 3]."""
-        h, w = self.info.height, self.info.width
+        h, w = self.metadata.input_height, self.metadata.input_width
         out = []
         for i, image in items:
             if isinstance(image, bytes):

@@ -75,17 +75,18 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServiceServicer):
     async def _metadata(
         self, request: pb.GetModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelMetadataResponse:
-        m = self._core.metadata(request.model_spec.name, request.model_spec.version)
+        d = self._core.metadata(request.model_spec.name, request.model_spec.version)
+        m = d.metadata
         return pb.GetModelMetadataResponse(
             model_spec=pb.ModelSpec(name=m.name, version=m.version),
             labels=m.labels,
             input_height=m.input_height,
             input_width=m.input_width,
             backbone=m.backbone,
-            loaded_versions=m.loaded_versions,
-            metrics=m.metrics,
+            loaded_versions=d.loaded_versions,
+            metrics=m.numeric_metrics(),
             created_at=m.created_at,
-            max_images_per_request=m.max_images_per_request,
+            max_images_per_request=d.max_images_per_request,
         )
 
     async def _list_models(

@@ -1,6 +1,6 @@
 """The source: which models and versions the model folder holds (TF Serving's "source").
 
-`<base>/<name>/<version>/` folders; which version folders count is the export contract's rule. The
+`<base>/<name>/<version>/` folders; which version folders count is fovea.contract's rule. The
 folder is read through a `Storage` (loader.GFileStorage in the server, so any tf.io.gfile path works)
 so this module needs no TensorFlow.
 """
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import posixpath
 from typing import Protocol
+
+from fovea import contract
 
 
 class Storage(Protocol):
@@ -33,17 +35,9 @@ class ModelSource:
         return sorted(n for n in names if s.isdir(posixpath.join(self.base, n)))
 
     def versions(self, name: str) -> list[int]:
-        """Complete published versions of one model: positive integer folders holding saved_model.pb.
-
-        Exports are renamed into place from hidden `.tmp-*` folders, so a listed version is whole.
-        """
+        """The complete published versions of one model, ascending (the contract's rule)."""
         root = posixpath.join(self.base, name)
-        found = []
-        for entry in self._storage.listdir(root):
-            complete = entry.isdigit() and self._storage.exists(posixpath.join(root, entry, "saved_model.pb"))
-            if complete and int(entry) > 0:
-                found.append(int(entry))
-        return sorted(found)
+        return contract.published_versions(root, self._storage.listdir, self._storage.exists)
 
     def scan(self) -> dict[str, list[int]]:
         """Every model folder and its published versions (blocking: run it off the event loop)."""
