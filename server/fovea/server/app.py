@@ -170,7 +170,6 @@ class Server:
         if self._server is not None:
             await self._server.stop(max(0.0, grace - (time.monotonic() - start)))
         await self.manager.close()
-        self.core.close()
         self.metrics.close()
         log.info("stopped")
 

@@ -9,6 +9,7 @@ Nothing here imports grpc, protobuf or TensorFlow.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from collections.abc import Sequence
@@ -113,9 +114,6 @@ class Core:
     def ready(self) -> bool:
         """The server's readiness: some version serves and no drain has started."""
         return self._manager.ready and not self.draining
-
-    def close(self) -> None:
-        """Nothing left to free: the manager owns the versions and the preprocessing pool."""
 
     async def drain(self, timeout: float) -> bool:
         """Refuse new predictions and wait for the running ones; False if the timeout passed first."""
@@ -237,7 +235,7 @@ class Core:
     def metadata(self, name: str = "", version: int = 0) -> ModelDescription:
         served = self._manager.lookup(name, version)
         return ModelDescription(
-            metadata=served.metadata.replace(),
+            metadata=copy.deepcopy(served.metadata),
             loaded_versions=self._manager.loaded_versions(served.name),
             max_images_per_request=self._settings.max_images_per_request,
         )
