@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import grpc
-from fovea.server import loader
+from fovea.server import loader, rpc
 from fovea.server.config import Settings
 from fovea.server.core import Core
 from fovea.server.manager import ModelManager
@@ -88,7 +88,7 @@ class Server:
         s = self.settings
         server = grpc.aio.server(options=grpc_options(s))
         classifier_pb2_grpc.add_ClassifierServiceServicer_to_server(
-            ClassifierServicer(self.core, self.metrics), server
+            ClassifierServicer(self.core, self.metrics), rpc.tolerant(server)
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         for service in HEALTH_SERVICES:

@@ -48,3 +48,21 @@ class DeadlineExceeded(ServingError):
 
 
 INTERNAL_MESSAGE = "internal error; the server log has the details"
+
+
+ECHO_LIMIT = 64  # characters of a caller's value (a name, a path) repeated in a message or a log line
+MESSAGE_LIMIT = 1024  # characters of a status message: far below gRPC's 16 KiB metadata limit
+
+
+def clip(value: object, limit: int = ECHO_LIMIT, quote: bool = True) -> str:
+    """`repr(value)` (or `str` without `quote`) cut to `limit` characters, saying how long it was.
+
+    Every value a caller sent, or storage named, goes through this before a message or a log line.
+    A 20,000-character model name repeated whole made a NOT_FOUND message overflow gRPC's metadata
+    limit (the caller saw RESOURCE_EXHAUSTED and retried), and filled the log.
+    """
+    text = repr(value) if quote else str(value)
+    if len(text) <= limit:
+        return text
+    size = f"{len(value)} characters" if isinstance(value, (str, bytes)) else f"{len(text)} characters shown"
+    return f"{text[: limit - 1]}… ({size})"

@@ -61,3 +61,33 @@ def setup(log_format: str = "text", level: str = "INFO") -> None:
     root.addHandler(handler)
     root.setLevel(level)
     root.propagate = False
+
+
+class Throttle:
+    """At most `per_second` lines a second through `log`; the rest are counted and summarised.
+
+    Rejected requests are logged through one of these, so a flood of bad input (a fuzzer wrote 10.7 MB
+    of log, one line per request) costs a few lines a second plus "N more not logged".
+    """
+
+    def __init__(self, logger: logging.Logger, per_second: float = 10.0, clock=time.monotonic) -> None:
+        self._log = logger
+        self._per_second = per_second
+        self._clock = clock
+        self._window = clock()
+        self._lines = 0
+        self._suppressed = 0
+
+    def log(self, level: int, msg: str, *args: object) -> None:
+        if not self._log.isEnabledFor(level):
+            return
+        now = self._clock()
+        if now - self._window >= 1.0:
+            if self._suppressed:
+                self._log.log(level, "%d more rejected requests were not logged", self._suppressed)
+            self._window, self._lines, self._suppressed = now, 0, 0
+        if self._lines >= self._per_second:
+            self._suppressed += 1
+            return
+        self._lines += 1
+        self._log.log(level, msg, *args)

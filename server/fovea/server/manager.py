@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from fovea.server.batcher import warmup_sizes
 from fovea.server.config import Settings
-from fovea.server.errors import InvalidArgument, NotFound, Unavailable
+from fovea.server.errors import InvalidArgument, NotFound, Unavailable, clip
 from fovea.server.metrics import Metrics
 from fovea.server.servable import Model, ServedVersion
 from fovea.server.source import ModelSource
@@ -72,7 +72,7 @@ class ModelManager:
             return versions[max(versions)]
         if version not in versions:
             raise NotFound(
-                f"version {version} of model {self._name_or_only(name)!r} is not loaded; loaded versions: "
+                f"version {version} of model {clip(self._name_or_only(name))} is not loaded; loaded versions: "
                 f"{sorted(versions)}"
             )
         return versions[version]
@@ -109,9 +109,10 @@ class ModelManager:
         if versions:
             return versions
         if name in self._known:
-            raise Unavailable(f"model {name!r} has no version loaded yet; retry later")
+            raise Unavailable(f"model {clip(name)} has no version loaded yet; retry later")
         served = sorted(set(self._known) | set(self._models))
-        raise NotFound(f"model {name!r} is not served; served models: {', '.join(served) or '(none)'}")
+        listed = clip(", ".join(served), 256, quote=False) if served else "(none)"
+        raise NotFound(f"model {clip(name)} is not served; served models: {listed}")
 
     # -- polling ---------------------------------------------------------------------------------
 

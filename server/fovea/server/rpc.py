@@ -5,6 +5,11 @@ trailer, maps a `ServingError` to its gRPC status, turns anything else into INTE
 message (the traceback goes to the log), and counts the outcome in fovea_requests_total and
 fovea_request_duration_seconds under the servicer's protocol label. A servicer's methods then only
 translate messages: see servicer.py.
+
+`tolerant(server)` is what a servicer is registered on: its request deserializers return a
+`Malformed` marker instead of raising, so a message that does not parse reaches `handle`, which
+answers INVALID_ARGUMENT, logs and counts it like any bad request (grpc would answer UNKNOWN with
+the Python exception class, uncounted). Any protocol's servicer registered this way gets the same.
 """
 
 from __future__ import annotations
@@ -12,15 +17,80 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import grpc
 from fovea.server import logs
-from fovea.server.errors import INTERNAL_MESSAGE, ServingError
+from fovea.server.errors import INTERNAL_MESSAGE, MESSAGE_LIMIT, InvalidArgument, ServingError, clip
 from fovea.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
+# Rejected requests (bad input, unknown models, shedding) are routine under abuse or overload: a few
+# lines a second, not one per request.
+_rejections = logs.Throttle(log)
+
+
+class Malformed:
+    """What a request message that does not parse deserializes to (see `tolerant`)."""
+
+    __slots__ = ("message_type", "reason", "size")
+
+    def __init__(self, message_type: str, reason: str, size: int) -> None:
+        self.message_type = message_type
+        self.reason = reason
+        self.size = size
+
+
+def _tolerant_deserializer(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+    message = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
+    message_type = message.full_name if message is not None else "request"
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # DecodeError, RecursionError (deep nesting), bad UTF-8, ...
+            reason = str(exc).rsplit(": ", 1)[-1] if str(exc) else type(exc).__name__
+            return Malformed(message_type, clip(reason, 80, quote=False), len(data))
+
+    return parse
+
+
+def _tolerant_handler(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | None:
+    if handler is None or handler.request_streaming:
+        return handler
+    return handler._replace(request_deserializer=_tolerant_deserializer(handler.request_deserializer))
+
+
+class _TolerantGeneric(grpc.GenericRpcHandler):
+    def __init__(self, inner: grpc.GenericRpcHandler) -> None:
+        self._inner = inner
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        return _tolerant_handler(self._inner.service(handler_call_details))
+
+
+def tolerant(server: grpc.aio.Server) -> _TolerantServer:
+    """The server to hand a generated add_*_to_server: its unary request parsers never raise."""
+    return _TolerantServer(server)
+
+
+class _TolerantServer:
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(tuple(_TolerantGeneric(h) for h in handlers))
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self._server.add_registered_method_handlers(
+            service, {name: _tolerant_handler(h) for name, h in handlers.items()}
+        )
+
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -46,14 +116,20 @@ class RpcHandler:
         code = "OK"
         trailer = ((logs.REQUEST_ID_HEADER, request_id),)
         try:
+            if isinstance(request, Malformed):
+                raise InvalidArgument(
+                    f"the request ({request.size} bytes) does not parse as {request.message_type}: "
+                    f"{request.reason}"
+                )
             response = await fn(request, context)
             context.set_trailing_metadata(trailer)
             return response
         except ServingError as exc:
             code = exc.code
+            message = clip(exc.message, MESSAGE_LIMIT, quote=False)
             level = logging.WARNING if code in ("INTERNAL", "RESOURCE_EXHAUSTED") else logging.INFO
-            log.log(level, "%s: %s: %s", method, code, exc.message)
-            await context.abort(grpc.StatusCode[code], exc.message, trailer)
+            _rejections.log(level, "%s: %s: %s", method, code, clip(message, 300, quote=False))
+            await context.abort(grpc.StatusCode[code], message, trailer)
         except asyncio.CancelledError:
             remaining = context.time_remaining()
             # gRPC's deadline timer may fire a hair before time_remaining() reaches zero.
