@@ -20,8 +20,10 @@ class FakeModel:
         self.fail_on = fail_on
         self.batches: list[np.ndarray] = []
         self.gate: threading.Event | None = None
+        self.calls = 0  # model calls started (a worker thread is inside once this grows)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.calls += 1
         if self.gate is not None:
             self.gate.wait(5)
         if self.delay:
@@ -36,6 +38,7 @@ class Stats(BatcherStats):
     def __init__(self) -> None:
         self.shed_n = self.expired_n = self.cancelled_n = 0
         self.sizes: list[tuple[int, int]] = []
+        self.waits: list[list[float]] = []
 
     def shed(self) -> None:
         self.shed_n += 1
@@ -48,6 +51,25 @@ class Stats(BatcherStats):
 
     def batch(self, images, padding, queue_waits, compute_s) -> None:
         self.sizes.append((images, padding))
+        self.waits.append(list(queue_waits))
+
+
+class FakeClock:
+    """The batcher's clock, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def until(predicate, timeout: float = 5.0) -> None:
+    """Wait on state, not on a time window: yield to the loop (and the worker thread) until true."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting for the batcher's state"
+        await asyncio.sleep(0.001)
 
 
 def rows(*values: int) -> list[np.ndarray]:
@@ -83,28 +105,33 @@ async def test_max_batch_size_splits_work() -> None:
 
 
 async def test_timeout_is_measured_from_first_item() -> None:
-    model = FakeModel()
-    b = Batcher(model, max_batch_size=64, batch_timeout_s=0.1)
-    t0 = time.monotonic()
+    model, clock, stats = FakeModel(), FakeClock(), Stats()
+    b = Batcher(model, max_batch_size=64, batch_timeout_s=1000.0, clock=clock, stats=stats)
     first = asyncio.ensure_future(b.submit(rows(1)))
-    await asyncio.sleep(0.06)
+    await until(lambda: b.queue_depth == 1)
+    clock.now = 600.0
     second = asyncio.ensure_future(b.submit(rows(2)))
+    await until(lambda: b.queue_depth == 2)
+    clock.now = 1000.0  # the timeout, counted from the first item (from the second it would be 1600)
+    b.poke()
     await asyncio.gather(first, second)
-    elapsed = time.monotonic() - t0
-    assert 0.09 <= elapsed < 0.16, elapsed  # not 0.06 + 0.1: the clock started at the first item
     assert [len(x) for x in model.batches] == [2]
+    assert stats.waits == [[1000.0, 400.0]]  # it ran at 1000 on the batcher's clock, not before
     await b.close()
 
 
 async def test_zero_timeout_runs_at_once_and_batches_under_load() -> None:
-    model = FakeModel(delay=0.03)
-    b = Batcher(model, max_batch_size=16, batch_timeout_s=0.0, max_in_flight=1)
-    t0 = time.monotonic()
-    await b.submit(rows(1))
-    assert time.monotonic() - t0 < 0.03 + 0.02
-    outs = await asyncio.gather(*(b.submit(rows(i)) for i in range(10)))
-    assert [values(o) for o in outs] == [[10 * i] for i in range(10)]
-    assert max(len(x) for x in model.batches) > 1
+    model = FakeModel()
+    model.gate = threading.Event()
+    b = Batcher(model, max_batch_size=16, batch_timeout_s=0.0, max_in_flight=1, clock=FakeClock())
+    first = asyncio.ensure_future(b.submit(rows(1)))
+    await until(lambda: model.calls == 1)  # runs at once: the clock never moved
+    outs = [asyncio.ensure_future(b.submit(rows(i))) for i in range(10)]
+    await until(lambda: b.queue_depth == 10)  # queued while the only slot computes
+    model.gate.set()
+    assert values(await first) == [10]
+    assert [values(await o) for o in outs] == [[10 * i] for i in range(10)]
+    assert [len(x) for x in model.batches] == [1, 10]  # the queue formed one batch
     await b.close()
 
 
@@ -113,9 +140,9 @@ async def test_queue_bound_sheds() -> None:
     model.gate = threading.Event()
     b = Batcher(model, max_batch_size=1, max_queue_size=1, max_in_flight=1, stats=stats)
     running = asyncio.ensure_future(b.submit(rows(1)))  # taken by the worker, blocked on the gate
-    await asyncio.sleep(0.02)
+    await until(lambda: model.calls == 1)
     queued = asyncio.ensure_future(b.submit(rows(2)))  # waits in the queue
-    await asyncio.sleep(0.01)
+    await until(lambda: b.queue_depth == 1)
     with pytest.raises(ResourceExhausted, match="max-queue-size"):
         await b.submit(rows(3))
     assert stats.shed_n == 1
@@ -127,11 +154,13 @@ async def test_queue_bound_sheds() -> None:
 async def test_deadline_expired_in_queue_is_never_computed() -> None:
     model, stats = FakeModel(), Stats()
     model.gate = threading.Event()
-    b = Batcher(model, max_batch_size=1, max_in_flight=1, stats=stats)
+    clock = FakeClock()
+    b = Batcher(model, max_batch_size=1, max_in_flight=1, stats=stats, clock=clock)
     running = asyncio.ensure_future(b.submit(rows(1)))
-    await asyncio.sleep(0.02)
-    late = asyncio.ensure_future(b.submit(rows(2), deadline=time.monotonic() + 0.02))
-    await asyncio.sleep(0.05)
+    await until(lambda: model.calls == 1)
+    late = asyncio.ensure_future(b.submit(rows(2), deadline=10.0))
+    await until(lambda: b.queue_depth == 1)
+    clock.now = 10.0  # the deadline passes while it is queued
     model.gate.set()
     await running
     with pytest.raises(DeadlineExceeded):
@@ -146,10 +175,10 @@ async def test_cancelled_request_is_dropped_before_compute() -> None:
     model.gate = threading.Event()
     b = Batcher(model, max_batch_size=1, max_in_flight=1, stats=stats)
     running = asyncio.ensure_future(b.submit(rows(1)))
-    await asyncio.sleep(0.02)
+    await until(lambda: model.calls == 1)
     doomed = asyncio.ensure_future(b.submit(rows(2)))
     kept = asyncio.ensure_future(b.submit(rows(3)))
-    await asyncio.sleep(0.01)
+    await until(lambda: b.queue_depth == 2)
     doomed.cancel()
     model.gate.set()
     assert values(await running) == [10] and values(await kept) == [30]
@@ -191,19 +220,21 @@ async def test_wrong_number_of_results_is_an_error() -> None:
 
 
 async def test_in_flight_batches_run_concurrently() -> None:
-    model = FakeModel(delay=0.1)
+    model = FakeModel()
+    model.gate = threading.Event()
     b = Batcher(model, max_batch_size=1, max_in_flight=2)
-    t0 = time.monotonic()
-    await asyncio.gather(b.submit(rows(1)), b.submit(rows(2)))
-    assert time.monotonic() - t0 < 0.18
+    both = asyncio.gather(b.submit(rows(1)), b.submit(rows(2)))
+    await until(lambda: model.calls == 2)  # both inside the model at once, neither finished
+    model.gate.set()
+    assert [values(o) for o in await both] == [[10], [20]]
     await b.close()
 
 
 async def test_close_drains_queue_then_refuses() -> None:
-    model = FakeModel(delay=0.02)
+    model = FakeModel()
     b = Batcher(model, max_batch_size=1, max_in_flight=1)
     pending = [asyncio.ensure_future(b.submit(rows(i))) for i in range(4)]
-    await asyncio.sleep(0)
+    await until(lambda: b.queue_depth + model.calls >= 4)
     await b.close(drain=True)
     assert [values(await p) for p in pending] == [[0], [10], [20], [30]]
     with pytest.raises(Unavailable):
@@ -215,11 +246,11 @@ async def test_close_without_drain_fails_queued() -> None:
     model.gate = threading.Event()
     b = Batcher(model, max_batch_size=1, max_in_flight=1)
     running = asyncio.ensure_future(b.submit(rows(1)))
-    await asyncio.sleep(0.02)
+    await until(lambda: model.calls == 1)
     queued = asyncio.ensure_future(b.submit(rows(2)))
-    await asyncio.sleep(0)
+    await until(lambda: b.queue_depth == 1)
     closing = asyncio.ensure_future(b.close(drain=False))
-    await asyncio.sleep(0.01)
+    await until(lambda: queued.done())  # failed at once, while the running batch still computes
     model.gate.set()
     await closing
     assert values(await running) == [10]
@@ -252,3 +283,40 @@ async def test_gate_counts_holders_refuses_after_close_and_waits_for_idle() -> N
     assert not waiter.done()
     gate.exit()
     assert await waiter
+
+
+async def test_expected_wait_is_learned_and_sheds_before_any_work() -> None:
+    # Each batch takes 2 s on the batcher's clock: the model moves the fake clock while it runs.
+    clock, stats = FakeClock(), Stats()
+
+    def model(batch: np.ndarray) -> np.ndarray:
+        clock.now += 2.0 * len(batch)  # 2 s per row
+        return batch * 10
+
+    gate = threading.Event()
+
+    def gated(batch: np.ndarray) -> np.ndarray:
+        gate.wait(5)
+        return model(batch)
+
+    b = Batcher(gated, max_batch_size=4, max_queue_size=100, max_queue_wait_s=5.0, stats=stats, clock=clock)
+    gate.set()
+    await b.submit(rows(1))  # learns 2 s per row
+    assert b.expected_wait(1) == 2.0
+    gate.clear()
+    running = asyncio.ensure_future(b.submit(rows(1, 2)))  # 2 rows computing: 4 s ahead
+    await until(lambda: b.expected_wait() == 4.0)
+    with b.admit(0):  # nothing more fits in the 5 s bound beyond what is already ahead
+        pass
+    with pytest.raises(ResourceExhausted, match=r"expected wait is 6\.00 s"), b.admit(1):
+        pass
+    # The caller's deadline counts too: 4 s ahead plus its own 2 s would end after it.
+    b.max_queue_wait_s = 100.0
+    with pytest.raises(ResourceExhausted, match="deadline"), b.admit(1, deadline=clock.now + 5.0):
+        pass
+    with b.admit(1, deadline=clock.now + 7.0):  # admitted: its place counts for those behind it
+        assert b.expected_wait() == 6.0
+    assert stats.shed_n == 2
+    gate.set()
+    assert values(await running) == [10, 20]
+    await b.close()

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,10 +27,10 @@ def models_dir(tmp_path_factory) -> Path:
     return models
 
 
-def slow_server(models_dir: Path):
-    srv = start_server(
-        models_dir, max_batch_size=1, max_queue_size=1, max_in_flight_batches=1, batch_timeout_ms=0
-    )
+def slow_server(models_dir: Path, **overrides):
+    # max_queue_wait_ms 0: the count bound alone (the time bound has its own test below).
+    settings = {"max_batch_size": 1, "max_queue_size": 1, "max_in_flight_batches": 1, "batch_timeout_ms": 0}
+    srv = start_server(models_dir, **{**settings, "max_queue_wait_ms": 0, **overrides})
     wait_until(lambda: srv.manager.ready, what="the slow model to load")
     return srv
 
@@ -49,35 +49,52 @@ def connected_client(port: int):
     return c
 
 
-def timed_call(fovea, timeout: float = 30.0) -> tuple[str, float]:
-    start = time.monotonic()
+_order = itertools.count()
+
+
+def timed_call(fovea, timeout: float = 30.0) -> tuple[str, int]:
+    """The answer's code and its place in the order answers arrived (not a duration)."""
     try:
         fovea.predict(IMAGE, timeout=timeout)
         code = "OK"
     except FoveaError as exc:
         code = exc.code.name
-    return code, time.monotonic() - start
+    return code, next(_order)
+
+
+def computing(srv) -> bool:
+    """One request is inside the model: admitted, and nothing left waiting in the queue."""
+    return sample(srv, "fovea_inflight_images") == 1 and (
+        sample(srv, "fovea_queue_depth_requests", model="slow", version="1") == 0
+    )
 
 
 def test_queue_of_one_sheds_excess_requests_quickly(server) -> None:
     shed_before = sample(server, "fovea_shed_requests_total", model="slow")
-    with connected_client(server.port) as fovea:
-        barrier = threading.Barrier(6)
+    with connected_client(server.port) as fovea, ThreadPoolExecutor(6) as pool:
+        # One computes, one waits in the queue (each placed by waiting on the server's state) ...
+        running = pool.submit(timed_call, fovea)
+        wait_until(lambda: computing(server), interval=0.005, what="the first request computing")
+        queued = pool.submit(timed_call, fovea)
+        wait_until(
+            lambda: sample(server, "fovea_queue_depth_requests", model="slow", version="1") == 1,
+            interval=0.005,
+            what="the second request queued",
+        )
+        # ... and the rest, sent together, are shed.
+        barrier = threading.Barrier(4)
 
-        def call(_: int) -> tuple[str, float]:
+        def call(_: int) -> tuple[str, int]:
             barrier.wait()
             return timed_call(fovea)
 
-        with ThreadPoolExecutor(6) as pool:
-            results = list(pool.map(call, range(6)))
-    codes = [c for c, _ in results]
-    # One computes, one waits in the queue, the rest are shed.
-    assert codes.count("OK") >= 2, results
-    shed = [t for c, t in results if c in ("RESOURCE_EXHAUSTED", "UNAVAILABLE")]
-    assert len(shed) >= 2 and len(shed) + codes.count("OK") == 6, results
-    # "Quickly": a shed request returns before even one model call could have finished.
-    assert max(shed) < DELAY, results
-    assert sample(server, "fovea_shed_requests_total", model="slow") - shed_before == len(shed)
+        shed = list(pool.map(call, range(4)))
+        results = [running.result(), queued.result()]
+    assert [c for c, _ in shed] == ["RESOURCE_EXHAUSTED"] * 4, shed
+    assert [c for c, _ in results] == ["OK", "OK"], results
+    # "Quickly": every shed request was answered before the first model call finished.
+    assert max(t for _, t in shed) < min(t for _, t in results), (shed, results)
+    assert sample(server, "fovea_shed_requests_total", model="slow") - shed_before == 4
 
 
 def test_request_whose_deadline_passes_in_the_queue_is_never_computed(server) -> None:
@@ -86,8 +103,8 @@ def test_request_whose_deadline_passes_in_the_queue_is_never_computed(server) ->
     batches_before = sample(server, "fovea_batches_total", model="slow")
     with connected_client(server.port) as fovea, ThreadPoolExecutor(1) as pool:
         first = pool.submit(timed_call, fovea)
-        time.sleep(0.2)  # the first request is computing now (0.5 s); the next one must queue behind it
-        code, _ = timed_call(fovea, timeout=0.15)
+        wait_until(lambda: computing(server), interval=0.005, what="the first request computing")
+        code, _ = timed_call(fovea, timeout=0.15)  # queued behind a 0.5 s model call
         assert code == "DEADLINE_EXCEEDED"
         assert first.result()[0] == "OK"
     wait_until(
@@ -95,7 +112,8 @@ def test_request_whose_deadline_passes_in_the_queue_is_never_computed(server) ->
         timeout=10,
         what="the expired counter",
     )
-    time.sleep(DELAY)  # had it been computed, it would have finished by now
+    # Nothing is in flight any more: had the late request been computed, it would be counted below.
+    wait_until(lambda: sample(server, "fovea_inflight_images") == 0, what="nothing in flight")
     assert sample(server, "fovea_images_inferred_total", model="slow") - inferred_before == 1
     assert sample(server, "fovea_batches_total", model="slow") - batches_before == 1
     assert (
@@ -124,3 +142,25 @@ def test_stop_drains_in_flight_work_and_refuses_new(models_dir) -> None:
             assert [f.result()[0] for f in in_flight] == ["OK", "OK"]
         stopper.join(30)
     assert stopped.is_set()
+
+
+def test_queue_is_bounded_in_time_and_sheds_before_decoding(models_dir) -> None:
+    # A queue of 10 but a 0.7 s bound on the expected wait: with 0.5 s per call learned, a request
+    # behind one that computes would wait about 1 s, so it is shed on arrival, never computed.
+    srv = slow_server(models_dir, max_queue_size=10, max_queue_wait_ms=700)
+    try:
+        with connected_client(srv.port) as fovea, ThreadPoolExecutor(1) as pool:
+            assert timed_call(fovea)[0] == "OK"  # one call teaches the batcher its compute time
+            shed_before = sample(srv, "fovea_shed_requests_total", model="slow")
+            inferred_before = sample(srv, "fovea_images_inferred_total", model="slow")
+            first = pool.submit(timed_call, fovea)
+            wait_until(lambda: computing(srv), interval=0.005, what="the first request computing")
+            code, order = timed_call(fovea)
+            assert code == "RESOURCE_EXHAUSTED"
+            # A deadline shorter than the expected wait is refused on arrival too, with a long bound.
+            assert first.result()[0] == "OK" and first.result()[1] > order
+            wait_until(lambda: sample(srv, "fovea_inflight_images") == 0, what="nothing in flight")
+            assert sample(srv, "fovea_images_inferred_total", model="slow") - inferred_before == 1
+            assert sample(srv, "fovea_shed_requests_total", model="slow") - shed_before == 1
+    finally:
+        stop_server(srv)

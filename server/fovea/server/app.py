@@ -86,7 +86,7 @@ class Server:
 
     async def start(self) -> None:
         s = self.settings
-        server = grpc.aio.server(options=grpc_options(s))
+        server = grpc.aio.server(options=grpc_options(s), maximum_concurrent_rpcs=s.max_concurrent_rpcs)
         classifier_pb2_grpc.add_ClassifierServiceServicer_to_server(
             ClassifierServicer(self.core, self.metrics), rpc.tolerant(server)
         )

@@ -5,6 +5,11 @@ input row, so tests drive this with a fake model in milliseconds. The rules foll
 batcher: time is measured with a monotonic clock from the first queued item; cancelled futures are
 dropped before a batch runs; a result is set only `if not fut.done()`; the number of results is
 checked against the batch.
+
+The queue is bounded in count (max_queue_size) and in time: `admit` refuses a request whose expected
+wait (the rows ahead of it times the per-row compute time learned from recent batches) exceeds
+max_queue_wait_s or its deadline, before the caller spends anything decoding it, as Triton's queue
+policy does. Admitted rows count as ahead of later requests while they are still being decoded.
 """
 
 from __future__ import annotations
@@ -13,9 +18,11 @@ import asyncio
 import bisect
 import collections
 import concurrent.futures
+import contextlib
 import logging
+import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +47,20 @@ class _Item:
     future: asyncio.Future
     deadline: float | None
     enqueued: float
+
+
+class Place:
+    """Rows admitted to a batcher and not yet queued (being decoded); released once, when queued."""
+
+    def __init__(self, batcher: Batcher, rows: int, chunks: int) -> None:
+        self._batcher: Batcher | None = batcher
+        self.rows, self.chunks = rows, chunks
+
+    def release(self) -> None:
+        if self._batcher is not None:
+            self._batcher._admitted_rows -= self.rows
+            self._batcher._admitted_chunks -= self.chunks
+            self._batcher = None
 
 
 def warmup_sizes(max_batch_size: int, allowed_batch_sizes: Sequence[int]) -> list[int]:
@@ -68,6 +89,7 @@ class Batcher:
         allowed_batch_sizes: Sequence[int] = (),
         max_in_flight: int = 1,
         max_queue_size: int = 256,
+        max_queue_wait_s: float = 0.0,
         stats: BatcherStats | None = None,
         clock: Callable[[], float] = time.monotonic,
         name: str = "batcher",
@@ -80,11 +102,16 @@ class Batcher:
             raise ValueError("the largest allowed batch size must be at least max_batch_size")
         self.max_in_flight = max_in_flight
         self.max_queue_size = max_queue_size
+        self.max_queue_wait_s = max_queue_wait_s
         self._stats = stats or BatcherStats()
         self._clock = clock
         self.name = name
         self._queue: collections.deque[_Item] = collections.deque()
         self._queued_rows = 0
+        self._admitted_rows = 0  # admitted by `admit`, not yet submitted (being decoded)
+        self._admitted_chunks = 0
+        self._computing_rows = 0
+        self._row_s: float | None = None  # learned compute seconds per (padded) row
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(max_in_flight)
         self._executor = concurrent.futures.ThreadPoolExecutor(max_in_flight, thread_name_prefix=name)
@@ -98,12 +125,72 @@ class Batcher:
     def queue_depth(self) -> int:
         return len(self._queue)
 
+    def expected_wait(self, rows: int = 0) -> float:
+        """Seconds a request of `rows` rows arriving now would wait before its compute ends (estimate).
+
+        Every row ahead (queued, admitted and still being decoded, or in a running batch) costs the
+        per-row compute time of recent batches; slots compute in parallel.
+        """
+        if self._row_s is None:
+            return 0.0  # nothing measured yet: warm-up already ran every batch size, so admit
+        ahead = self._queued_rows + self._admitted_rows + self._computing_rows + rows
+        return ahead * self._row_s / self.max_in_flight
+
+    @contextlib.contextmanager
+    def admit(self, rows: int, deadline: float | None = None) -> Iterator[Place]:
+        """Hold a place for `rows` rows that are about to be prepared and submitted, or shed at once.
+
+        Raises ResourceExhausted when the queue is full in count, or when the expected wait exceeds
+        max_queue_wait_s or would pass `deadline` (on the batcher's clock); Unavailable when closing.
+        Pass the place to `submit`, which hands it over to the queue.
+        """
+        if self._closing:
+            raise Unavailable("this model version is shutting down; retry")
+        chunks = math.ceil(rows / self.max_batch_size)
+        waiting = len(self._queue) + self._admitted_chunks
+        if waiting and waiting + chunks > self.max_queue_size:
+            self._stats.shed()
+            raise ResourceExhausted(
+                f"server overloaded: {waiting} requests already queued (--max-queue-size "
+                f"{self.max_queue_size}); retry with backoff"
+            )
+        wait = self.expected_wait(rows)
+        limit = self.max_queue_wait_s
+        if limit > 0 and (waiting or self._computing_rows):  # limit 0: no time bound at all
+            if wait > limit:
+                self._stats.shed()
+                raise ResourceExhausted(
+                    f"server overloaded: the expected wait is {wait:.2f} s, above the {limit:g} s limit "
+                    "(--max-queue-wait-ms); retry with backoff or on another replica"
+                )
+            if deadline is not None and self._clock() + wait > deadline:
+                self._stats.shed()
+                raise ResourceExhausted(
+                    f"server overloaded: the expected wait of {wait:.2f} s would pass the request's deadline; "
+                    "retry with a longer deadline or on another replica"
+                )
+        place = Place(self, rows, chunks)
+        self._admitted_rows += rows
+        self._admitted_chunks += chunks
+        try:
+            yield place
+        finally:
+            place.release()
+
+    def poke(self) -> None:
+        """Re-read the clock now: a waiting batch runs if its timeout passed (tests with a fake clock)."""
+        self._wakeup.set()
+
     def start(self) -> None:
         if self._loop_task is None:
             self._loop_task = asyncio.get_running_loop().create_task(self._run(), name=self.name)
 
-    async def submit(self, rows: Sequence[np.ndarray], deadline: float | None = None) -> list:
+    async def submit(
+        self, rows: Sequence[np.ndarray], deadline: float | None = None, place: Place | None = None
+    ) -> list:
         """Queue `rows`, wait for their batch, and return their output rows in order.
+
+        With the `place` that `admit` gave, the rows take it over (the count bound was checked then).
 
         `deadline` is on the batcher's clock (time.monotonic by default). Requests with more rows
         than max_batch_size are split into several queue items.
@@ -113,8 +200,10 @@ class Batcher:
         self.start()
         size = self.max_batch_size
         chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
+        if place is not None:
+            place.release()  # the bound was checked by `admit`; the rows now count as queued
         # An empty queue always admits, so a request split into more chunks than the bound still runs.
-        if self._queue and len(self._queue) + len(chunks) > self.max_queue_size:
+        elif self._queue and len(self._queue) + len(chunks) > self.max_queue_size:
             self._stats.shed()
             raise ResourceExhausted(
                 f"server overloaded: {len(self._queue)} requests already queued (--max-queue-size "
@@ -249,6 +338,8 @@ class Batcher:
         return self._infer(stacked)
 
     async def _execute(self, batch: list[_Item]) -> None:
+        computing = sum(len(item.rows) for item in batch)
+        self._computing_rows += computing
         try:
             rows = [row for item in batch for row in item.rows]
             size = self._padded_size(len(rows))
@@ -258,6 +349,9 @@ class Batcher:
                 self._executor, self._compute, rows, size
             )
             compute_s = self._clock() - start
+            # A moving average over recent batches: the per-row cost the expected wait is built on.
+            row_s = compute_s / max(size, 1)
+            self._row_s = row_s if self._row_s is None else 0.8 * self._row_s + 0.2 * row_s
             if len(outputs) != size:
                 raise RuntimeError(f"the model returned {len(outputs)} rows for a batch of {size}")
             self._stats.batch(len(rows), size - len(rows), waits, compute_s)
@@ -278,4 +372,5 @@ class Batcher:
                 if not item.future.done():
                     item.future.set_exception(exc)
         finally:
+            self._computing_rows -= computing
             self._slots.release()

@@ -53,8 +53,34 @@ class Settings:
     max_queue_size: int = _setting(
         256, "Most requests waiting per model version; beyond it requests are shed (RESOURCE_EXHAUSTED)."
     )
+    max_queue_wait_ms: float = _setting(
+        500.0,
+        "Longest expected wait in the batch queue that a request is admitted with, checked before its "
+        "images are decoded. The expected wait is learned from the batcher's own compute times; a "
+        "request that would wait longer, or past its deadline, is shed with RESOURCE_EXHAUSTED at once, "
+        "so accepted requests wait about a batch and goodput stays near capacity. 0 turns the time bound "
+        "off (deadlines are then only checked when a batch forms).",
+    )
+    max_inflight_images: int = _setting(
+        1024,
+        "Most images one replica holds at once (being decoded, queued or computed); beyond it Predict is "
+        "refused with RESOURCE_EXHAUSTED before anything is decoded.",
+    )
+    max_inflight_mb: int = _setting(
+        512,
+        "Most encoded and raw image bytes (MiB) one replica holds at once; beyond it Predict is refused "
+        "with RESOURCE_EXHAUSTED before anything is decoded.",
+    )
+    max_concurrent_rpcs: int = _setting(
+        256,
+        "RPCs handled at once, all services together; beyond it gRPC itself refuses new calls with "
+        "RESOURCE_EXHAUSTED. With --max-message-mb it bounds the memory of received messages "
+        "(docs/memory.md).",
+    )
     preprocess_threads: int = _setting(
-        0, "Threads that decode and resize images beside model compute; 0 means the number of CPUs."
+        0,
+        "Threads that decode and resize images beside model compute; 0 means the CPUs this process may "
+        "use (its affinity mask, capped by the cgroup CPU quota).",
     )
     poll_interval: float = _setting(5.0, "Seconds between scans of --model-dir for new versions.")
     version_policy: str = _setting(
@@ -102,6 +128,12 @@ class Settings:
             problems.append("--max-in-flight-batches must be at least 1")
         if self.max_queue_size < 1:
             problems.append("--max-queue-size must be at least 1")
+        if self.max_queue_wait_ms < 0:
+            problems.append("--max-queue-wait-ms must not be negative")
+        if self.max_inflight_images < 1 or self.max_inflight_mb < 1 or self.max_concurrent_rpcs < 1:
+            problems.append(
+                "--max-inflight-images, --max-inflight-mb and --max-concurrent-rpcs must be positive"
+            )
         if self.batch_timeout_ms < 0:
             problems.append("--batch-timeout-ms must not be negative")
         if self.poll_interval <= 0:

@@ -9,10 +9,11 @@ Nothing here imports grpc, protobuf or TensorFlow.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -20,7 +21,7 @@ import numpy as np
 from fovea.contract import ModelMetadata
 from fovea.server import imageinfo
 from fovea.server.config import Settings
-from fovea.server.errors import InvalidArgument, ServingError, Unavailable
+from fovea.server.errors import InvalidArgument, ResourceExhausted, ServingError, Unavailable
 from fovea.server.lease import Gate, GateClosed
 from fovea.server.servable import VersionStats
 
@@ -97,6 +98,41 @@ class VersionStatistics:
     totals: VersionStats
 
 
+class _InFlight:
+    """Images and bytes one replica holds (decoding, queued or computing); refuses beyond its bounds.
+
+    Checked before anything is decoded, so overload costs a refusal, not memory: without it, a burst
+    of large JPEGs at 4x capacity queued 6 GB of decode work behind a model queue that never filled.
+    """
+
+    def __init__(self, max_images: int, max_bytes: int, metrics: Metrics) -> None:
+        self.max_images, self.max_bytes = max_images, max_bytes
+        self.images = self.bytes = 0
+        self._metrics = metrics
+
+    @contextlib.contextmanager
+    def hold(self, images: int, size: int) -> Iterator[None]:
+        # A lone request is always admitted (it passed the per-request limits), so nothing starves.
+        if self.images and (self.images + images > self.max_images or self.bytes + size > self.max_bytes):
+            self._metrics.shed_inflight.inc()
+            raise ResourceExhausted(
+                f"server overloaded: {self.images} images ({self.bytes / 2**20:.0f} MiB) already in flight "
+                f"(--max-inflight-images {self.max_images}, --max-inflight-mb {self.max_bytes // 2**20}); "
+                "retry with backoff or on another replica"
+            )
+        self.images += images
+        self.bytes += size
+        self._metrics.inflight_images.set(self.images)
+        self._metrics.inflight_bytes.set(self.bytes)
+        try:
+            yield
+        finally:
+            self.images -= images
+            self.bytes -= size
+            self._metrics.inflight_images.set(self.images)
+            self._metrics.inflight_bytes.set(self.bytes)
+
+
 class Core:
     """Requests in, results out; `predict`, `metadata`, `list_models`, readiness and statistics."""
 
@@ -105,6 +141,7 @@ class Core:
         self._manager = manager
         self._metrics = metrics
         self._running = Gate()  # predictions in flight; closed by drain()
+        self._inflight = _InFlight(settings.max_inflight_images, settings.max_inflight_mb * 2**20, metrics)
 
     @property
     def draining(self) -> bool:
@@ -149,8 +186,12 @@ class Core:
                     f"top_k is {top_k}; it must be between 1 and {classes} (the model's classes), or 0 for "
                     "the default"
                 )
-            rows = await self._preprocess(request.images, served)
-            probabilities = await served.infer(rows, request.deadline)
+            # Admission before anything is parsed or decoded: the replica's images and bytes in
+            # flight, then the version's queue in count and expected wait.
+            size = sum(len(image.data) for image in request.images if image is not None)
+            with self._inflight.hold(count, size), served.admit(count, request.deadline) as place:
+                rows = await self._preprocess(request.images, served)
+                probabilities = await served.infer(rows, request.deadline, place)
         labels = served.metadata.labels
         # argsort on a stable, descending key: ties keep index order, as a reader would expect.
         order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
@@ -175,34 +216,40 @@ class Core:
                     slow[i] = np.frombuffer(image.data, _DTYPES[image.dtype]).reshape(image.shape)
         if slow:
             start = time.perf_counter()
-            for i, row in (await served.preprocess(slow)).items():
+            for i, row in (await served.preprocess(slow, self._check_encoded)).items():
                 rows[i] = row
             self._metrics.preprocess_duration.labels(served.name).observe(time.perf_counter() - start)
         return rows  # type: ignore[return-value]
 
     def _validate(self, i: int, image, h: int, w: int) -> np.ndarray | None:
-        """Raise InvalidArgument for a bad image; return the row when it needs no work, else None."""
+        """Raise InvalidArgument for a bad image; return the row when it needs no work, else None.
+
+        Encoded images are only checked for emptiness here; their headers are read on the pool
+        (`_check_encoded`), since walking a large GIF or JPEG header must not stall the event loop.
+        """
         if isinstance(image, EncodedImage):
             if not image.data:
                 raise InvalidArgument(f"images[{i}].encoded is empty")
-            try:
-                info = imageinfo.read_info(image.data)
-            except imageinfo.UnreadableImage as exc:
-                raise InvalidArgument(
-                    f"images[{i}].encoded: {exc}; send JPEG, PNG, GIF or BMP bytes"
-                ) from None
-            if info.width == 0 or info.height == 0:
-                raise InvalidArgument(
-                    f"images[{i}].encoded: the {info.format} header says the image is empty"
-                )
-            if info.pixels > self._settings.max_pixels:
-                frames = f" in {info.frames} frames" if info.frames > 1 else ""
-                raise InvalidArgument(
-                    f"images[{i}] is a {info.width}x{info.height} {info.format} that decodes "
-                    f"{info.pixels} pixels{frames}; this server accepts at most {self._settings.max_pixels} "
-                    "(--max-pixels): downscale it before sending"
-                )
             return None
+        return self._validate_raw(i, image, h, w)
+
+    def _check_encoded(self, i: int, data: bytes) -> None:
+        """On a pool thread, before any decode: refuse what the header says the decoder cannot afford."""
+        try:
+            info = imageinfo.read_info(data)
+        except imageinfo.UnreadableImage as exc:
+            raise InvalidArgument(f"images[{i}].encoded: {exc}; send JPEG, PNG, GIF or BMP bytes") from None
+        if info.width == 0 or info.height == 0:
+            raise InvalidArgument(f"images[{i}].encoded: the {info.format} header says the image is empty")
+        if info.pixels > self._settings.max_pixels:
+            frames = f" in {info.frames} frames" if info.frames > 1 else ""
+            raise InvalidArgument(
+                f"images[{i}] is a {info.width}x{info.height} {info.format} that decodes "
+                f"{info.pixels} pixels{frames}; this server accepts at most {self._settings.max_pixels} "
+                "(--max-pixels): downscale it before sending"
+            )
+
+    def _validate_raw(self, i: int, image, h: int, w: int) -> np.ndarray | None:
         if isinstance(image, RawImage):
             dtype = _DTYPES.get(image.dtype)
             if dtype is None:

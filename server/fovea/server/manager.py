@@ -13,11 +13,11 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import os
 import posixpath
 import time
 from collections.abc import Callable
 
+from fovea.server import cpus
 from fovea.server.batcher import warmup_sizes
 from fovea.server.config import Settings
 from fovea.server.errors import InvalidArgument, NotFound, Unavailable, clip
@@ -52,7 +52,7 @@ class ModelManager:
         # event loop; one at a time keeps memory peaks to one extra model.
         self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fovea-loader")
         # Decoding and resizing, shared by every version.
-        threads = settings.preprocess_threads or os.cpu_count() or 2
+        threads = settings.preprocess_threads or cpus.usable_cpus()
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="fovea-preprocess")
 
     # -- lookups (called on the event loop; never await between lookup and acquire) ---------------
@@ -215,6 +215,7 @@ class ModelManager:
                 "allowed_batch_sizes": s.allowed_batch_sizes,
                 "max_in_flight": s.max_in_flight_batches,
                 "max_queue_size": s.max_queue_size,
+                "max_queue_wait_s": s.max_queue_wait_ms / 1000.0,
             },
             stats=self._metrics.batcher_stats(name, version),
         )

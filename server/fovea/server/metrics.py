@@ -70,7 +70,23 @@ class Metrics:
         self.images = Counter("fovea_images_inferred", "Images computed by a model.", ["model"], registry=r)
         self.batches = Counter("fovea_batches", "Model calls on batches.", ["model"], registry=r)
         self.shed = Counter(
-            "fovea_shed_requests", "Requests refused because the queue was full.", ["model"], registry=r
+            "fovea_shed_requests",
+            "Requests refused because the batch queue was full or its expected wait too long.",
+            ["model"],
+            registry=r,
+        )
+        self.shed_inflight = Counter(
+            "fovea_shed_inflight_requests",
+            "Requests refused before decoding because the replica held its most images or bytes.",
+            registry=r,
+        )
+        self.inflight_images = Gauge(
+            "fovea_inflight_images",
+            "Images admitted and not yet answered (decoding, queued, computing).",
+            registry=r,
+        )
+        self.inflight_bytes = Gauge(
+            "fovea_inflight_bytes", "Encoded and raw image bytes of the admitted requests.", registry=r
         )
         self.expired = Counter(
             "fovea_expired_requests",

@@ -12,13 +12,13 @@ import asyncio
 import concurrent.futures
 import contextlib
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 from fovea.contract import ModelMetadata
-from fovea.server.batcher import Batcher, BatcherStats
+from fovea.server.batcher import Batcher, BatcherStats, Place
 from fovea.server.errors import InvalidArgument
 from fovea.server.lease import Gate
 
@@ -132,25 +132,36 @@ class ServedVersion:
 
     # -- verbs -----------------------------------------------------------------------------------
 
-    async def preprocess(self, images: Mapping[int, bytes | np.ndarray]) -> dict[int, np.ndarray]:
+    def admit(self, rows: int, deadline: float | None = None) -> contextlib.AbstractContextManager[Place]:
+        """Hold a place in the batch queue for `rows` rows before preparing them, or shed at once."""
+        return self._batcher.admit(rows, deadline)
+
+    async def preprocess(
+        self,
+        images: Mapping[int, bytes | np.ndarray],
+        check: Callable[[int, bytes], None] | None = None,
+    ) -> dict[int, np.ndarray]:
         """Encoded bytes or [h, w] / [h, w, 1|3|4] uint8 or float32 arrays -> uint8 [H, W, 3] rows.
 
-        Keys are the images' positions in the request (for error messages). Runs on the pool; an
-        undecodable image raises InvalidArgument.
+        Keys are the images' positions in the request (for error messages). Runs on the pool, where
+        `check(i, data)` first vets every encoded image's header (so no parsing runs on the event
+        loop); an undecodable image raises InvalidArgument.
         """
         start = time.perf_counter()
         loop = asyncio.get_running_loop()
-        rows = await loop.run_in_executor(self._pool, self._prepare, list(images.items()))
+        rows = await loop.run_in_executor(self._pool, self._prepare, list(images.items()), check)
         self.stats.preprocess_s += time.perf_counter() - start
         return dict(zip(images, rows, strict=True))
 
-    async def infer(self, rows: Sequence[np.ndarray], deadline: float | None = None) -> np.ndarray:
+    async def infer(
+        self, rows: Sequence[np.ndarray], deadline: float | None = None, place: Place | None = None
+    ) -> np.ndarray:
         """uint8 [H, W, 3] rows -> float32 probabilities [len(rows), classes], batched with others.
 
         `deadline` is time.monotonic() seconds; the batcher drops the rows if it passes first.
         """
         try:
-            outputs = await self._batcher.submit(rows, deadline)
+            outputs = await self._batcher.submit(rows, deadline, place)
         except Exception:
             self.stats.failures += 1
             raise
@@ -163,9 +174,15 @@ class ServedVersion:
         await self._batcher.close(drain=True)
         self.model.release()
 
-    def _prepare(self, items: list[tuple[int, bytes | np.ndarray]]) -> list[np.ndarray]:
+    def _prepare(
+        self, items: list[tuple[int, bytes | np.ndarray]], check: Callable[[int, bytes], None] | None
+    ) -> list[np.ndarray]:
         """On a pool thread: decode and resize each image to the model's uint8 [H, W, 3]."""
         h, w = self.metadata.input_height, self.metadata.input_width
+        if check is not None:  # every header before any decode: a bad last image wastes no work
+            for i, image in items:
+                if isinstance(image, bytes):
+                    check(i, image)
         out = []
         for i, image in items:
             if isinstance(image, bytes):
