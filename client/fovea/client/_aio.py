@@ -80,6 +80,10 @@ class AsyncClient:
         self._credentials = _common.channel_credentials(
             tls, root_certificates, private_key, certificate_chain
         )
+        # A TLS client without a certificate reads an mTLS server's refusal as a closed socket.
+        self._tls_without_client_cert = _common.tls_without_client_cert(
+            tls, root_certificates, private_key, certificate_chain
+        )
         self._channel: grpc.aio.Channel | None = None
         self._max_images_cache: dict[tuple[str, int], int] = {}
         self._closed = False
@@ -239,7 +243,9 @@ class AsyncClient:
     async def _call(self, method, request, deadline: Deadline):
         if self._closed:
             raise FoveaError(grpc.StatusCode.FAILED_PRECONDITION, "the client is closed")
-        return await call_with_retry_async(lambda t: method(request, timeout=t), deadline, self.retry_policy)
+        return await call_with_retry_async(
+            lambda t: method(request, timeout=t), deadline, self.retry_policy, self._tls_without_client_cert
+        )
 
     async def _max_images(self, spec: classifier_pb2.ModelSpec | None, count: int, deadline: Deadline) -> int:
         if self.max_images_per_request is not None:

@@ -63,6 +63,13 @@ def channel_credentials(
     )
 
 
+def tls_without_client_cert(
+    tls: bool, root_certificates: PathOrBytes, private_key: PathOrBytes, certificate_chain: PathOrBytes
+) -> bool:
+    """Whether the channel is TLS but presents no client certificate (what an mTLS server refuses)."""
+    return bool(tls or root_certificates) and certificate_chain is None
+
+
 def model_spec(model: str | None, version: int | None) -> classifier_pb2.ModelSpec | None:
     if model is not None and not isinstance(model, str):
         raise invalid_argument(f"model must be a name (str), not {model!r}")

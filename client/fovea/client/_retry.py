@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -67,6 +68,31 @@ def resolve_timeout(timeout: float | None, default: float) -> float:
     return float(value)
 
 
+# How grpc reports a TLS handshake that failed (an untrusted server certificate, TLS against a
+# plaintext port): UNAVAILABLE, like an outage, but retrying cannot fix it. An mTLS server refusing a
+# client without a certificate (TLS 1.3) only shows as "Socket closed" right after the handshake, so a
+# TLS client without a certificate that sees it twice in a row gives up the same way.
+_TLS_FAILURE = re.compile(r"handshake|SSL_ERROR|TSI_|CERTIFICATE_VERIFY", re.IGNORECASE)
+_CLOSED = "Socket closed"
+
+
+def tls_failure(
+    err: FoveaError, attempts: int = 1, tls_without_client_cert: bool = False
+) -> FoveaError | None:
+    """A clear, non-retryable error when `err` is (very likely) a TLS handshake failure, else None."""
+    if err.code != grpc.StatusCode.UNAVAILABLE:
+        return None
+    refused = tls_without_client_cert and attempts >= 2 and _CLOSED in err.details
+    if not (_TLS_FAILURE.search(err.details) or refused):
+        return None
+    return FoveaError(
+        grpc.StatusCode.UNAVAILABLE,
+        "TLS handshake with the server failed: the server may require a client certificate (mTLS: pass "
+        "certificate_chain and private_key), or the certificates are not trusted by the other side "
+        f"(root_certificates); not retried. gRPC said: {err.details}",
+    )
+
+
 def _retryable(err: FoveaError) -> bool:
     if err.code not in RETRYABLE_CODES:
         return False
@@ -94,8 +120,13 @@ def _failure(err: FoveaError, last: FoveaError | None, attempts: int, deadline: 
     return err
 
 
-def _next_wait(policy: RetryPolicy, err: FoveaError, attempts: int, deadline: Deadline) -> float:
+def _next_wait(
+    policy: RetryPolicy, err: FoveaError, attempts: int, deadline: Deadline, tls_without_client_cert: bool
+) -> float:
     """Seconds to wait before the next attempt, or raise if there is no next attempt."""
+    tls = tls_failure(err, attempts, tls_without_client_cert)
+    if tls is not None:
+        raise tls
     if not _retryable(err):
         raise err
     if policy.max_attempts is not None and attempts >= policy.max_attempts:
@@ -107,10 +138,16 @@ def _next_wait(policy: RetryPolicy, err: FoveaError, attempts: int, deadline: De
     return min(policy.backoff(attempts - 1), remaining)
 
 
-def call_with_retry(attempt: Callable[[float], T], deadline: Deadline, policy: RetryPolicy) -> T:
+def call_with_retry(
+    attempt: Callable[[float], T],
+    deadline: Deadline,
+    policy: RetryPolicy,
+    tls_without_client_cert: bool = False,
+) -> T:
     """Run ``attempt(timeout_seconds)`` until it succeeds, fails for good, or the deadline passes.
 
-    Every attempt gets the time left until the deadline as its gRPC timeout.
+    Every attempt gets the time left until the deadline as its gRPC timeout. A TLS handshake failure
+    is not retried (see `tls_failure`).
     """
     attempts, last = 0, None
     while True:
@@ -122,12 +159,15 @@ def call_with_retry(attempt: Callable[[float], T], deadline: Deadline, policy: R
             return attempt(remaining)
         except grpc.RpcError as exc:
             err = _failure(from_rpc_error(exc), last, attempts, deadline)
-        time.sleep(_next_wait(policy, err, attempts, deadline))
+        time.sleep(_next_wait(policy, err, attempts, deadline, tls_without_client_cert))
         last = err
 
 
 async def call_with_retry_async(
-    attempt: Callable[[float], Awaitable[T]], deadline: Deadline, policy: RetryPolicy
+    attempt: Callable[[float], Awaitable[T]],
+    deadline: Deadline,
+    policy: RetryPolicy,
+    tls_without_client_cert: bool = False,
 ) -> T:
     """The asyncio twin of `call_with_retry`."""
     attempts, last = 0, None
@@ -140,5 +180,5 @@ async def call_with_retry_async(
             return await attempt(remaining)
         except grpc.RpcError as exc:
             err = _failure(from_rpc_error(exc), last, attempts, deadline)
-        await asyncio.sleep(_next_wait(policy, err, attempts, deadline))
+        await asyncio.sleep(_next_wait(policy, err, attempts, deadline, tls_without_client_cert))
         last = err

@@ -79,6 +79,10 @@ class Client:
         self.retry_policy = retry_policy or RetryPolicy()
         options = _common.channel_options(max_message_bytes, channel_options)
         credentials = _common.channel_credentials(tls, root_certificates, private_key, certificate_chain)
+        # A TLS client without a certificate reads an mTLS server's refusal as a closed socket.
+        self._tls_without_client_cert = _common.tls_without_client_cert(
+            tls, root_certificates, private_key, certificate_chain
+        )
         if credentials is None:
             self._channel = grpc.insecure_channel(target, options=options)
         else:
@@ -227,7 +231,9 @@ class Client:
     def _call(self, method, request, deadline: Deadline):
         if self._closed:
             raise FoveaError(grpc.StatusCode.FAILED_PRECONDITION, "the client is closed")
-        return call_with_retry(lambda t: method(request, timeout=t), deadline, self.retry_policy)
+        return call_with_retry(
+            lambda t: method(request, timeout=t), deadline, self.retry_policy, self._tls_without_client_cert
+        )
 
     def _max_images(self, spec: classifier_pb2.ModelSpec | None, count: int, deadline: Deadline) -> int:
         if self.max_images_per_request is not None:

@@ -137,12 +137,13 @@ class Batcher:
         return ahead * self._row_s / self.max_in_flight
 
     @contextlib.contextmanager
-    def admit(self, rows: int, deadline: float | None = None) -> Iterator[Place]:
+    def admit(self, rows: int, deadline: float | None = None, before: float = 0.0) -> Iterator[Place]:
         """Hold a place for `rows` rows that are about to be prepared and submitted, or shed at once.
 
         Raises ResourceExhausted when the queue is full in count, or when the expected wait exceeds
         max_queue_wait_s or would pass `deadline` (on the batcher's clock); Unavailable when closing.
-        Pass the place to `submit`, which hands it over to the queue.
+        Pass the place to `submit`, which hands it over to the queue. `before` is the caller's own
+        expected wait ahead of the queue (decoding), added to the queue's.
         """
         if self._closing:
             raise Unavailable("this model version is shutting down; retry")
@@ -154,9 +155,9 @@ class Batcher:
                 f"server overloaded: {waiting} requests already queued (--max-queue-size "
                 f"{self.max_queue_size}); retry with backoff"
             )
-        wait = self.expected_wait(rows)
+        wait = before + self.expected_wait(rows)
         limit = self.max_queue_wait_s
-        if limit > 0 and (waiting or self._computing_rows):  # limit 0: no time bound at all
+        if limit > 0 and (waiting or self._computing_rows or before):  # limit 0: no time bound at all
             if wait > limit:
                 self._stats.shed()
                 raise ResourceExhausted(

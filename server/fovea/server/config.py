@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fovea.server import cpus
+
 ENV_PREFIX = "FOVEA_"
 
 
@@ -72,7 +74,7 @@ class Settings:
         "with RESOURCE_EXHAUSTED before anything is decoded.",
     )
     max_concurrent_rpcs: int = _setting(
-        256,
+        64,
         "RPCs handled at once, all services together; beyond it gRPC itself refuses new calls with "
         "RESOURCE_EXHAUSTED. With --max-message-mb it bounds the memory of received messages "
         "(docs/memory.md).",
@@ -150,6 +152,10 @@ class Settings:
             problems.append("--version-policy must be 'latest', 'all' or comma-separated positive integers")
         if problems:
             raise ValueError("; ".join(problems))
+
+    def decode_threads(self) -> int:
+        """Threads of the decode/resize pool: --preprocess-threads, else the CPUs this process may use."""
+        return self.preprocess_threads or cpus.usable_cpus()
 
     def specific_versions(self) -> tuple[int, ...] | None:
         """The versions a specific policy names, or None for 'latest'/'all'."""

@@ -133,6 +133,33 @@ class _InFlight:
             self._metrics.inflight_bytes.set(self.bytes)
 
 
+class _Held:
+    """Part of a `_Counter`, given back once: at `release()` or at the end of the block."""
+
+    def __init__(self, counter: _Counter, n: int) -> None:
+        self._counter, self._n = counter, n
+
+    def release(self) -> None:
+        self._counter.count -= self._n
+        self._n = 0
+
+
+class _Counter:
+    """A count of things in some stage (encoded images waiting to be decoded), held per request."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    @contextlib.contextmanager
+    def hold(self, n: int) -> Iterator[_Held]:
+        self.count += n
+        held = _Held(self, n)
+        try:
+            yield held
+        finally:
+            held.release()
+
+
 class Core:
     """Requests in, results out; `predict`, `metadata`, `list_models`, readiness and statistics."""
 
@@ -141,6 +168,8 @@ class Core:
         self._manager = manager
         self._metrics = metrics
         self._running = Gate()  # predictions in flight; closed by drain()
+        self._decoding = _Counter()  # encoded images admitted and not yet decoded
+        self._decode_threads = settings.decode_threads()
         self._inflight = _InFlight(settings.max_inflight_images, settings.max_inflight_mb * 2**20, metrics)
 
     @property
@@ -189,8 +218,14 @@ class Core:
             # Admission before anything is parsed or decoded: the replica's images and bytes in
             # flight, then the version's queue in count and expected wait.
             size = sum(len(image.data) for image in request.images if image is not None)
-            with self._inflight.hold(count, size), served.admit(count, request.deadline) as place:
+            decode = sum(isinstance(image, EncodedImage) for image in request.images)
+            with (
+                self._inflight.hold(count, size),
+                served.admit(count, request.deadline, self._decode_wait(served, decode)) as place,
+                self._decoding.hold(decode) as decoding,
+            ):
                 rows = await self._preprocess(request.images, served)
+                decoding.release()
                 probabilities = await served.infer(rows, request.deadline, place)
         labels = served.metadata.labels
         # argsort on a stable, descending key: ties keep index order, as a reader would expect.
@@ -200,6 +235,13 @@ class Core:
             top = [(i, labels[i], float(row[i])) for i in idx]
             predictions.append(Prediction(top, row if request.return_probabilities else None))
         return PredictResult(served.name, served.version, predictions)
+
+    def _decode_wait(self, served: ServedVersion, images: int) -> float:
+        """Expected seconds until `images` more encoded images are decoded: the decode pool's queue."""
+        per_image = served.prepare_s_per_image
+        if per_image is None or not images:
+            return 0.0
+        return (self._decoding.count + images) * per_image / self._decode_threads
 
     async def _preprocess(self, images: Sequence, served: ServedVersion) -> list[np.ndarray]:
         """Validate every image on the loop (cheap), then let the version decode/resize the rest."""

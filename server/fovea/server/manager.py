@@ -17,7 +17,6 @@ import posixpath
 import time
 from collections.abc import Callable
 
-from fovea.server import cpus
 from fovea.server.batcher import warmup_sizes
 from fovea.server.config import Settings
 from fovea.server.errors import InvalidArgument, NotFound, Unavailable, clip
@@ -52,7 +51,7 @@ class ModelManager:
         # event loop; one at a time keeps memory peaks to one extra model.
         self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fovea-loader")
         # Decoding and resizing, shared by every version.
-        threads = settings.preprocess_threads or cpus.usable_cpus()
+        threads = settings.decode_threads()
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="fovea-preprocess")
 
     # -- lookups (called on the event loop; never await between lookup and acquire) ---------------

@@ -91,6 +91,7 @@ class ServedVersion:
         self.metadata = model.metadata
         self.stats = VersionStats()
         self.leases = Gate()
+        self.prepare_s_per_image: float | None = None  # pool time per image, learned (see Core)
         self._pool = pool
         self._batcher = Batcher(
             model.predict,
@@ -132,9 +133,13 @@ class ServedVersion:
 
     # -- verbs -----------------------------------------------------------------------------------
 
-    def admit(self, rows: int, deadline: float | None = None) -> contextlib.AbstractContextManager[Place]:
-        """Hold a place in the batch queue for `rows` rows before preparing them, or shed at once."""
-        return self._batcher.admit(rows, deadline)
+    def admit(
+        self, rows: int, deadline: float | None = None, before: float = 0.0
+    ) -> contextlib.AbstractContextManager[Place]:
+        """Hold a place in the batch queue for `rows` rows before preparing them, or shed at once.
+
+        `before` is the expected wait for decoding, ahead of the queue."""
+        return self._batcher.admit(rows, deadline, before)
 
     async def preprocess(
         self,
@@ -149,8 +154,12 @@ class ServedVersion:
         """
         start = time.perf_counter()
         loop = asyncio.get_running_loop()
-        rows = await loop.run_in_executor(self._pool, self._prepare, list(images.items()), check)
+        rows, busy = await loop.run_in_executor(self._pool, self._timed_prepare, list(images.items()), check)
         self.stats.preprocess_s += time.perf_counter() - start
+        # Pool time per image (not the wait for a thread): what an expected decode wait is built on.
+        per_image = busy / max(len(images), 1)
+        old = self.prepare_s_per_image
+        self.prepare_s_per_image = per_image if old is None else 0.8 * old + 0.2 * per_image
         return dict(zip(images, rows, strict=True))
 
     async def infer(
@@ -173,6 +182,12 @@ class ServedVersion:
         """Finish what is queued, then free the model (call once no lease is held)."""
         await self._batcher.close(drain=True)
         self.model.release()
+
+    def _timed_prepare(
+        self, items: list[tuple[int, bytes | np.ndarray]], check: Callable[[int, bytes], None] | None
+    ) -> tuple[list[np.ndarray], float]:
+        start = time.perf_counter()
+        return self._prepare(items, check), time.perf_counter() - start
 
     def _prepare(
         self, items: list[tuple[int, bytes | np.ndarray]], check: Callable[[int, bytes], None] | None

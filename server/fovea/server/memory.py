@@ -1,0 +1,82 @@
+"""The worst-case memory of one replica, as a formula of its settings (docs/memory.md explains it).
+
+Every term is bounded by a setting, because the server admits or refuses work before it allocates:
+
+    worst = warm + reload + messages + decoders + rows
+
+- warm: RSS of the warm server with no traffic (runtime, model, activations of the largest batch,
+  which warm-up ran). Measured, not computed: bench/ reports it.
+- reload: a second copy of the model while a new version loads and warms beside the old one.
+- messages: --max-concurrent-rpcs x --max-message-mb, twice (the received bytes and the parsed
+  message); gRPC refuses calls beyond the first setting and messages beyond the second.
+- decoders: decode threads x --max-pixels x 9 bytes, the largest per-pixel footprint of any decoder
+  (a progressive 4:4:4 JPEG: 3 bytes of RGB output plus 6 of DCT coefficients; imageinfo.py sizes
+  every image this way before decoding and refuses what exceeds --max-pixels).
+- rows: --max-inflight-images decoded rows (H x W x 3 bytes each), plus the stacked copy of each batch
+  in flight.
+No TensorFlow and no grpc here: the check of the shipped Kubernetes settings imports it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fovea.server.config import Settings
+
+MIB = 2**20
+DECODER_BYTES_PER_PIXEL = 9  # progressive 4:4:4 JPEG: 3 (RGB out) + 6 (2 bytes x 3 components)
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    warm: int
+    reload: int
+    messages: int
+    decoders: int
+    rows: int
+
+    @property
+    def total(self) -> int:
+        return self.warm + self.reload + self.messages + self.decoders + self.rows
+
+    def lines(self) -> list[str]:
+        return [
+            f"{name}: {value / MIB:,.0f} MiB"
+            for name, value in (
+                ("warm model", self.warm),
+                ("second copy during a reload", self.reload),
+                ("received messages", self.messages),
+                ("decoders at work", self.decoders),
+                ("decoded rows and batches", self.rows),
+                ("total", self.total),
+            )
+        ]
+
+
+def budget(
+    settings: Settings,
+    warm_bytes: int,
+    model_bytes: int,
+    input_size: tuple[int, int] = (224, 224),
+    decode_threads: int | None = None,
+) -> MemoryBudget:
+    """The worst case of one replica with these settings.
+
+    `warm_bytes` is the measured RSS of the warm, idle server; `model_bytes` what one more loaded
+    version adds (about the SavedModel's variables plus its graph); `input_size` the model's input.
+    """
+    h, w = input_size
+    threads = decode_threads if decode_threads is not None else settings.decode_threads()
+    row = h * w * 3
+    return MemoryBudget(
+        warm=warm_bytes,
+        reload=model_bytes,
+        messages=2 * settings.max_concurrent_rpcs * settings.max_message_mb * MIB,
+        decoders=threads * settings.max_pixels * DECODER_BYTES_PER_PIXEL,
+        rows=settings.max_inflight_images * row
+        + settings.max_in_flight_batches * settings.max_batch_size * row,
+    )
+
+
+def worst_case_bytes(settings: Settings, warm_bytes: int = 0, model_bytes: int = 0, **kw) -> int:
+    return budget(settings, warm_bytes, model_bytes, **kw).total
