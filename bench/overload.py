@@ -73,16 +73,15 @@ def machine_load() -> str:
     return f"load average {' '.join(load)}; busiest: " + ", ".join(" ".join(t.split()) for t in top)
 
 
-def memory_bound_mb(flags: list[str]) -> float | None:
-    """The worst case docs/memory.md gives for these settings, if the server can compute it."""
-    try:
-        from fovea.server import config, memory
-    except ImportError:
-        return None
+def memory_bound_mb(flags: list[str], warm_mb: float, input_size: tuple[int, int]) -> float:
+    """The worst case docs/memory.md gives for these settings, with this server's warm RSS."""
+    from fovea.server import config, memory
+
     parser = argparse.ArgumentParser()
     config.add_arguments(parser)
     settings = config.from_args(parser.parse_args(flags), environ={})
-    return memory.worst_case_bytes(settings) / 2**20
+    # No reload happens during the run, so no second model copy.
+    return memory.budget(settings, int(warm_mb * 2**20), 0, input_size).total / 2**20
 
 
 def capacity(models: Path, payload: Path, flags: list[str]) -> tuple[dict, dict]:
@@ -115,6 +114,7 @@ def overload_point(models: Path, name: str, payload: Path, args: argparse.Namesp
     )
     server = start_server(models, flags)
     try:
+        warm_mb = server.peak_rss_mb()  # warm and idle: the formula's first term
         load_before = machine_load()
         result = loadgen(
             server, payload, "--mode", "open", "--rate", f"{rate:.2f}", "--warmup", "2",
@@ -147,7 +147,8 @@ def overload_point(models: Path, name: str, payload: Path, args: argparse.Namesp
         "shed_share": shed / sent if sent else 0.0,
         "codes": codes,
         "peak_rss_mb": peak_rss,
-        "rss_bound_mb": memory_bound_mb(flags),
+        "warm_rss_mb": warm_mb,
+        "rss_bound_mb": memory_bound_mb(flags, warm_mb, (96, 96)),
         "recovery_s": result.get("recovery_s"),
         "loadgen_late_s": result.get("late_s"),
         "loadgen_cpu_s": result["loadgen_cpu_s"],
@@ -158,12 +159,12 @@ def overload_point(models: Path, name: str, payload: Path, args: argparse.Namesp
     row["meets_targets"] = (
         row["goodput_share"] >= TARGETS["goodput_share"]
         and row["accepted_p99_s"] <= TARGETS["accepted_p99_s"]
-        and (bound is None or peak_rss <= bound)
+        and peak_rss <= bound
     )
     log(
         f"{name}: goodput {row['goodput_rps']:.1f} req/s = {row['goodput_share']:.0%} of capacity, accepted p50 "
         f"{row['accepted_p50_s']:.3f} s p99 {row['accepted_p99_s']:.3f} s, shed {row['shed_share']:.0%}, "
-        f"codes {codes}, peak RSS {peak_rss:.0f} MB (bound {bound if bound is None else round(bound)}), "
+        f"codes {codes}, peak RSS {peak_rss:.0f} MB (warm {warm_mb:.0f}, bound {bound:.0f}), "
         f"recovery {row['recovery_s']} s"
     )
     return row
@@ -182,7 +183,7 @@ def write(rows: list[dict], out: Path, args: argparse.Namespace) -> None:
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
-        bound = "n/a" if r["rss_bound_mb"] is None else f"{r['rss_bound_mb']:.0f}"
+        bound = f"{r['rss_bound_mb']:.0f}"
         recovery = "none in 120 s" if r["recovery_s"] is None else f"{r['recovery_s']:.2f} s"
         lines.append(
             f"| {r['images']} ({r['payload_bytes'] // 1024} KB) | {r['capacity_rps']:.1f} | "

@@ -166,9 +166,13 @@ class Server:
         # The gRPC server keeps answering while the core drains, so health checks see NOT_SERVING
         # and new calls get a clear UNAVAILABLE instead of a refused connection.
         if not await self.core.drain(grace):
-            log.warning("grace period of %gs ended with requests still running; cancelling them", grace)
+            log.warning(
+                "grace period of %gs ended with requests still running; they were answered UNAVAILABLE", grace
+            )
         if self._server is not None:
-            await self._server.stop(max(0.0, grace - (time.monotonic() - start)))
+            # A short grace even when the drain used it all: calls that arrived meanwhile are being
+            # answered UNAVAILABLE by the core, and need a moment to send it rather than be cancelled.
+            await self._server.stop(max(0.5, grace - (time.monotonic() - start)))
         await self.manager.close()
         self.metrics.close()
         log.info("stopped")

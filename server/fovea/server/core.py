@@ -9,6 +9,7 @@ Nothing here imports grpc, protobuf or TensorFlow.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import dataclasses
@@ -168,6 +169,8 @@ class Core:
         self._manager = manager
         self._metrics = metrics
         self._running = Gate()  # predictions in flight; closed by drain()
+        self._tasks: set[asyncio.Task] = set()  # their tasks, stopped if the drain times out
+        self._aborting = False
         self._decoding = _Counter()  # encoded images admitted and not yet decoded
         self._decode_threads = settings.decode_threads()
         self._inflight = _InFlight(settings.max_inflight_images, settings.max_inflight_mb * 2**20, metrics)
@@ -182,18 +185,39 @@ class Core:
         return self._manager.ready and not self.draining
 
     async def drain(self, timeout: float) -> bool:
-        """Refuse new predictions and wait for the running ones; False if the timeout passed first."""
+        """Refuse new predictions and wait for the running ones; False if the timeout passed first.
+
+        When the timeout passes, the predictions still running are stopped and answer UNAVAILABLE
+        (retry elsewhere), not CANCELLED: they are given a moment to send that answer.
+        """
         self._running.close()
-        return await self._running.wait_idle(timeout)
+        if await self._running.wait_idle(timeout):
+            return True
+        self._aborting = True
+        for task in list(self._tasks):
+            task.cancel()
+        await self._running.wait_idle(1.0)
+        return False
 
     async def predict(self, request: PredictRequest) -> PredictResult:
         try:
             self._running.enter()
         except GateClosed:
             raise Unavailable("server is shutting down; retry on another replica") from None
+        task = asyncio.current_task()
+        self._tasks.add(task)
         try:
             return await self._predict(request)
+        except asyncio.CancelledError:
+            if not self._aborting:
+                raise  # the caller left or its deadline passed
+            if hasattr(task, "uncancel"):  # Python 3.11+: this task goes on to answer the caller
+                task.uncancel()
+            raise Unavailable(
+                "server is shutting down and its grace period ended before this request finished; retry"
+            ) from None
         finally:
+            self._tasks.discard(task)
             self._running.exit()
 
     async def _predict(self, request: PredictRequest) -> PredictResult:
