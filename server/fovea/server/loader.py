@@ -8,9 +8,10 @@ bilinear resize, round, clip, cast to uint8), so the server's pixels equal the b
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import posixpath
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -23,6 +24,7 @@ from fovea.contract import (
     ModelMetadata,
     parse_labels,
 )
+from fovea.server.errors import ResourceExhausted
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +55,24 @@ def configure_device(gpu_memory_limit_mb: int = 0) -> str:
 
 
 class GFileStorage:
-    """The `source.Storage` the server uses: tf.io.gfile, so the model folder may be any gfile path."""
+    """The `source.Storage` the server uses: tf.io.gfile, so the model folder may be any gfile path.
+
+    Only "not found" means empty or absent. Any other error (EIO, ESTALE, permission, a network
+    store timing out) raises: tf.io.gfile.isdir returns False on every error, and an empty listing
+    read from a hiccup once retired every version of every replica at the same moment.
+    """
 
     def listdir(self, path: str) -> list[str]:
-        if not tf.io.gfile.isdir(path):
+        try:
+            return [n.rstrip("/") for n in tf.io.gfile.listdir(path)]
+        except tf.errors.NotFoundError:
             return []
-        return [n.rstrip("/") for n in tf.io.gfile.listdir(path)]
 
     def isdir(self, path: str) -> bool:
-        return tf.io.gfile.isdir(path)
+        try:
+            return tf.io.gfile.stat(path).is_directory
+        except tf.errors.NotFoundError:
+            return False
 
     def exists(self, path: str) -> bool:
         return tf.io.gfile.exists(path)
@@ -117,19 +128,22 @@ class LoadedModel:
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """uint8 [N, H, W, 3] -> float32 probabilities [N, classes]."""
-        return self._signature(**{INPUT_IMAGES: tf.constant(images)})[OUTPUT].numpy()
+        with _out_of_memory(f"computing a batch of {len(images)}"):
+            return self._signature(**{INPUT_IMAGES: tf.constant(images)})[OUTPUT].numpy()
 
     def decode(self, data: bytes) -> np.ndarray:
         """Encoded bytes -> uint8 [H, W, 3] at the model's size; ValueError if they do not decode."""
         try:
-            return self._decode(tf.constant(data)).numpy()
+            with _out_of_memory("decoding an image"):
+                return self._decode(tf.constant(data)).numpy()
         except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as exc:
             raise ValueError(str(exc).splitlines()[0] if str(exc) else "undecodable") from None
 
     def resize(self, image: np.ndarray) -> np.ndarray:
         """uint8 or float32 [h, w, 3] (floats already clipped to 0..255) -> uint8 [H, W, 3]."""
         fn = self._resize_uint8 if image.dtype == np.uint8 else self._resize_float
-        return fn(tf.constant(image)).numpy()
+        with _out_of_memory("resizing an image"):
+            return fn(tf.constant(image)).numpy()
 
     def warm_up(self, batch_sizes: Sequence[int]) -> None:
         """Run every batch size and every preprocessing path once, so the first request is not slow."""
@@ -150,6 +164,18 @@ class LoadedModel:
     def release(self) -> None:
         self._signature = None
         self._loaded = None
+
+
+@contextlib.contextmanager
+def _out_of_memory(doing: str) -> Iterator[None]:
+    """TF's ResourceExhaustedError (GPU or host out of memory) is RESOURCE_EXHAUSTED, not INTERNAL."""
+    try:
+        yield
+    except tf.errors.ResourceExhaustedError as exc:
+        log.warning("out of memory %s: %s", doing, str(exc).splitlines()[0][:300] if str(exc) else "")
+        raise ResourceExhausted(
+            f"the server ran out of memory {doing}; retry later, with fewer images, or on another replica"
+        ) from None
 
 
 def load(path: str, name: str, version: int) -> LoadedModel:

@@ -26,6 +26,8 @@ from fovea.server.source import ModelSource
 
 log = logging.getLogger(__name__)
 
+MAX_RETRY_BACKOFF_S = 600.0  # a broken version is retried at least every 10 minutes
+
 
 class ModelManager:
     def __init__(
@@ -44,6 +46,7 @@ class ModelManager:
         self._models: dict[str, dict[int, ServedVersion]] = {}
         self._known: list[str] = []
         self._failures: dict[tuple[str, int], int] = {}
+        self._retry_at: dict[tuple[str, int], float] = {}  # time.monotonic() of a broken version's retry
         self._retiring: set[asyncio.Task] = set()
         self._ready = False
         self._task: asyncio.Task | None = None
@@ -124,15 +127,26 @@ class ModelManager:
                 await self.poll_once()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("scanning %s failed; will retry", self._source.base)
+            except Exception as exc:
+                # A failed listing changes nothing: the versions serving keep serving.
+                self._metrics.scan_failures.inc()
+                log.error(
+                    "scanning %s failed; keeping what is loaded and retrying in %gs: %s",
+                    self._source.base,
+                    self._settings.poll_interval,
+                    clip(exc, 300, quote=False),
+                )
             await asyncio.sleep(self._settings.poll_interval)
 
     async def poll_once(self) -> None:
+        """Scan storage once and converge on it; raises (changing nothing) if the scan fails."""
         listed = await asyncio.get_running_loop().run_in_executor(None, self._source.scan)
         self._known = [n for n, v in listed.items() if v]
         for name, versions in listed.items():
-            await self._sync_model(name, self._aspired(versions))
+            if self._settings.version_policy == "latest":
+                await self._sync_latest(name, versions)
+            else:
+                await self._sync_model(name, self._aspired(versions))
         for name in [n for n in self._models if n not in listed]:
             log.info("model %s disappeared from %s; unloading it", name, self._source.base)
             await self._sync_model(name, [])
@@ -149,10 +163,37 @@ class ModelManager:
             return versions
         return [versions[-1]]
 
+    async def _sync_latest(self, name: str, versions: list[int]) -> None:
+        """Serve the newest version that loads: a broken newest one falls back to the next older.
+
+        A version that failed to load is retried with exponential backoff, not at every poll, and
+        reported (fovea_model_version_broken, the log). If the newest loads later, it replaces the
+        fallback as any new version would.
+        """
+        current = self._models.get(name, {})
+        wanted: list[int] = []
+        for version in sorted(versions, reverse=True):
+            if version in current:
+                wanted = [version]
+                break
+            if self._backing_off(name, version):
+                continue
+            served = await self._load(name, version)
+            if served is not None:
+                self._models[name] = {**self._models.get(name, {}), version: served}
+                wanted = [version]
+                break
+        if wanted or not versions:
+            await self._sync_model(name, wanted)
+
+    def _backing_off(self, name: str, version: int) -> bool:
+        retry_at = self._retry_at.get((name, version))
+        return retry_at is not None and time.monotonic() < retry_at
+
     async def _sync_model(self, name: str, wanted: list[int]) -> None:
         current = dict(self._models.get(name, {}))
         for version in wanted:
-            if version in current:
+            if version in current or self._backing_off(name, version):
                 continue
             served = await self._load(name, version)
             if served is not None:
@@ -192,19 +233,28 @@ class ModelManager:
         except Exception as exc:
             failures = self._failures.get((name, version), 0) + 1
             self._failures[(name, version)] = failures
+            # Exponential backoff from the poll interval, capped: a broken version is not reloaded
+            # (and its memory churned) at every poll.
+            backoff = min(s.poll_interval * 2 ** (failures - 1), MAX_RETRY_BACKOFF_S)
+            self._retry_at[(name, version)] = time.monotonic() + backoff
             self._metrics.model_load_failures.labels(name).inc()
+            self._metrics.version_broken.labels(name, str(version)).set(1)
             log.error(
-                "loading %s version %d from %s failed (attempt %d; retrying every %gs): %s",
+                "loading %s version %d from %s failed (attempt %d; retrying in %gs, serving the newest "
+                "version that loads meanwhile): %s",
                 name,
                 version,
                 path,
                 failures,
-                s.poll_interval,
-                exc,
+                backoff,
+                clip(exc, 300, quote=False),
                 exc_info=failures == 1,
             )
             return None
-        self._failures.pop((name, version), None)
+        if self._failures.pop((name, version), None) is not None:
+            self._retry_at.pop((name, version), None)
+            with contextlib.suppress(KeyError):
+                self._metrics.version_broken.remove(name, str(version))
         served = ServedVersion(
             model,
             pool=self._pool,
@@ -235,9 +285,13 @@ class ModelManager:
     async def _retire(self, old: ServedVersion) -> None:
         await old.wait_idle()
         await old.close()
-        self._metrics.version_info.remove(old.name, str(old.version))
-        with contextlib.suppress(KeyError):
-            self._metrics.queue_depth.remove(old.name, str(old.version))
+        # The same version may have been published again and loaded while this copy drained: its
+        # metric series then belong to the new copy and stay.
+        if self._models.get(old.name, {}).get(old.version) is None:
+            with contextlib.suppress(KeyError):
+                self._metrics.version_info.remove(old.name, str(old.version))
+            with contextlib.suppress(KeyError):
+                self._metrics.queue_depth.remove(old.name, str(old.version))
         log.info("released %s version %d", old.name, old.version)
 
     def _update_ready(self) -> None:

@@ -75,6 +75,17 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.scan_failures = Counter(
+            "fovea_model_dir_scan_failures",
+            "Scans of the model folder that failed (nothing was changed; retried at the next poll).",
+            registry=r,
+        )
+        self.version_broken = Gauge(
+            "fovea_model_version_broken",
+            "1 for a version on storage that failed to load and is retried with backoff.",
+            ["model", "version"],
+            registry=r,
+        )
         self.shed_inflight = Counter(
             "fovea_shed_inflight_requests",
             "Requests refused before decoding because the replica held its most images or bytes.",

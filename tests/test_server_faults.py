@@ -1,0 +1,175 @@
+"""Storage and model faults: a failed listing changes nothing, a broken newest version falls back to
+the newest that loads (with backoff), a version reloaded while its old copy retires keeps its metrics,
+and an out-of-memory error is RESOURCE_EXHAUSTED. The manager runs with a fake storage and fake models
+(no TensorFlow) unless a test says otherwise."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import numpy as np
+import pytest
+from fovea.contract import ModelMetadata
+from fovea.server.config import Settings
+from fovea.server.errors import ResourceExhausted
+from fovea.server.manager import ModelManager
+from fovea.server.metrics import Metrics
+from fovea.server.source import ModelSource
+
+
+class FakeStorage:
+    """<base>/<name>/<version>/saved_model.pb as a dict; `fail` makes every call raise like EIO."""
+
+    def __init__(self, models: dict[str, list[int]]) -> None:
+        self.models = models
+        self.fail = False
+
+    def _check(self) -> None:
+        if self.fail:
+            raise OSError(5, "Input/output error")
+
+    def listdir(self, path: str) -> list[str]:
+        self._check()
+        parts = path.strip("/").split("/")
+        if len(parts) == 1:
+            return list(self.models)
+        return [str(v) for v in self.models.get(parts[1], [])]
+
+    def isdir(self, path: str) -> bool:
+        self._check()
+        return True
+
+    def exists(self, path: str) -> bool:
+        self._check()
+        return True
+
+
+class FakeModel:
+    def __init__(self, name: str, version: int) -> None:
+        self.metadata = ModelMetadata(
+            name=name, version=version, labels=["a", "b"], input_height=2, input_width=2
+        )
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        return np.tile(np.array([[0.25, 0.75]], np.float32), (len(images), 1))
+
+    def decode(self, data: bytes) -> np.ndarray:
+        return np.zeros((2, 2, 3), np.uint8)
+
+    def resize(self, image: np.ndarray) -> np.ndarray:
+        return np.zeros((2, 2, 3), np.uint8)
+
+    def warm_up(self, batch_sizes) -> None: ...
+
+    def release(self) -> None: ...
+
+
+def manager(
+    storage: FakeStorage, broken: set[int] = frozenset(), **settings
+) -> tuple[ModelManager, Metrics, list]:
+    metrics = Metrics()
+    loads: list[tuple[str, int]] = []
+
+    def load(path: str, name: str, version: int) -> FakeModel:
+        loads.append((name, version))
+        if version in broken:
+            raise ValueError(f"version {version} is not a SavedModel")
+        return FakeModel(name, version)
+
+    s = Settings(model_dir="base", poll_interval=0.01, **settings)
+    return ModelManager(s, metrics, ModelSource("base", storage), load), metrics, loads
+
+
+def value(metrics: Metrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+async def test_a_failed_listing_changes_nothing() -> None:
+    storage = FakeStorage({"m": [1]})
+    mgr, metrics, _ = manager(storage)
+    await mgr.poll_once()
+    assert mgr.ready and mgr.loaded_versions("m") == [1]
+    storage.fail = True
+    with pytest.raises(OSError):
+        await mgr.poll_once()
+    # Before: the error read as an empty listing and retired every version.
+    assert mgr.ready and mgr.loaded_versions("m") == [1]
+    assert mgr.lookup("m", 0).version == 1
+    mgr.start()  # the polling loop counts the failure and keeps going
+    for _ in range(200):
+        if value(metrics, "fovea_model_dir_scan_failures_total") >= 2:
+            break
+        await asyncio.sleep(0.01)
+    assert value(metrics, "fovea_model_dir_scan_failures_total") >= 2
+    assert mgr.loaded_versions("m") == [1]
+    await mgr.close()
+
+
+async def test_a_broken_newest_version_falls_back_on_a_fresh_start(caplog) -> None:
+    storage = FakeStorage({"m": [1, 2, 3]})
+    mgr, metrics, loads = manager(storage, broken={3})
+    with caplog.at_level(logging.ERROR, logger="fovea.server.manager"):
+        await mgr.poll_once()
+    # Before: a fresh start with a broken newest version served nothing.
+    assert mgr.ready and mgr.loaded_versions("m") == [2]
+    assert value(metrics, "fovea_model_version_broken", model="m", version="3") == 1
+    assert "version 3" in caplog.text and "retrying in" in caplog.text
+    # Backoff: the next polls do not reload the broken version at once.
+    for _ in range(5):
+        await mgr.poll_once()
+    assert loads.count(("m", 3)) == 1 and loads.count(("m", 2)) == 1
+    # Fixed later (republished): it is retried after its backoff and replaces the fallback.
+    mgr._load_model = lambda path, name, version: FakeModel(name, version)
+    mgr._retry_at[("m", 3)] = 0.0
+    await mgr.poll_once()
+    assert mgr.loaded_versions("m") == [3]
+    assert value(metrics, "fovea_model_version_broken", model="m", version="3") == 0
+    await mgr.close()
+
+
+async def test_a_version_reloaded_while_its_old_copy_retires_keeps_its_metrics() -> None:
+    storage = FakeStorage({"m": [1]})
+    mgr, metrics, loads = manager(storage, version_policy="all")
+    await mgr.poll_once()
+    old = mgr.lookup("m", 1).acquire()  # a request still holds the old copy
+    storage.models["m"] = []
+    await mgr.poll_once()  # retired: waits for the request
+    storage.models["m"] = [1]
+    await mgr.poll_once()  # published again and loaded while the old copy still drains
+    assert loads == [("m", 1), ("m", 1)]
+    assert mgr.lookup("m", 1) is not old
+    old.release()
+    await asyncio.gather(*mgr._retiring)
+    # Before: the old copy's release removed the new copy's series (or raised KeyError in its task).
+    assert value(metrics, "fovea_model_version_info", model="m", version="1") == 1
+    await mgr.close()
+
+
+def test_out_of_memory_in_the_model_is_resource_exhausted(tmp_path) -> None:
+    tf = pytest.importorskip("tensorflow", reason="the loader test needs the server extra")
+    from _models import export_tiny
+    from fovea.server import loader
+
+    model = loader.load(str(export_tiny(tmp_path, "tiny", 16)), "tiny", 1)
+
+    def oom(**_):
+        raise tf.errors.ResourceExhaustedError(
+            None, None, "OOM when allocating tensor with shape[64,2048,7,7]"
+        )
+
+    model._signature = oom
+    with pytest.raises(ResourceExhausted, match="out of memory"):
+        model.predict(np.zeros((4, 16, 16, 3), np.uint8))
+
+
+def test_storage_errors_are_not_empty_listings() -> None:
+    pytest.importorskip("tensorflow", reason="the loader test needs the server extra")
+    from fovea.server import loader
+
+    storage = loader.GFileStorage()
+    # An error other than "not found" (here: a file system TF cannot reach) must raise, so the scan
+    # fails and nothing changes; tf.io.gfile.isdir alone answers False, which read as "no models".
+    with pytest.raises(Exception, match="not implemented"):
+        storage.isdir("nosuchfs://models/m")
+    assert storage.listdir("/nonexistent-fovea-folder") == []  # really absent: empty
