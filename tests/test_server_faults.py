@@ -173,3 +173,26 @@ def test_storage_errors_are_not_empty_listings() -> None:
     with pytest.raises(Exception, match="not implemented"):
         storage.isdir("nosuchfs://models/m")
     assert storage.listdir("/nonexistent-fovea-folder") == []  # really absent: empty
+
+
+def test_liveness_does_not_depend_on_a_loaded_model(tmp_path) -> None:
+    pytest.importorskip("tensorflow", reason="the server test needs the server extra")
+    from _serving import client, start_server, stop_server
+    from deploy_support import K8S, load_documents
+    from fovea.server.app import LIVENESS_SERVICE
+
+    srv = start_server(tmp_path)  # an empty model folder: nothing to load
+    try:
+        with client(srv.port) as c:
+            assert c.health() == "NOT_SERVING"  # readiness: no model
+            assert c.health(LIVENESS_SERVICE) == "SERVING"  # alive all the same
+    finally:
+        stop_server(srv)
+    (deployment,) = [
+        d
+        for d in load_documents((K8S / "40-server-deployment.yaml").read_text())
+        if d["kind"] == "Deployment"
+    ]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["livenessProbe"]["grpc"].get("service") == LIVENESS_SERVICE
+    assert container["readinessProbe"]["grpc"].get("service", "") != LIVENESS_SERVICE

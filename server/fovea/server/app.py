@@ -25,6 +25,10 @@ from grpc_reflection.v1alpha import reflection
 log = logging.getLogger(__name__)
 
 HEALTH_SERVICES = ("", SERVICE_NAME)
+# The liveness probe's service: SERVING from start until shutdown, whatever the models do. Liveness
+# must not read readiness: a storage hiccup that unloads models would otherwise get every replica
+# restarted mid-recovery.
+LIVENESS_SERVICE = "liveness"
 
 
 def grpc_options(s: Settings) -> list[tuple[str, int]]:
@@ -93,6 +97,7 @@ class Server:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         for service in HEALTH_SERVICES:
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         if s.reflection:
             names = (
                 SERVICE_NAME,
