@@ -3,7 +3,7 @@
     python bench/overload.py                 # ResNet50 at 96 px: small PNGs and 2000x2000 JPEGs
     python bench/overload.py --seconds 10    # shorter, for a look
 
-For each image size: measure capacity (closed loop at concurrency 32, no time bound on the queue,
+For each image size: measure capacity (closed loop at concurrency 8 and 32, no time bound on the queue,
 before and after; the better is the reference), then send 4x that rate as an open loop (requests due at fixed times, whatever the server answers) for --seconds, each with a
 --deadline. Reported, for the requests due in the window:
 - goodput: OK answers per second, as a share of capacity (target >= 90%);
@@ -85,7 +85,7 @@ def memory_bound_mb(flags: list[str], warm_mb: float, input_size: tuple[int, int
 
 
 def capacity(models: Path, payload: Path, flags: list[str]) -> tuple[dict, dict]:
-    """Saturated throughput (closed loop, concurrency 32) and the idle latency (concurrency 1).
+    """Saturated throughput (closed loop, the better of concurrency 8 and 32) and the idle latency.
 
     Measured without the queue's time bound (--max-queue-wait-ms 0), so no request of the
     measurement is shed: the capacity is what the model and decoding sustain.
@@ -95,8 +95,11 @@ def capacity(models: Path, payload: Path, flags: list[str]) -> tuple[dict, dict]
         idle = loadgen(
             server, payload, "--mode", "closed", "--concurrency", "1", "--warmup", "1", "--duration", "4"
         )
-        saturated = loadgen(
-            server, payload, "--mode", "closed", "--concurrency", "32", "--warmup", "3", "--duration", "10"
+        # The best of two concurrencies: on a CPU a full batch of 32 is not always the fastest.
+        closed = ["--mode", "closed", "--warmup", "3", "--duration", "10"]
+        saturated = max(
+            (loadgen(server, payload, *closed, "--concurrency", str(c)) for c in (8, 32)),
+            key=lambda r: r["throughput"],
         )
     finally:
         stop_server(server)
