@@ -164,3 +164,50 @@ def test_queue_is_bounded_in_time_and_sheds_before_decoding(models_dir) -> None:
             assert sample(srv, "fovea_shed_requests_total", model="slow") - shed_before == 1
     finally:
         stop_server(srv)
+
+
+def test_images_in_flight_are_bounded_before_anything_is_decoded(models_dir) -> None:
+    import io
+
+    from PIL import Image
+
+    srv = slow_server(models_dir, max_batch_size=2, max_queue_size=10, max_inflight_images=2)
+    try:
+        png = io.BytesIO()
+        Image.fromarray(IMAGE).save(png, format="PNG")
+        decoded_before = sample(srv, "fovea_preprocess_duration_seconds_count", model="slow")
+        with connected_client(srv.port) as fovea, ThreadPoolExecutor(1) as pool:
+            two = pool.submit(lambda: fovea.predict([IMAGE, IMAGE], timeout=30))  # raw: no decoding
+            wait_until(lambda: sample(srv, "fovea_inflight_images") == 2, interval=0.005, what="2 in flight")
+            with pytest.raises(FoveaError) as info:
+                fovea.predict(png.getvalue(), timeout=30)
+            assert info.value.code.name == "RESOURCE_EXHAUSTED" and "in flight" in info.value.details
+            assert len(two.result()) == 2
+        # The refused PNG was never decoded (before: decoded first, then refused by the queue bound).
+        assert sample(srv, "fovea_preprocess_duration_seconds_count", model="slow") == decoded_before
+        assert sample(srv, "fovea_shed_inflight_requests_total") == 1
+    finally:
+        stop_server(srv)
+
+
+def test_image_headers_are_read_off_the_event_loop(server, monkeypatch) -> None:
+    import io
+    import threading as th
+
+    from fovea.server import imageinfo
+    from PIL import Image
+
+    threads: list[str] = []
+    real = imageinfo.read_info
+
+    def spy(data: bytes):
+        threads.append(th.current_thread().name)
+        return real(data)
+
+    monkeypatch.setattr(imageinfo, "read_info", spy)
+    png = io.BytesIO()
+    Image.fromarray(IMAGE).save(png, format="PNG")
+    with connected_client(server.port) as fovea:
+        fovea.predict(png.getvalue(), timeout=30)
+    # Before: read on the event loop's thread, where a large GIF or JPEG stalled every RPC.
+    assert threads and all(name.startswith("fovea-preprocess") for name in threads), threads
