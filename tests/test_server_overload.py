@@ -211,3 +211,18 @@ def test_image_headers_are_read_off_the_event_loop(server, monkeypatch) -> None:
         fovea.predict(png.getvalue(), timeout=30)
     # Before: read on the event loop's thread, where a large GIF or JPEG stalled every RPC.
     assert threads and all(name.startswith("fovea-preprocess") for name in threads), threads
+
+
+def test_grpc_refuses_calls_beyond_the_concurrent_rpc_limit(models_dir) -> None:
+    srv = slow_server(models_dir, max_queue_size=10, max_concurrent_rpcs=2)
+    try:
+        with connected_client(srv.port) as fovea, ThreadPoolExecutor(2) as pool:
+            running = [pool.submit(timed_call, fovea) for _ in range(2)]
+            wait_until(
+                lambda: sample(srv, "fovea_inflight_images") == 2, interval=0.005, what="2 RPCs running"
+            )
+            code, _ = timed_call(fovea)  # a third RPC: gRPC refuses it before reading the message
+            assert code == "RESOURCE_EXHAUSTED"
+            assert [f.result()[0] for f in running] == ["OK", "OK"]
+    finally:
+        stop_server(srv)

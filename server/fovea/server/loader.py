@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import posixpath
 from collections.abc import Iterator, Sequence
 
@@ -24,6 +25,7 @@ from fovea.contract import (
     ModelMetadata,
     parse_labels,
 )
+from fovea.server import cpus
 from fovea.server.errors import ResourceExhausted
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,16 @@ log = logging.getLogger(__name__)
 
 def configure_device(gpu_memory_limit_mb: int = 0) -> str:
     """Use the GPU when there is one (memory growth, or a hard cap), else the CPU; say which."""
+    allowed = cpus.usable_cpus()
+    if allowed < len(os.sched_getaffinity(0)):
+        # TF sizes its thread pools from the affinity mask; under a cgroup CPU quota smaller than
+        # that, the extra threads only get throttled.
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(allowed)
+            tf.config.threading.set_inter_op_parallelism_threads(allowed)
+            log.info("TensorFlow thread pools sized to the CPU quota: %d", allowed)
+        except RuntimeError:  # already initialised (a second server in one process)
+            pass
     gpus = tf.config.list_physical_devices("GPU")
     if not gpus:
         log.info("no GPU found; serving on the CPU")
