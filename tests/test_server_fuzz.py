@@ -5,8 +5,9 @@ At least 10,000 requests per run: random and mutated images of every format, bom
 and oversize messages. The server must answer each with OK (a mutated image that still decodes),
 INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED or OUT_OF_RANGE; count every one it handled in
 fovea_requests_total; keep its peak RSS growth within what docs/memory.md allows its settings; stay
-SERVING; and give a valid request
-the same answer before and after. Set FOVEA_FUZZ_SEED to vary the run (the seed is printed).
+SERVING; and give a valid request the same answer before and after. Set FOVEA_FUZZ_SEED to vary the
+run (the seed is printed). Oversize messages are refused by gRPC before any handler, so they are not
+counted.
 """
 
 from __future__ import annotations
