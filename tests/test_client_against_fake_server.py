@@ -617,7 +617,7 @@ def test_cli_server_error_is_one_line(server, fake, fovea_env, images_dir: Path)
 def test_cli_predict_does_not_import_tensorflow(fovea_env) -> None:
     code = (
         "import sys; from fovea.cli import build_parser; build_parser('predict'); "
-        "import fovea.client.cli; print('tensorflow' in sys.modules)"
+        "import fovea.client.client_commands; print('tensorflow' in sys.modules)"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=fovea_env, timeout=60

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import signal
 import subprocess
 import threading
@@ -17,10 +16,10 @@ pytest.importorskip("tensorflow", reason="the server tests need the server extra
 
 from _serving import client, export_slow, serve_command, subprocess_env, wait_serving
 from fovea.client import FoveaError
+from fovea.server.ports_line import parse_ports_line
 
 DELAY = 0.4
 GRACE = 15.0
-PORTS = re.compile(r"grpc_port=(\d+) metrics_port=(\d+)")
 
 
 @pytest.fixture
@@ -63,9 +62,9 @@ def serve_process(tmp_path: Path):
 def test_sigterm_finishes_in_flight_requests_and_exits_zero(serve_process) -> None:
     proc, stderr = serve_process
     line = proc.stdout.readline()
-    match = PORTS.search(line)
-    assert match, f"no port line on stdout: {line!r}; stderr: {''.join(stderr)[-2000:]}"
-    port = int(match.group(1))
+    ports = parse_ports_line(line)
+    assert ports, f"no port line on stdout: {line!r}; stderr: {''.join(stderr)[-2000:]}"
+    port = ports[0]
     with client(port, max_images_per_request=8) as fovea:
         wait_serving(fovea)
         done = []

@@ -15,6 +15,7 @@ from fovea.server import runner as tf_runner
 from fovea.server.config import Settings
 from fovea.server.core import Core
 from fovea.server.metrics import Metrics
+from fovea.server.ports_line import format_ports_line
 from fovea.server.repository import ModelRepository
 from fovea.server.servicer import SERVICE_NAME, ClassifierServicer
 from fovea.v1 import classifier_pb2_grpc
@@ -183,7 +184,7 @@ async def serve(settings: Settings) -> int:
     server = Server(settings)
     await server.start()
     # The one stdout line tests and scripts read to find the bound ports.
-    print(f"fovea serve: grpc_port={server.port} metrics_port={server.metrics_port}", flush=True)
+    print(format_ports_line(server.port, server.metrics_port), flush=True)
     await stop.wait()
     # The handlers stay installed: a repeated signal during the drain must not kill the process.
     log.info("signal received")

@@ -6,7 +6,6 @@ back from the line the server prints, then readiness taken from grpc.health.v1 t
 
 from __future__ import annotations
 
-import re
 import signal
 import subprocess
 import sys
@@ -15,8 +14,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-# What `fovea serve` prints once both ports are bound.
-READY_LINE = re.compile(r"grpc_port[=: ]+(\d+).*metrics_port[=: ]+(\d+)")
+from fovea.server.ports_line import parse_ports_line
 
 
 class ServerStartError(RuntimeError):
@@ -66,9 +64,9 @@ class ServerProcess:
                 self.output.append(line)
                 if self.echo:
                     self.echo(line)
-                match = READY_LINE.search(line)
-                if match and not ports_seen.is_set():
-                    self.grpc_port, self.metrics_port = int(match.group(1)), int(match.group(2))
+                ports = parse_ports_line(line)
+                if ports and not ports_seen.is_set():
+                    self.grpc_port, self.metrics_port = ports
                     ports_seen.set()
 
         threading.Thread(target=pump, daemon=True).start()
