@@ -362,11 +362,8 @@ def _distinct_arrays(n: int, side: int = 40) -> list[np.ndarray]:
     return [rng.integers(0, 256, (side, side, 3), dtype=np.uint8) for _ in range(n)]
 
 
-def _assert_in_order(fake: FakeClassifier, arrays: list[np.ndarray], results: list[Prediction]) -> None:
-    # The aio client sends sub-requests concurrently, so they may arrive in any order.
-    received = [image.raw.data for request in fake.requests for image in request.images]
-    assert sorted(received) == sorted(a.tobytes() for a in arrays)
-    assert [r.source for r in results] == [f"<array {i}>" for i in range(len(arrays))]
+def _assert_answers(arrays: list[np.ndarray], results: list[Prediction]) -> None:
+    """Each result carries the fake's probabilities for the array at its position."""
     for array, result in zip(arrays, results, strict=True):
         image = classifier_pb2.Image(
             raw=classifier_pb2.RawImage(
@@ -374,6 +371,14 @@ def _assert_in_order(fake: FakeClassifier, arrays: list[np.ndarray], results: li
             )
         )
         np.testing.assert_allclose(result.probabilities, fake_probabilities(image), rtol=1e-6)
+
+
+def _assert_in_order(fake: FakeClassifier, arrays: list[np.ndarray], results: list[Prediction]) -> None:
+    # The aio client sends sub-requests concurrently, so they may arrive in any order.
+    received = [image.raw.data for request in fake.requests for image in request.images]
+    assert sorted(received) == sorted(a.tobytes() for a in arrays)
+    assert [r.source for r in results] == [f"<array {i}>" for i in range(len(arrays))]
+    _assert_answers(arrays, results)
 
 
 def test_split_by_message_size_keeps_order(kind, server, fake) -> None:
@@ -419,16 +424,13 @@ async def test_async_client_sends_sub_requests_concurrently(server, fake) -> Non
     assert fake.max_in_flight >= 2  # the sub-requests overlapped on the server
     received = {im.raw.data for r in fake.requests for im in r.images}
     assert received == {a.tobytes() for a in arrays}
-    for array, result in zip(arrays, results, strict=True):
-        image = classifier_pb2.Image(
-            raw=classifier_pb2.RawImage(
-                dtype=classifier_pb2.DATA_TYPE_UINT8, shape=array.shape, data=array.tobytes()
-            )
-        )
-        np.testing.assert_allclose(result.probabilities, fake_probabilities(image), rtol=1e-6)
+    _assert_answers(arrays, results)
 
 
 # -- a call split into several requests is answered by one model version ---------------------------------
+
+
+IN_TWOS = {"max_images_per_request": 2}  # client arguments that split a call into parts of two images
 
 
 def _pinned_versions(fake: FakeClassifier) -> list[int]:
@@ -442,14 +444,7 @@ def test_split_call_is_answered_by_one_version_across_a_hot_reload(kind, server,
     fake.latest, fake.loaded, fake.keep_old = 6, {6}, keep_old
     fake.reloads = {2: 7}  # version 7 replaces 6 as soon as the first part has been answered
     arrays = _distinct_arrays(6, side=4)
-    results = call(
-        kind,
-        server.target,
-        "predict",
-        arrays,
-        return_probabilities=True,
-        client_kwargs={"max_images_per_request": 2},
-    )
+    results = call(kind, server.target, "predict", arrays, return_probabilities=True, client_kwargs=IN_TWOS)
     assert [r.source for r in results] == [f"<array {i}>" for i in range(6)]
     if keep_old:
         # The parts after the first asked for version 6, which still answers.
@@ -461,25 +456,13 @@ def test_split_call_is_answered_by_one_version_across_a_hot_reload(kind, server,
         assert fake.requests[0].model_spec.version == 0
         assert _pinned_versions(fake) == [0, 7, 7]
         assert sum(r.model_spec.version == 0 for r in fake.requests) == 2
-    for array, result in zip(arrays, results, strict=True):
-        image = classifier_pb2.Image(
-            raw=classifier_pb2.RawImage(
-                dtype=classifier_pb2.DATA_TYPE_UINT8, shape=array.shape, data=array.tobytes()
-            )
-        )
-        np.testing.assert_allclose(result.probabilities, fake_probabilities(image), rtol=1e-6)
+    _assert_answers(arrays, results)
 
 
 def test_split_call_stops_when_every_start_meets_a_reload(kind, server, fake) -> None:
     fake.reload_before_named_calls = True  # each pinned part finds its version just retired
     err, _ = expect_error(
-        lambda: call(
-            kind,
-            server.target,
-            "predict",
-            _distinct_arrays(4, side=4),
-            client_kwargs={"max_images_per_request": 2},
-        )
+        lambda: call(kind, server.target, "predict", _distinct_arrays(4, side=4), client_kwargs=IN_TWOS)
     )
     assert err.code == grpc.StatusCode.ABORTED
     assert "retired before the other parts" in err.details and "NOT_FOUND" in err.details
@@ -489,14 +472,8 @@ def test_split_call_stops_when_every_start_meets_a_reload(kind, server, fake) ->
 def test_a_named_version_is_not_pinned_again(kind, server, fake) -> None:
     fake.reloads = {2: 8}
     fake.keep_old = True
-    results = call(
-        kind,
-        server.target,
-        "predict",
-        _distinct_arrays(4, side=4),
-        version=6,
-        client_kwargs={"max_images_per_request": 2},
-    )
+    arrays = _distinct_arrays(4, side=4)
+    results = call(kind, server.target, "predict", arrays, version=6, client_kwargs=IN_TWOS)
     assert {r.model_version for r in results} == {6}
     assert [r.model_spec.version for r in fake.requests] == [6, 6]
 
