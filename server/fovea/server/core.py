@@ -104,7 +104,7 @@ class Core:
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
             return True
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             return False
 
     async def predict(self, request: PredictRequest) -> PredictResult:
