@@ -1,4 +1,4 @@
-"""Wiring: the grpc.aio server, health, reflection, metrics HTTP, the repository, and the drain."""
+"""Wiring: the grpc.aio server, health, reflection, metrics HTTP, the model manager, and the drain."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ import time
 from pathlib import Path
 
 import grpc
-from fovea.server import runner as tf_runner
+from fovea.server import loader
 from fovea.server.config import Settings
 from fovea.server.core import Core
+from fovea.server.manager import ModelManager
 from fovea.server.metrics import Metrics
 from fovea.server.ports_line import format_ports_line
-from fovea.server.repository import ModelRepository
 from fovea.server.servicer import SERVICE_NAME, ClassifierServicer
+from fovea.server.source import ModelSource
 from fovea.v1 import classifier_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -65,8 +66,8 @@ def default_gpu_batch_sizes(max_batch_size: int) -> tuple[int, ...]:
 class Server:
     """One fovea server: start(), then stop(grace) drains it. Several can run in one process."""
 
-    def __init__(self, settings: Settings, runner_factory=tf_runner.ModelRunner) -> None:
-        self.device = tf_runner.configure_device(settings.gpu_memory_limit_mb)
+    def __init__(self, settings: Settings, load=loader.load) -> None:
+        self.device = loader.configure_device(settings.gpu_memory_limit_mb)
         if self.device == "GPU" and not settings.allowed_batch_sizes:
             # On a GPU every new batch shape costs autotuning, so batches are padded to a few sizes.
             sizes = default_gpu_batch_sizes(settings.max_batch_size)
@@ -75,8 +76,9 @@ class Server:
         self.settings = settings
         self.metrics = Metrics()
         self.health = health.aio.HealthServicer()
-        self.repository = ModelRepository(settings, self.metrics, self._on_ready_change, runner_factory)
-        self.core = Core(settings, self.repository, self.metrics)
+        source = ModelSource(settings.model_dir, loader.GFileStorage())
+        self.manager = ModelManager(settings, self.metrics, source, load, self._on_ready_change)
+        self.core = Core(settings, self.manager, self.metrics)
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
@@ -139,7 +141,7 @@ class Server:
             self.metrics_port,
             s.model_dir,
         )
-        self.repository.start()
+        self.manager.start()
 
     def _on_ready_change(self, ready: bool) -> None:
         if self._draining:
@@ -168,8 +170,7 @@ class Server:
             log.warning("grace period of %gs ended with requests still running; cancelling them", grace)
         if self._server is not None:
             await self._server.stop(max(0.0, grace - (time.monotonic() - start)))
-        await self.repository.close()
-        self.core.close()
+        await self.manager.close()
         self.metrics.close()
         log.info("stopped")
 
