@@ -69,7 +69,7 @@ def test_stubs_import_without_tensorflow() -> None:
 
 # tritonclient registers Triton's `inference.*` protos in the default pool; fovea's copies must load
 # beside them in either import order (the "duplicate symbol 'inference.DataType'" of MLServer #1730).
-_V2_IMPORT = "from fovea.inference import grpc_service_pb2_grpc"
+_V2_IMPORT = "import fovea.server.v2_grpc"
 _TRITON_IMPORT = "import tritonclient.grpc, tritonclient.grpc.aio"
 _CHECK = (
     "from fovea.inference import grpc_service_pb2 as pb; "

@@ -11,19 +11,24 @@ import time
 from pathlib import Path
 
 import grpc
+from fovea.inference import _pool as inference_pool
+from fovea.inference import grpc_service_pb2_grpc
 from fovea.server import runner as tf_runner
+from fovea.server import v2, v2_grpc
 from fovea.server.config import Settings
 from fovea.server.core import Core
+from fovea.server.handling import Handler
 from fovea.server.metrics import Metrics
 from fovea.server.repository import ModelRepository
 from fovea.server.servicer import SERVICE_NAME, ClassifierServicer
 from fovea.v1 import classifier_pb2_grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 log = logging.getLogger(__name__)
 
-HEALTH_SERVICES = ("", SERVICE_NAME)
+HEALTH_SERVICES = ("", SERVICE_NAME, v2_grpc.SERVICE_NAME)
 
 
 def grpc_options(s: Settings) -> list[tuple[str, int]]:
@@ -46,6 +51,40 @@ def grpc_options(s: Settings) -> list[tuple[str, int]]:
             ("grpc.max_connection_age_grace_ms", int(s.max_connection_age_grace_s * 1000)),
         ]
     return options
+
+
+class _ReflectionPool:
+    """Reflection over the vendored `inference.*` protos (a private pool) and everything else (default).
+
+    The private pool is asked first: in a process that also loaded tritonclient, the default pool holds
+    Triton's copy of the same files, without OIP's ModelMetadataResponse.properties.
+    """
+
+    def __init__(self) -> None:
+        self._pools = (inference_pool.POOL, descriptor_pool.Default())
+
+    def _first(self, method: str, *args):
+        for pool in self._pools:
+            try:
+                return getattr(pool, method)(*args)
+            except KeyError:
+                continue
+        raise KeyError(args[0] if args else method)
+
+    def FindFileByName(self, name: str):
+        return self._first("FindFileByName", name)
+
+    def FindFileContainingSymbol(self, symbol: str):
+        return self._first("FindFileContainingSymbol", symbol)
+
+    def FindMessageTypeByName(self, name: str):
+        return self._first("FindMessageTypeByName", name)
+
+    def FindExtensionByNumber(self, message, number: int):
+        return self._first("FindExtensionByNumber", message, number)
+
+    def FindAllExtensions(self, message):
+        return self._first("FindAllExtensions", message)
 
 
 class StartupError(Exception):
@@ -76,6 +115,7 @@ class Server:
         self.health = health.aio.HealthServicer()
         self.repository = ModelRepository(settings, self.metrics, self._on_ready_change, runner_factory)
         self.core = Core(settings, self.repository, self.metrics)
+        self.v2 = v2.V2(self.core, self.metrics)
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
@@ -88,16 +128,20 @@ class Server:
         classifier_pb2_grpc.add_ClassifierServiceServicer_to_server(
             ClassifierServicer(self.core, self.metrics), server
         )
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            v2_grpc.InferenceServicer(self.v2, Handler(self.metrics, v2_grpc.PROTOCOL)), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         for service in HEALTH_SERVICES:
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         if s.reflection:
             names = (
                 SERVICE_NAME,
+                v2_grpc.SERVICE_NAME,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             )
-            reflection.enable_server_reflection(names, server)
+            reflection.enable_server_reflection(names, server, pool=_ReflectionPool())
         address = f"{s.host}:{s.port}"
         try:
             if s.tls_cert:

@@ -1,0 +1,152 @@
+"""inference.GRPCInferenceService (KServe v2 / Open Inference Protocol, Triton's superset) over grpc.aio.
+
+A thin translation between the vendored messages (fovea.inference, in a private descriptor pool) and
+the transport-free v2 operations in v2.py. ModelStreamInfer and Triton's repository, shared-memory,
+trace and log RPCs answer UNIMPLEMENTED.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import grpc
+from fovea.inference import grpc_service_pb2 as pb
+from fovea.inference import grpc_service_pb2_grpc, model_config_pb2
+from fovea.server import v2
+from fovea.server.errors import InvalidArgument
+from fovea.server.handling import Handler
+from google.protobuf import json_format
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+PROTOCOL = "v2-grpc"
+# Typed contents a request may carry instead of raw_input_contents, by datatype.
+_CONTENTS = {"UINT8": "uint_contents", "BYTES": "bytes_contents"}
+
+
+class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, ops: v2.V2, handler: Handler) -> None:
+        self._v2 = ops
+        self._handle = handler
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context) -> pb.ServerLiveResponse:
+        return await self._handle("ServerLive", lambda: pb.ServerLiveResponse(live=True), context)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context) -> pb.ServerReadyResponse:
+        return await self._handle(
+            "ServerReady", lambda: pb.ServerReadyResponse(ready=self._v2.server_ready()), context
+        )
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context) -> pb.ModelReadyResponse:
+        def ready() -> pb.ModelReadyResponse:
+            return pb.ModelReadyResponse(ready=self._v2.model_ready(request.name, request.version))
+
+        return await self._handle("ModelReady", ready, context)
+
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context) -> pb.ServerMetadataResponse:
+        return await self._handle(
+            "ServerMetadata", lambda: pb.ServerMetadataResponse(**self._v2.server_metadata()), context
+        )
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context) -> pb.ModelMetadataResponse:
+        def metadata() -> pb.ModelMetadataResponse:
+            m = self._v2.model_metadata(request.name, request.version)
+            return pb.ModelMetadataResponse(
+                name=m.name,
+                versions=m.versions,
+                platform=m.platform,
+                inputs=[_tensor_metadata(t) for t in m.inputs],
+                outputs=[_tensor_metadata(t) for t in m.outputs],
+                properties=m.properties,
+            )
+
+        return await self._handle("ModelMetadata", metadata, context)
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context) -> pb.ModelConfigResponse:
+        def config() -> pb.ModelConfigResponse:
+            parsed = json_format.ParseDict(
+                self._v2.model_config(request.name, request.version), model_config_pb2.ModelConfig()
+            )
+            return pb.ModelConfigResponse(config=parsed)
+
+        return await self._handle("ModelConfig", config, context)
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context
+    ) -> pb.ModelStatisticsResponse:
+        def statistics() -> pb.ModelStatisticsResponse:
+            stats = self._v2.statistics(request.name, request.version)
+            return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse())
+
+        return await self._handle("ModelStatistics", statistics, context)
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context
+    ) -> pb.RepositoryIndexResponse:
+        def index() -> pb.RepositoryIndexResponse:
+            rows = self._v2.repository_index(request.ready)
+            return pb.RepositoryIndexResponse(
+                models=[pb.RepositoryIndexResponse.ModelIndex(**r) for r in rows]
+            )
+
+        return await self._handle("RepositoryIndex", index, context)
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+        async def infer() -> pb.ModelInferResponse:
+            remaining = context.time_remaining()
+            deadline = None if remaining is None else time.monotonic() + remaining
+            result = await self._v2.infer(_infer_request(request), deadline)
+            response = pb.ModelInferResponse(
+                model_name=result.model_name, model_version=result.model_version, id=result.id
+            )
+            for out in result.outputs:
+                response.outputs.add(name=out.name, datatype=out.datatype, shape=out.shape)
+                # raw_output_contents is what tritonclient's as_numpy reads.
+                response.raw_output_contents.append(out.raw())
+            return response
+
+        return await self._handle("ModelInfer", infer, context)
+
+    async def ModelStreamInfer(self, request_iterator, context) -> None:
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED, "ModelStreamInfer is not supported by fovea; call ModelInfer"
+        )
+
+
+def _tensor_metadata(spec: v2.TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:
+    return pb.ModelMetadataResponse.TensorMetadata(name=spec.name, datatype=spec.datatype, shape=spec.shape)
+
+
+def _parameter(p: pb.InferParameter) -> Any:
+    kind = p.WhichOneof("parameter_choice")
+    return None if kind is None else getattr(p, kind)
+
+
+def _infer_request(request: pb.ModelInferRequest) -> v2.InferRequest:
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidArgument(
+            f"the request has {len(request.inputs)} inputs but {len(raw)} raw_input_contents; send one per input"
+        )
+    inputs = []
+    for i, t in enumerate(request.inputs):
+        tensor = v2.Tensor(t.name, t.datatype, tuple(t.shape))
+        if raw:
+            tensor.raw = raw[i]
+        else:
+            tensor.values = list(getattr(t.contents, _CONTENTS.get(t.datatype, "bytes_contents")))
+        inputs.append(tensor)
+    outputs = []
+    for o in request.outputs:
+        k = _parameter(o.parameters["classification"]) if "classification" in o.parameters else 0
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise InvalidArgument(f"output {o.name!r}: the classification parameter must be an integer")
+        outputs.append(v2.RequestedOutput(o.name, k))
+    return v2.InferRequest(
+        model_name=request.model_name,
+        model_version=request.model_version,
+        inputs=inputs,
+        outputs=outputs,
+        id=request.id,
+        parameters={k: _parameter(v) for k, v in request.parameters.items()},
+    )

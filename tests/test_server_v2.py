@@ -1,0 +1,244 @@
+"""KServe v2 / Open Inference Protocol: the real tritonclient (gRPC sync and aio, HTTP) against a real server.
+
+Each answer is compared with fovea.v1 Predict on the same images from the same server: the same
+probabilities (within 1e-6) and the same top-k.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import grpc
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow", reason="the server tests need the server extra")
+grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient is not installed (dev extra)")
+
+from _models import LABELS, export_tiny  # noqa: E402
+from _serving import client, sample, start_server, stop_server, wait_serving  # noqa: E402
+from PIL import Image  # noqa: E402
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+SIZE = 32
+MODEL = "tiny"
+ENCODED = "tiny-encoded"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    models = tmp_path_factory.mktemp("models")
+    export_tiny(models, MODEL, SIZE, seed=3)
+    srv = start_server(models, max_batch_size=8, max_images_per_request=8)
+    with client(srv.port) as c:
+        wait_serving(c)
+    yield srv
+    stop_server(srv)
+
+
+@pytest.fixture(scope="module")
+def fovea(server):
+    with client(server.port) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def triton(server):
+    c = grpcclient.InferenceServerClient(f"127.0.0.1:{server.port}")
+    yield c
+    c.close()
+
+
+def images(count: int = 3, size: int = SIZE, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (count, size, size, 3), dtype=np.uint8)
+
+
+def encoded(array: np.ndarray, fmt: str = "PNG") -> list[bytes]:
+    out = []
+    for image in array:
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format=fmt)
+        out.append(buf.getvalue())
+    return out
+
+
+def reference(fovea, inputs, k: int = 2) -> tuple[np.ndarray, list[list[tuple[int, str]]]]:
+    """fovea.v1 Predict: probabilities and top-k (index, label) per image."""
+    predictions = fovea.predict(inputs, top_k=k, model=MODEL, return_probabilities=True)
+    probs = np.array([p.probabilities for p in predictions], dtype=np.float32)
+    return probs, [[(c.index, c.label) for c in p.top] for p in predictions]
+
+
+def uint8_input(array: np.ndarray, module=grpcclient):
+    inp = module.InferInput("images", list(array.shape), "UINT8")
+    inp.set_data_from_numpy(array)
+    return inp
+
+
+def bytes_input(blobs: list[bytes], module=grpcclient):
+    array = np.array([[b] for b in blobs], dtype=np.object_)
+    inp = module.InferInput("image_bytes", list(array.shape), "BYTES")
+    inp.set_data_from_numpy(array)
+    return inp
+
+
+def parse_classes(array: np.ndarray) -> list[list[tuple[int, str]]]:
+    rows = []
+    for row in array:
+        parsed = [item.decode().split(":", 2) for item in row]
+        rows.append([(int(i), label) for _, i, label in parsed])
+    return rows
+
+
+def test_grpc_uint8_matches_fovea_v1(triton, fovea) -> None:
+    batch = images(3)
+    result = triton.infer(
+        MODEL, [uint8_input(batch)], outputs=[grpcclient.InferRequestedOutput("probabilities")]
+    )
+    want, _ = reference(fovea, batch)
+    got = result.as_numpy("probabilities")
+    assert got.dtype == np.float32 and got.shape == (3, len(LABELS))
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert result.get_response().model_version == "1"
+
+
+def test_grpc_bytes_matches_fovea_v1_and_topk(triton, fovea) -> None:
+    blobs = encoded(images(2, size=45, seed=1), "PNG") + encoded(images(1, size=20, seed=2), "JPEG")
+    outputs = [grpcclient.InferRequestedOutput("probabilities", class_count=2)]
+    result = triton.infer(ENCODED, [bytes_input(blobs)], outputs=outputs)
+    want_probs, want_top = reference(fovea, blobs, k=2)
+    classes = result.as_numpy("probabilities")
+    assert classes.shape == (3, 2)
+    assert parse_classes(classes) == want_top
+    scores = np.array([[float(x.decode().split(":")[0]) for x in row] for row in classes])
+    np.testing.assert_allclose(scores, np.sort(want_probs, axis=1)[:, ::-1][:, :2], atol=1e-6)
+    # No outputs requested means all of them: the probabilities.
+    plain = triton.infer(ENCODED, [bytes_input(blobs)])
+    np.testing.assert_allclose(plain.as_numpy("probabilities"), want_probs, atol=1e-6)
+
+
+def test_grpc_aio_client(server, fovea) -> None:
+    import tritonclient.grpc.aio as aioclient
+
+    batch = images(2, seed=5)
+    blobs = encoded(batch)
+
+    async def go():
+        async with aioclient.InferenceServerClient(f"127.0.0.1:{server.port}") as c:
+            assert await c.is_server_live() and await c.is_server_ready()
+            assert await c.is_model_ready(MODEL) and await c.is_model_ready(ENCODED)
+            raw = await c.infer(MODEL, [uint8_input(batch, aioclient)])
+            enc = await c.infer(ENCODED, [bytes_input(blobs, aioclient)])
+            return raw.as_numpy("probabilities"), enc.as_numpy("probabilities")
+
+    raw, enc = asyncio.run(go())
+    np.testing.assert_allclose(raw, reference(fovea, batch)[0], atol=1e-6)
+    np.testing.assert_allclose(enc, reference(fovea, blobs)[0], atol=1e-6)
+
+
+def test_grpc_metadata_config_statistics(triton) -> None:
+    assert triton.is_server_live() and triton.is_server_ready()
+    assert not triton.is_model_ready("nope")
+    server_meta = triton.get_server_metadata()
+    assert server_meta.name == "fovea"
+    assert {"classification", "statistics", "model_configuration"} <= set(server_meta.extensions)
+
+    meta = triton.get_model_metadata(MODEL)
+    assert meta.versions == ["1"] and meta.platform == "tensorflow_savedmodel"
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
+        ("images", "UINT8", [-1, SIZE, SIZE, 3])
+    ]
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [("probabilities", "FP32", [-1, 3])]
+    enc = triton.get_model_metadata(ENCODED)
+    assert [(t.name, t.datatype, list(t.shape)) for t in enc.inputs] == [("image_bytes", "BYTES", [-1, 1])]
+
+    config = triton.get_model_config(ENCODED).config
+    assert config.max_batch_size == 8
+    assert [(i.name, list(i.dims)) for i in config.input] == [("image_bytes", [1])]
+    assert [(o.name, list(o.dims)) for o in config.output] == [("probabilities", [3])]
+
+    before = triton.get_inference_statistics(MODEL).model_stats[0]
+    triton.infer(MODEL, [uint8_input(images(1))])
+    after = triton.get_inference_statistics(MODEL).model_stats[0]
+    assert after.version == "1"
+    assert after.inference_stats.queue.count > before.inference_stats.queue.count
+
+    index = {(m.name, m.version, m.state) for m in triton.get_model_repository_index().models}
+    assert index == {(MODEL, "1", "READY"), (ENCODED, "1", "READY")}
+
+
+def test_grpc_metadata_properties_from_the_oip(server) -> None:
+    """The field OIP adds to Triton's proto reaches a client that has it (fovea's own stubs here)."""
+    from fovea.inference import grpc_service_pb2 as pb
+    from fovea.inference import grpc_service_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(ch)
+        meta = stub.ModelMetadata(pb.ModelMetadataRequest(name=MODEL), timeout=10)
+        assert meta.properties["labels"] == ",".join(LABELS)
+        assert meta.properties["fovea_model"] == MODEL
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.ModelStreamInfer(iter([pb.ModelInferRequest(model_name=MODEL)]), timeout=10))
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def expect_error(fn, code: str, *fragments: str) -> str:
+    with pytest.raises(InferenceServerException) as err:
+        fn()
+    assert err.value.status() == f"StatusCode.{code}", err.value
+    for fragment in fragments:
+        assert fragment in err.value.message(), err.value.message()
+    return err.value.message()
+
+
+def test_grpc_bad_input_names_expected_and_received(triton) -> None:
+    batch = images(1)
+    wrong_name = grpcclient.InferInput("pixels", [1, SIZE, SIZE, 3], "UINT8")
+    wrong_name.set_data_from_numpy(batch)
+    expect_error(
+        lambda: triton.infer(MODEL, [wrong_name]),
+        "INVALID_ARGUMENT",
+        f"'images' UINT8 [-1, {SIZE}, {SIZE}, 3]",
+        f"'pixels' UINT8 [1, {SIZE}, {SIZE}, 3]",
+    )
+    floats = grpcclient.InferInput("images", [1, SIZE, SIZE, 3], "FP32")
+    floats.set_data_from_numpy(batch.astype(np.float32))
+    expect_error(lambda: triton.infer(MODEL, [floats]), "INVALID_ARGUMENT", "UINT8", "FP32")
+    small = images(1, size=16)
+    expect_error(
+        lambda: triton.infer(MODEL, [uint8_input(small)]),
+        "INVALID_ARGUMENT",
+        f"[-1, {SIZE}, {SIZE}, 3]",
+        "[1, 16, 16, 3]",
+    )
+    expect_error(
+        lambda: triton.infer(ENCODED, [uint8_input(batch)]), "INVALID_ARGUMENT", "BYTES", "UINT8", "'tiny'"
+    )
+    expect_error(lambda: triton.infer(ENCODED, [bytes_input([b"not an image"])]), "INVALID_ARGUMENT", "JPEG")
+    expect_error(
+        lambda: triton.infer(
+            MODEL, [uint8_input(batch)], outputs=[grpcclient.InferRequestedOutput("logits")]
+        ),
+        "INVALID_ARGUMENT",
+        "'logits'",
+        "'probabilities' FP32 [-1, 3]",
+    )
+    expect_error(lambda: triton.infer("nope", [uint8_input(batch)]), "NOT_FOUND", "tiny-encoded")
+    expect_error(lambda: triton.infer(MODEL, [uint8_input(batch)], model_version="7"), "NOT_FOUND", "7")
+
+
+def test_grpc_unknown_parameters_ignored_and_timeout_honoured(triton, fovea) -> None:
+    batch = images(1, seed=9)
+    result = triton.infer(
+        MODEL, [uint8_input(batch)], parameters={"triton_enable_empty_final_response": True, "x": "y"}
+    )
+    np.testing.assert_allclose(result.as_numpy("probabilities"), reference(fovea, batch)[0], atol=1e-6)
+    # A timeout of 1 µs has passed before the request reaches the batch queue.
+    expect_error(lambda: triton.infer(MODEL, [uint8_input(batch)], timeout=1), "DEADLINE_EXCEEDED")
+
+
+def test_v2_requests_are_counted(server, triton) -> None:
+    before = sample(server, "fovea_requests_total", method="ModelInfer", code="OK")
+    triton.infer(MODEL, [uint8_input(images(1))])
+    assert sample(server, "fovea_requests_total", method="ModelInfer", code="OK") == before + 1
