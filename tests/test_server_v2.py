@@ -163,6 +163,9 @@ def test_grpc_metadata_config_statistics(triton) -> None:
     after = triton.get_inference_statistics(MODEL).model_stats[0]
     assert after.version == "1"
     assert after.inference_stats.queue.count > before.inference_stats.queue.count
+    stats = after.inference_stats
+    # perf_analyzer aborts unless these three counts are equal.
+    assert stats.compute_input.count == stats.compute_infer.count == stats.compute_output.count > 0
 
     index = {(m.name, m.version, m.state) for m in triton.get_model_repository_index().models}
     assert index == {(MODEL, "1", "READY"), (ENCODED, "1", "READY")}

@@ -296,10 +296,15 @@ class V2:
         queue_count = int(sample("fovea_queue_duration_seconds_count"))
         queue_ns = int(sample("fovea_queue_duration_seconds_sum") * 1e9)
         batches = int(sample("fovea_batches_total"))
-        compute_ns = int(sample("fovea_compute_duration_seconds_sum") * 1e9)
+        preprocess_ns = int(sample("fovea_preprocess_duration_seconds_sum") * 1e9)
+        # Triton charges a batch's compute to each request in it, and perf_analyzer insists that the
+        # compute input, infer and output counts are equal; fovea times compute per batch, so each
+        # request is charged the mean batch time.
+        mean_batch_ns = sample("fovea_compute_duration_seconds_sum") * 1e9 / batches if batches else 0.0
+        compute_ns = int(mean_batch_ns * queue_count)
 
-        def duration(count: int, ns: int) -> dict[str, int]:
-            return {"count": count, "ns": ns}
+        def duration(ns: int) -> dict[str, int]:
+            return {"count": queue_count, "ns": ns}
 
         return {
             "name": name,
@@ -307,11 +312,11 @@ class V2:
             "inference_count": int(sample("fovea_images_inferred_total")),
             "execution_count": batches,
             "inference_stats": {
-                # Every request that reached the queue was computed or dropped; fovea counts the
-                # queue per request and compute per batch, so success is queue-counted.
-                "success": duration(queue_count, queue_ns + compute_ns),
-                "queue": duration(queue_count, queue_ns),
-                "compute_infer": duration(batches, compute_ns),
+                "success": duration(queue_ns + preprocess_ns + compute_ns),
+                "queue": duration(queue_ns),
+                "compute_input": duration(preprocess_ns),
+                "compute_infer": duration(compute_ns),
+                "compute_output": duration(0),
             },
         }
 
