@@ -35,7 +35,7 @@ def run(coro, timeout: float = 120.0) -> Any:
 
 
 def start_server(models_dir: Path, **overrides: Any):
-    """A real fovea server on 127.0.0.1 with gRPC and metrics on port 0; returns the started Server."""
+    """A real fovea server on 127.0.0.1 with gRPC, metrics and REST on port 0; returns the started Server."""
     from fovea.server.app import Server
     from fovea.server.config import Settings
 
@@ -44,6 +44,7 @@ def start_server(models_dir: Path, **overrides: Any):
         "host": "127.0.0.1",
         "port": 0,
         "metrics_port": 0,
+        "http_port": 0,
         "poll_interval": 0.2,
     }
     values.update(overrides)

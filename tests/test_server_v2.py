@@ -245,3 +245,110 @@ def test_v2_requests_are_counted(server, triton) -> None:
     before = sample(server, "fovea_requests_total", method="ModelInfer", code="OK")
     triton.infer(MODEL, [uint8_input(images(1))])
     assert sample(server, "fovea_requests_total", method="ModelInfer", code="OK") == before + 1
+
+
+# -- REST -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    import tritonclient.http as httpclient
+
+    c = httpclient.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+    yield c
+    c.close()
+
+
+def test_http_uint8_binary_and_json_match_fovea_v1(http, fovea) -> None:
+    import tritonclient.http as httpclient
+
+    batch = images(2, seed=11)
+    want, _ = reference(fovea, batch)
+    # tritonclient.http's default: binary tensors (Inference-Header-Content-Length) both ways.
+    binary = http.infer(MODEL, [uint8_input(batch, httpclient)])
+    np.testing.assert_allclose(binary.as_numpy("probabilities"), want, atol=1e-6)
+    # Plain JSON both ways.
+    inp = httpclient.InferInput("images", list(batch.shape), "UINT8")
+    inp.set_data_from_numpy(batch, binary_data=False)
+    out = httpclient.InferRequestedOutput("probabilities", binary_data=False)
+    plain = http.infer(MODEL, [inp], outputs=[out])
+    assert plain.get_response()["outputs"][0]["data"]
+    np.testing.assert_allclose(plain.as_numpy("probabilities"), want, atol=1e-6)
+
+
+def test_http_bytes_classification_matches_fovea_v1(http, fovea) -> None:
+    import tritonclient.http as httpclient
+
+    blobs = encoded(images(2, size=40, seed=12), "JPEG")
+    _, want_top = reference(fovea, blobs, k=3)
+    out = httpclient.InferRequestedOutput("probabilities", class_count=3)
+    result = http.infer(ENCODED, [bytes_input(blobs, httpclient)], outputs=[out])
+    assert parse_classes(result.as_numpy("probabilities")) == want_top
+
+
+def test_http_aio_client_and_metadata(server, fovea) -> None:
+    import tritonclient.http.aio as aiohttpclient
+
+    batch = images(1, seed=13)
+
+    async def go():
+        async with aiohttpclient.InferenceServerClient(f"127.0.0.1:{server.http_port}") as c:
+            assert await c.is_server_live() and await c.is_server_ready()
+            assert await c.is_model_ready(MODEL, "1") and not await c.is_model_ready("nope")
+            meta = await c.get_model_metadata(ENCODED)
+            config = await c.get_model_config(MODEL)
+            server_meta = await c.get_server_metadata()
+            stats = await c.get_inference_statistics(MODEL)
+            result = await c.infer(MODEL, [uint8_input(batch, aiohttpclient)])
+            return meta, config, server_meta, stats, result.as_numpy("probabilities")
+
+    meta, config, server_meta, stats, probs = asyncio.run(go())
+    assert meta["inputs"] == [{"name": "image_bytes", "datatype": "BYTES", "shape": [-1, 1]}]
+    assert meta["properties"]["labels"] == ",".join(LABELS)
+    assert config["max_batch_size"] == 8 and config["input"][0]["dims"] == [SIZE, SIZE, 3]
+    assert "binary_tensor_data" in server_meta["extensions"]
+    assert stats["model_stats"][0]["version"] == "1"
+    np.testing.assert_allclose(probs, reference(fovea, batch)[0], atol=1e-6)
+
+
+def test_http_errors_are_json_with_the_right_status(server, http) -> None:
+    import json
+    import urllib.error
+    import urllib.request
+
+    import tritonclient.http as httpclient
+
+    def post(path: str, body: bytes) -> tuple[int, dict]:
+        url = f"http://127.0.0.1:{server.http_port}{path}"
+        try:
+            with urllib.request.urlopen(
+                urllib.request.Request(url, data=body, method="POST"), timeout=30
+            ) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    status, body = post(f"/v2/models/{MODEL}/infer", b"{not json")
+    assert status == 400 and "not valid JSON" in body["error"]
+    status, body = post("/v2/models/nope/infer", b"{}")
+    assert status == 404 and "tiny-encoded" in body["error"]
+    small = images(1, size=8)
+    status, body = post(
+        f"/v2/models/{MODEL}/infer",
+        json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "images",
+                        "datatype": "UINT8",
+                        "shape": [1, 8, 8, 3],
+                        "data": small.reshape(-1).tolist(),
+                    }
+                ]
+            }
+        ).encode(),
+    )
+    assert status == 400 and f"[-1, {SIZE}, {SIZE}, 3]" in body["error"] and "[1, 8, 8, 3]" in body["error"]
+    with pytest.raises(InferenceServerException) as err:
+        http.infer(ENCODED, [uint8_input(images(1), httpclient)])
+    assert "BYTES" in err.value.message() and "UINT8" in err.value.message()

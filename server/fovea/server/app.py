@@ -6,15 +6,17 @@ import asyncio
 import dataclasses
 import logging
 import signal
+import ssl
 import sys
 import time
 from pathlib import Path
 
 import grpc
+from aiohttp import web
 from fovea.inference import _pool as inference_pool
 from fovea.inference import grpc_service_pb2_grpc
 from fovea.server import runner as tf_runner
-from fovea.server import v2, v2_grpc
+from fovea.server import v2, v2_grpc, v2_http
 from fovea.server.config import Settings
 from fovea.server.core import Core
 from fovea.server.handling import Handler
@@ -118,6 +120,8 @@ class Server:
         self.v2 = v2.V2(self.core, self.metrics)
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
+        self._http: web.AppRunner | None = None
         self._server: grpc.aio.Server | None = None
         self._draining = False
         self._health_tasks: set[asyncio.Task] = set()
@@ -170,19 +174,46 @@ class Server:
                 raise StartupError(
                     f"cannot serve metrics on {metrics_address}: {exc.strerror or exc}"
                 ) from None
+        if s.http_port >= 0:
+            try:
+                await self._start_http()
+            except (OSError, ssl.SSLError) as exc:
+                await server.stop(None)
+                self.metrics.close()
+                if self._http is not None:
+                    await self._http.cleanup()
+                raise StartupError(
+                    f"cannot serve HTTP on {s.host}:{s.http_port}: {getattr(exc, 'strerror', None) or exc}"
+                ) from None
         await server.start()
         self._server = server
         tls = " (mTLS)" if s.tls_client_ca else " (TLS)" if s.tls_cert else ""
         log.info(
-            "serving %s on %s, grpc port %d%s, metrics port %s; models from %s",
+            "serving %s and %s on %s, grpc port %d%s, http port %s, metrics port %s; models from %s",
             SERVICE_NAME,
+            v2_grpc.SERVICE_NAME,
             s.host,
             self.port,
             tls,
+            self.http_port,
             self.metrics_port,
             s.model_dir,
         )
         self.repository.start()
+
+    async def _start_http(self) -> None:
+        """The v2 REST routes on the same event loop as gRPC, so both share the core and its batchers."""
+        s = self.settings
+        routes = v2_http.V2Http(self.v2, self.metrics, s.max_message_mb * 1024 * 1024)
+        # By cleanup time the core has drained, so what is still open is idle or nearly done.
+        self._http = web.AppRunner(
+            routes.app(), access_log=None, handle_signals=False, shutdown_timeout=min(5.0, s.grace_period)
+        )
+        await self._http.setup()
+        context = v2_http.ssl_context(s.tls_cert, s.tls_key, s.tls_client_ca) if s.tls_cert else None
+        site = web.TCPSite(self._http, s.host, s.http_port, ssl_context=context, reuse_port=False)
+        await site.start()
+        self.http_port = int(self._http.addresses[0][1])
 
     def _on_ready_change(self, ready: bool) -> None:
         if self._draining:
@@ -211,6 +242,8 @@ class Server:
             log.warning("grace period of %gs ended with requests still running; cancelling them", grace)
         if self._server is not None:
             await self._server.stop(max(0.0, grace - (time.monotonic() - start)))
+        if self._http is not None:
+            await self._http.cleanup()
         await self.repository.close()
         self.core.close()
         self.metrics.close()
@@ -227,7 +260,10 @@ async def serve(settings: Settings) -> int:
     server = Server(settings)
     await server.start()
     # The one stdout line tests and scripts read to find the bound ports.
-    print(f"fovea serve: grpc_port={server.port} metrics_port={server.metrics_port}", flush=True)
+    print(
+        f"fovea serve: grpc_port={server.port} metrics_port={server.metrics_port} http_port={server.http_port}",
+        flush=True,
+    )
     await stop.wait()
     # The handlers stay installed: a repeated signal during the drain must not kill the process.
     log.info("signal received")

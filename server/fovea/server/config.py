@@ -31,6 +31,11 @@ class Settings:
     port: int = _setting(8500, "gRPC port; 0 picks a free one (the bound port is logged).")
     metrics_port: int = _setting(9090, "Prometheus /metrics HTTP port; 0 picks a free one, -1 turns it off.")
     metrics_host: str = _setting("", "Address the metrics server binds to; empty means the same as --host.")
+    http_port: int = _setting(
+        8080,
+        "KServe v2 / Open Inference Protocol REST port (/v2/..., KServe's default 8080), on --host; "
+        "0 picks a free one, -1 turns it off. gRPC clients of every protocol use --port.",
+    )
     max_batch_size: int = _setting(32, "Most images in one model call.")
     batch_timeout_ms: float = _setting(
         0.0,
