@@ -126,3 +126,30 @@ def test_stale_check_covers_the_vendored_protos(tmp_path: Path) -> None:
     committed = _generated_files(ROOT / "client")
     assert fresh["fovea/inference/grpc_service_pb2.py"] != committed["fovea/inference/grpc_service_pb2.py"]
     assert fresh["fovea/v1/classifier_pb2.py"] == committed["fovea/v1/classifier_pb2.py"]
+
+
+@pytest.mark.parametrize("first", ["tensorflow", "fovea"])
+def test_tf_serving_protos_import_beside_tensorflow(first: str, fovea_env: dict[str, str]) -> None:
+    """tensorflow-serving-api's messages reuse TensorFlow's own framework protos: no second copy."""
+    pytest.importorskip(
+        "tensorflow_serving.apis", reason="tensorflow-serving-api is not installed (server extra)"
+    )
+    imports = [
+        "import tensorflow as tf",
+        "import fovea.server.tfserving, fovea.server.v2_grpc, tritonclient.grpc",
+    ]
+    if first == "fovea":
+        imports.reverse()
+    code = "; ".join(
+        [
+            *imports,
+            "from tensorflow_serving.apis import predict_pb2",
+            "t = tf.make_tensor_proto([1, 2], dtype=tf.uint8)",
+            "r = predict_pb2.PredictRequest(); r.inputs['images'].CopyFrom(t)",
+            "assert list(tf.make_ndarray(r.inputs['images'])) == [1, 2]",
+        ]
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=fovea_env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -16,7 +16,7 @@ from aiohttp import web
 from fovea.inference import _pool as inference_pool
 from fovea.inference import grpc_service_pb2_grpc
 from fovea.server import runner as tf_runner
-from fovea.server import v2, v2_grpc, v2_http
+from fovea.server import tfserving, v2, v2_grpc, v2_http
 from fovea.server.config import Settings
 from fovea.server.core import Core
 from fovea.server.handling import Handler
@@ -27,10 +27,17 @@ from fovea.v1 import classifier_pb2_grpc
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-HEALTH_SERVICES = ("", SERVICE_NAME, v2_grpc.SERVICE_NAME)
+HEALTH_SERVICES = (
+    "",
+    SERVICE_NAME,
+    v2_grpc.SERVICE_NAME,
+    tfserving.PREDICTION_SERVICE,
+    tfserving.MODEL_SERVICE,
+)
 
 
 def grpc_options(s: Settings) -> list[tuple[str, int]]:
@@ -135,6 +142,13 @@ class Server:
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             v2_grpc.InferenceServicer(self.v2, Handler(self.metrics, v2_grpc.PROTOCOL)), server
         )
+        tf_handler = Handler(self.metrics, tfserving.PROTOCOL)
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+            tfserving.PredictionServicer(self.core, tf_handler), server
+        )
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(
+            tfserving.ModelServicer(self.core, tf_handler), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         for service in HEALTH_SERVICES:
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -142,6 +156,8 @@ class Server:
             names = (
                 SERVICE_NAME,
                 v2_grpc.SERVICE_NAME,
+                tfserving.PREDICTION_SERVICE,
+                tfserving.MODEL_SERVICE,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             )
