@@ -74,7 +74,7 @@ def test_pip_install_is_the_thin_client_without_tensorflow(tmp_path: Path) -> No
     assert not {n for n in names if n.startswith(("tensorflow", "tf-keras", "keras"))}, names
     assert "grpcio-health-checking" not in names  # the client's health check does without it
 
-    check = "import sys, fovea.client; print(sorted(m for m in ('tensorflow', 'PIL') if m in sys.modules))"
+    check = "import sys, fovea.client, fovea.contract; print(sorted(m for m in ('tensorflow', 'PIL') if m in sys.modules))"
     proc = subprocess.run([str(python), "-c", check], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"

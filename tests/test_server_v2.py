@@ -242,9 +242,12 @@ def test_grpc_unknown_parameters_ignored_and_timeout_honoured(triton, fovea) -> 
 
 
 def test_v2_requests_are_counted(server, triton) -> None:
-    before = sample(server, "fovea_requests_total", method="ModelInfer", code="OK")
+    def count(protocol: str) -> float:
+        return sample(server, "fovea_requests_total", protocol=protocol, method="ModelInfer", code="OK")
+
+    before = count("v2-grpc")
     triton.infer(MODEL, [uint8_input(images(1))])
-    assert sample(server, "fovea_requests_total", method="ModelInfer", code="OK") == before + 1
+    assert count("v2-grpc") == before + 1
 
 
 # -- REST -----------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "models": ("fovea.client.cli", "list the models a server has loaded"),
     "train": ("fovea.trainer.cli", "fine-tune a backbone on a folder of images and publish a SavedModel"),
     "demo-data": ("fovea.trainer.cli", "generate a small labelled image set for demos and tests"),
-    "serve": ("fovea.server.cli", "serve published models over gRPC"),
+    "serve": ("fovea.server.serve_command", "serve published models over gRPC"),
     "demo": ("fovea.demo", "generate data, train, serve and classify, end to end"),
 }
 

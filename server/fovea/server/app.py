@@ -1,4 +1,4 @@
-"""Wiring: the grpc.aio server, health, reflection, metrics HTTP, the repository, and the drain."""
+"""Wiring: the grpc.aio server, health, reflection, metrics HTTP, the model manager, and the drain."""
 
 from __future__ import annotations
 
@@ -15,14 +15,13 @@ import grpc
 from aiohttp import web
 from fovea.inference import _pool as inference_pool
 from fovea.inference import grpc_service_pb2_grpc
-from fovea.server import runner as tf_runner
-from fovea.server import tfserving, v2, v2_grpc, v2_http
+from fovea.server import loader, tfserving, v2, v2_grpc, v2_http
 from fovea.server.config import Settings
 from fovea.server.core import Core
-from fovea.server.handling import Handler
+from fovea.server.manager import ModelManager
 from fovea.server.metrics import Metrics
-from fovea.server.repository import ModelRepository
 from fovea.server.servicer import SERVICE_NAME, ClassifierServicer
+from fovea.server.source import ModelSource
 from fovea.v1 import classifier_pb2_grpc
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -112,8 +111,8 @@ def default_gpu_batch_sizes(max_batch_size: int) -> tuple[int, ...]:
 class Server:
     """One fovea server: start(), then stop(grace) drains it. Several can run in one process."""
 
-    def __init__(self, settings: Settings, runner_factory=tf_runner.ModelRunner) -> None:
-        self.device = tf_runner.configure_device(settings.gpu_memory_limit_mb)
+    def __init__(self, settings: Settings, load=loader.load) -> None:
+        self.device = loader.configure_device(settings.gpu_memory_limit_mb)
         if self.device == "GPU" and not settings.allowed_batch_sizes:
             # On a GPU every new batch shape costs autotuning, so batches are padded to a few sizes.
             sizes = default_gpu_batch_sizes(settings.max_batch_size)
@@ -122,9 +121,10 @@ class Server:
         self.settings = settings
         self.metrics = Metrics()
         self.health = health.aio.HealthServicer()
-        self.repository = ModelRepository(settings, self.metrics, self._on_ready_change, runner_factory)
-        self.core = Core(settings, self.repository, self.metrics)
-        self.v2 = v2.V2(self.core, self.metrics)
+        source = ModelSource(settings.model_dir, loader.GFileStorage())
+        self.manager = ModelManager(settings, self.metrics, source, load, self._on_ready_change)
+        self.core = Core(settings, self.manager, self.metrics)
+        self.v2 = v2.V2(self.core)
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.http_port: int | None = None
@@ -140,14 +140,13 @@ class Server:
             ClassifierServicer(self.core, self.metrics), server
         )
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            v2_grpc.InferenceServicer(self.v2, Handler(self.metrics, v2_grpc.PROTOCOL)), server
+            v2_grpc.InferenceServicer(self.v2, self.metrics), server
         )
-        tf_handler = Handler(self.metrics, tfserving.PROTOCOL)
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-            tfserving.PredictionServicer(self.core, tf_handler), server
+            tfserving.PredictionServicer(self.core, self.metrics), server
         )
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(
-            tfserving.ModelServicer(self.core, tf_handler), server
+            tfserving.ModelServicer(self.core, self.metrics), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         for service in HEALTH_SERVICES:
@@ -215,7 +214,7 @@ class Server:
             self.metrics_port,
             s.model_dir,
         )
-        self.repository.start()
+        self.manager.start()
 
     async def _start_http(self) -> None:
         """The v2 REST routes on the same event loop as gRPC, so both share the core and its batchers."""
@@ -260,8 +259,7 @@ class Server:
             await self._server.stop(max(0.0, grace - (time.monotonic() - start)))
         if self._http is not None:
             await self._http.cleanup()
-        await self.repository.close()
-        self.core.close()
+        await self.manager.close()
         self.metrics.close()
         log.info("stopped")
 

@@ -8,21 +8,19 @@ As a convenience, Predict accepts either input under either signature, named `im
 `serving_default`.
 
 The messages import TensorFlow's framework protos (tensorflow.core.framework), the same modules
-TensorFlow itself registers, so there is nothing to clash; no TensorFlow compute happens here.
+TensorFlow itself registers, so there is nothing to clash; this module uses them only through the
+tensorflow_serving messages and runs no TensorFlow code.
 """
 
 from __future__ import annotations
 
-import time
-
-import grpc
 import numpy as np
+from fovea.contract import INPUT_BYTES, INPUT_IMAGES, OUTPUT, SIGNATURE_BYTES, SIGNATURE_IMAGES, ModelMetadata
 from fovea.server import core
 from fovea.server.errors import InvalidArgument
-from fovea.server.handling import Handler
+from fovea.server.metrics import Metrics
+from fovea.server.rpc import RpcHandler, deadline
 from google.protobuf import any_pb2
-from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
-from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
@@ -35,18 +33,15 @@ from tensorflow_serving.apis import (
 
 PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 MODEL_SERVICE = "tensorflow.serving.ModelService"
-PROTOCOL = "tfserving"
-SIGNATURE_IMAGES = "serving_default"
-SIGNATURE_BYTES = "serving_bytes"
-INPUT_IMAGES = "images"
-INPUT_BYTES = "image_bytes"
-OUTPUT = "probabilities"
+PROTOCOL = "tf-serving"  # the `protocol` label of the request metrics
 PREDICT_METHOD = "tensorflow/serving/predict"
-_DTYPE_NAMES = {
-    types_pb2.DT_UINT8: "DT_UINT8",
-    types_pb2.DT_STRING: "DT_STRING",
-    types_pb2.DT_FLOAT: "DT_FLOAT",
-}
+# TensorFlow's DataType enum, read from the messages' descriptors: tensorflow-serving-api's modules
+# import TensorFlow's framework protos, but fovea's rule is that only loader.py imports tensorflow.
+_TENSOR = predict_pb2.PredictRequest.DESCRIPTOR.fields_by_name["inputs"].message_type.fields_by_name["value"]
+_DATA_TYPE = _TENSOR.message_type.fields_by_name["dtype"].enum_type
+DT_FLOAT = _DATA_TYPE.values_by_name["DT_FLOAT"].number
+DT_UINT8 = _DATA_TYPE.values_by_name["DT_UINT8"].number
+DT_STRING = _DATA_TYPE.values_by_name["DT_STRING"].number
 
 
 def _cut(text: str, limit: int = 64) -> str:
@@ -77,140 +72,138 @@ def _echo(name: str, version: int, signature: str = "") -> model_pb2.ModelSpec:
     return spec
 
 
-def _shape(tensor: tensor_pb2.TensorProto) -> list[int]:
+def _shape(tensor) -> list[int]:
     return [d.size for d in tensor.tensor_shape.dim]
 
 
-def _describe(key: str, tensor: tensor_pb2.TensorProto) -> str:
-    dtype = _DTYPE_NAMES.get(tensor.dtype) or types_pb2.DataType.Name(tensor.dtype)
+def _describe(key: str, tensor) -> str:
+    value = _DATA_TYPE.values_by_number.get(tensor.dtype)
+    dtype = value.name if value is not None else str(tensor.dtype)
     return f"{_cut(key)!r} {dtype} {_shape(tensor)}"
 
 
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
-    def __init__(self, core_: core.Core, handler: Handler) -> None:
+    def __init__(self, core_: core.Core, metrics: Metrics) -> None:
         self._core = core_
-        self._handle = handler
+        self._rpc = RpcHandler(metrics, PROTOCOL, ("Predict", "Classify", "GetModelMetadata"))
 
     async def Predict(self, request: predict_pb2.PredictRequest, context) -> predict_pb2.PredictResponse:
-        async def predict() -> predict_pb2.PredictResponse:
-            spec = request.model_spec
-            signature = spec.signature_name or SIGNATURE_IMAGES
-            if signature not in (SIGNATURE_IMAGES, SIGNATURE_BYTES):
-                raise InvalidArgument(
-                    f"signature_name {_cut(signature)!r} is not served; use {SIGNATURE_IMAGES!r} (uint8 images) or "
-                    f"{SIGNATURE_BYTES!r} (encoded image bytes)"
-                )
-            unknown = [o for o in request.output_filter if o != OUTPUT]
-            if unknown:
-                raise InvalidArgument(
-                    f"output_filter names {_cut(unknown[0])!r}; the only output is {OUTPUT!r}"
-                )
-            meta = self._core.metadata(spec.name, _version(spec))
-            images = _predict_images(request, meta)
-            result = await self._core.predict(
-                core.PredictRequest(
-                    images=images,
-                    model_name=meta.name,
-                    model_version=meta.version,
-                    return_probabilities=True,
-                    deadline=_deadline(context),
-                )
-            )
-            probs = np.stack([p.probabilities for p in result.predictions]).astype(np.float32)
-            response = predict_pb2.PredictResponse(
-                model_spec=_echo(result.model_name, result.model_version, signature)
-            )
-            out = response.outputs[OUTPUT]
-            out.dtype = types_pb2.DT_FLOAT
-            out.tensor_shape.CopyFrom(_tensor_shape(probs.shape))
-            out.float_val.extend(probs.reshape(-1).tolist())
-            return response
-
-        return await self._handle("Predict", predict, context)
+        return await self._rpc.handle("Predict", self._predict, request, context)
 
     async def Classify(
         self, request: classification_pb2.ClassificationRequest, context
     ) -> classification_pb2.ClassificationResponse:
-        async def classify() -> classification_pb2.ClassificationResponse:
-            spec = request.model_spec
-            meta = self._core.metadata(spec.name, _version(spec))
-            images = [core.EncodedImage(b) for b in _example_images(request.input)]
-            result = await self._core.predict(
-                core.PredictRequest(
-                    images=images,
-                    model_name=meta.name,
-                    model_version=meta.version,
-                    deadline=_deadline(context),
-                )
-            )
-            response = classification_pb2.ClassificationResponse(
-                model_spec=_echo(result.model_name, result.model_version, spec.signature_name)
-            )
-            for prediction in result.predictions:
-                classes = response.result.classifications.add()
-                for _, label, score in prediction.top:
-                    classes.classes.add(label=label, score=score)
-            return response
-
-        return await self._handle("Classify", classify, context)
+        return await self._rpc.handle("Classify", self._classify, request, context)
 
     async def GetModelMetadata(
         self, request: get_model_metadata_pb2.GetModelMetadataRequest, context
     ) -> get_model_metadata_pb2.GetModelMetadataResponse:
-        def metadata() -> get_model_metadata_pb2.GetModelMetadataResponse:
-            fields = list(request.metadata_field)
-            if fields != ["signature_def"]:
-                raise InvalidArgument(
-                    f"metadata_field is {[_cut(f) for f in fields]}; fovea answers ['signature_def']"
-                )
-            spec = request.model_spec
-            meta = self._core.metadata(spec.name, _version(spec))
-            packed = any_pb2.Any()
-            packed.Pack(_signature_defs(meta))
-            response = get_model_metadata_pb2.GetModelMetadataResponse(
-                model_spec=_echo(meta.name, meta.version, spec.signature_name)
-            )
-            response.metadata["signature_def"].CopyFrom(packed)
-            return response
+        return await self._rpc.handle("GetModelMetadata", self._metadata, request, context)
 
-        return await self._handle("GetModelMetadata", metadata, context)
+    async def _predict(self, request: predict_pb2.PredictRequest, context) -> predict_pb2.PredictResponse:
+        spec = request.model_spec
+        signature = spec.signature_name or SIGNATURE_IMAGES
+        if signature not in (SIGNATURE_IMAGES, SIGNATURE_BYTES):
+            raise InvalidArgument(
+                f"signature_name {_cut(signature)!r} is not served; use {SIGNATURE_IMAGES!r} (uint8 images) or "
+                f"{SIGNATURE_BYTES!r} (encoded image bytes)"
+            )
+        unknown = [o for o in request.output_filter if o != OUTPUT]
+        if unknown:
+            raise InvalidArgument(f"output_filter names {_cut(unknown[0])!r}; the only output is {OUTPUT!r}")
+        meta = self._core.metadata(spec.name, _version(spec)).metadata
+        result = await self._core.predict(
+            core.PredictRequest(
+                images=_predict_images(request, meta),
+                model_name=meta.name,
+                model_version=meta.version,
+                return_probabilities=True,
+                deadline=deadline(context),
+            )
+        )
+        probs = np.stack([p.probabilities for p in result.predictions]).astype(np.float32)
+        response = predict_pb2.PredictResponse(
+            model_spec=_echo(result.model_name, result.model_version, signature)
+        )
+        out = response.outputs[OUTPUT]
+        out.dtype = DT_FLOAT
+        _set_shape(out.tensor_shape, probs.shape)
+        out.float_val.extend(probs.reshape(-1).tolist())
+        return response
+
+    async def _classify(
+        self, request: classification_pb2.ClassificationRequest, context
+    ) -> classification_pb2.ClassificationResponse:
+        spec = request.model_spec
+        meta = self._core.metadata(spec.name, _version(spec)).metadata
+        result = await self._core.predict(
+            core.PredictRequest(
+                images=[core.EncodedImage(b) for b in _example_images(request.input)],
+                model_name=meta.name,
+                model_version=meta.version,
+                deadline=deadline(context),
+            )
+        )
+        response = classification_pb2.ClassificationResponse(
+            model_spec=_echo(result.model_name, result.model_version, spec.signature_name)
+        )
+        for prediction in result.predictions:
+            classes = response.result.classifications.add()
+            for _, label, score in prediction.top:
+                classes.classes.add(label=label, score=score)
+        return response
+
+    async def _metadata(
+        self, request: get_model_metadata_pb2.GetModelMetadataRequest, context
+    ) -> get_model_metadata_pb2.GetModelMetadataResponse:
+        fields = list(request.metadata_field)
+        if fields != ["signature_def"]:
+            raise InvalidArgument(
+                f"metadata_field is {[_cut(f) for f in fields]}; fovea answers ['signature_def']"
+            )
+        spec = request.model_spec
+        meta = self._core.metadata(spec.name, _version(spec)).metadata
+        packed = any_pb2.Any()
+        packed.Pack(_signature_defs(meta))
+        response = get_model_metadata_pb2.GetModelMetadataResponse(
+            model_spec=_echo(meta.name, meta.version, spec.signature_name)
+        )
+        response.metadata["signature_def"].CopyFrom(packed)
+        return response
 
 
 class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
-    def __init__(self, core_: core.Core, handler: Handler) -> None:
+    def __init__(self, core_: core.Core, metrics: Metrics) -> None:
         self._core = core_
-        self._handle = handler
+        self._rpc = RpcHandler(metrics, PROTOCOL, ("GetModelStatus",))
 
     async def GetModelStatus(
         self, request: get_model_status_pb2.GetModelStatusRequest, context
     ) -> get_model_status_pb2.GetModelStatusResponse:
-        def status() -> get_model_status_pb2.GetModelStatusResponse:
-            spec = request.model_spec
-            version = _version(spec)
-            meta = self._core.metadata(spec.name, version)
-            versions = [version] if version else meta.loaded_versions
-            available = get_model_status_pb2.ModelVersionStatus.AVAILABLE
-            return get_model_status_pb2.GetModelStatusResponse(
-                model_version_status=[
-                    get_model_status_pb2.ModelVersionStatus(version=v, state=available) for v in versions
-                ]
-            )
+        return await self._rpc.handle("GetModelStatus", self._status, request, context)
 
-        return await self._handle("GetModelStatus", status, context)
-
-
-def _deadline(context: grpc.aio.ServicerContext) -> float | None:
-    remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
+    async def _status(
+        self, request: get_model_status_pb2.GetModelStatusRequest, context
+    ) -> get_model_status_pb2.GetModelStatusResponse:
+        spec = request.model_spec
+        version = _version(spec)
+        described = self._core.metadata(spec.name, version)
+        versions = [version] if version else described.loaded_versions
+        available = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+        return get_model_status_pb2.GetModelStatusResponse(
+            model_version_status=[
+                get_model_status_pb2.ModelVersionStatus(version=v, state=available) for v in versions
+            ]
+        )
 
 
-def _tensor_shape(shape) -> tensor_shape_pb2.TensorShapeProto:
-    return tensor_shape_pb2.TensorShapeProto(
-        dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=s) for s in shape]
-    )
+def _set_shape(proto, shape) -> None:
+    """Fill a TensorShapeProto in place."""
+    for size in shape:
+        proto.dim.add(size=size)
 
 
-def _predict_images(request: predict_pb2.PredictRequest, meta: core.ModelMetadata) -> list:
+def _predict_images(request: predict_pb2.PredictRequest, meta: ModelMetadata) -> list:
     h, w = meta.input_height, meta.input_width
     expected = f"{INPUT_IMAGES!r} DT_UINT8 [-1, {h}, {w}, 3] or {INPUT_BYTES!r} DT_STRING [-1]"
     received = ", ".join(_describe(k, t) for k, t in sorted(request.inputs.items())) or "none"
@@ -220,7 +213,7 @@ def _predict_images(request: predict_pb2.PredictRequest, meta: core.ModelMetadat
     shape = _shape(tensor)
     if key not in (INPUT_IMAGES, INPUT_BYTES):
         raise InvalidArgument(f"model {meta.name!r} expects one input, {expected}; received {received}")
-    if tensor.dtype == types_pb2.DT_STRING:
+    if tensor.dtype == DT_STRING:
         if (
             len(shape) not in (1, 2)
             or (len(shape) == 2 and shape[1] != 1)
@@ -231,7 +224,7 @@ def _predict_images(request: predict_pb2.PredictRequest, meta: core.ModelMetadat
                 "DT_STRING [-1] with one string_val (an encoded image) per image"
             )
         return [core.EncodedImage(b) for b in tensor.string_val]
-    if tensor.dtype == types_pb2.DT_UINT8:
+    if tensor.dtype == DT_UINT8:
         if len(shape) != 4 or shape[0] < 1 or shape[1:] != [h, w, 3]:
             raise InvalidArgument(
                 f"model {meta.name!r} expects DT_UINT8 [-1, {h}, {w}, 3]; received "
@@ -286,22 +279,19 @@ def _example_images(data) -> list[bytes]:
     return images
 
 
-def _signature_defs(meta: core.ModelMetadata) -> get_model_metadata_pb2.SignatureDefMap:
-    def info(name: str, dtype: int, shape) -> meta_graph_pb2.TensorInfo:
-        return meta_graph_pb2.TensorInfo(name=name, dtype=dtype, tensor_shape=_tensor_shape(shape))
-
-    output = {OUTPUT: info("StatefulPartitionedCall:0", types_pb2.DT_FLOAT, (-1, len(meta.labels)))}
-    images = info(
-        f"{SIGNATURE_IMAGES}_{INPUT_IMAGES}:0",
-        types_pb2.DT_UINT8,
-        (-1, meta.input_height, meta.input_width, 3),
-    )
-    encoded = info(f"{SIGNATURE_BYTES}_{INPUT_BYTES}:0", types_pb2.DT_STRING, (-1,))
+def _signature_defs(meta: ModelMetadata) -> get_model_metadata_pb2.SignatureDefMap:
     defs = get_model_metadata_pb2.SignatureDefMap()
-    defs.signature_def[SIGNATURE_IMAGES].CopyFrom(
-        meta_graph_pb2.SignatureDef(inputs={INPUT_IMAGES: images}, outputs=output, method_name=PREDICT_METHOD)
-    )
-    defs.signature_def[SIGNATURE_BYTES].CopyFrom(
-        meta_graph_pb2.SignatureDef(inputs={INPUT_BYTES: encoded}, outputs=output, method_name=PREDICT_METHOD)
-    )
+    h, w, classes = meta.input_height, meta.input_width, len(meta.labels)
+    for signature, key, dtype, shape in (
+        (SIGNATURE_IMAGES, INPUT_IMAGES, DT_UINT8, (-1, h, w, 3)),
+        (SIGNATURE_BYTES, INPUT_BYTES, DT_STRING, (-1,)),
+    ):
+        sig = defs.signature_def[signature]
+        sig.method_name = PREDICT_METHOD
+        inp = sig.inputs[key]
+        inp.name, inp.dtype = f"{signature}_{key}:0", dtype
+        _set_shape(inp.tensor_shape, shape)
+        out = sig.outputs[OUTPUT]
+        out.name, out.dtype = "StatefulPartitionedCall:0", DT_FLOAT
+        _set_shape(out.tensor_shape, (-1, classes))
     return defs

@@ -20,14 +20,12 @@ from importlib import metadata as _pkg_metadata
 from typing import Any
 
 import numpy as np
+from fovea.contract import INPUT_BYTES, INPUT_IMAGES, OUTPUT, ModelMetadata
 from fovea.server import core
 from fovea.server.errors import InvalidArgument, NotFound, ServingError
 
 ENCODED_SUFFIX = "-encoded"
 PLATFORM = "tensorflow_savedmodel"
-INPUT_IMAGES = "images"
-INPUT_BYTES = "image_bytes"
-OUTPUT = "probabilities"
 # What ServerMetadata advertises. "statistics" makes perf_analyzer call ModelStatistics each window;
 # "classification" is fovea's top-k; "parameters" because request parameters are read (unknown ones
 # are ignored); "binary_tensor_data" is the REST binary extension tritonclient.http uses.
@@ -116,7 +114,7 @@ class InferResponse:
 
 
 @dataclass
-class ModelMetadata:
+class V2ModelMetadata:
     name: str
     versions: list[str]
     platform: str
@@ -164,9 +162,8 @@ def parse_version(version: str) -> int:
 class V2:
     """The v2 protocol's operations over the core; both transports call only these."""
 
-    def __init__(self, core_: core.Core, metrics: Any) -> None:
+    def __init__(self, core_: core.Core) -> None:
         self._core = core_
-        self._metrics = metrics
 
     # -- names -----------------------------------------------------------------------------------
 
@@ -182,36 +179,35 @@ class V2:
         names = ", ".join(n for m in sorted(served) for n in (m, m + ENCODED_SUFFIX)) or "(none)"
         raise NotFound(f"model {_cut(name)!r} is not served; served models: {names}")
 
-    def specs(self, meta: core.ModelMetadata, encoded: bool) -> tuple[TensorSpec, TensorSpec]:
+    def specs(self, meta: ModelMetadata, encoded: bool) -> tuple[TensorSpec, TensorSpec]:
         if encoded:
             inp = TensorSpec(INPUT_BYTES, "BYTES", (-1, 1))
         else:
             inp = TensorSpec(INPUT_IMAGES, "UINT8", (-1, meta.input_height, meta.input_width, 3))
         return inp, TensorSpec(OUTPUT, "FP32", (-1, len(meta.labels)))
 
-    def _meta(self, name: str, version: str) -> tuple[str, bool, core.ModelMetadata]:
+    def _describe(self, name: str, version: str) -> tuple[str, bool, core.ModelDescription]:
         base, encoded = self.resolve(name)
         return base, encoded, self._core.metadata(base, parse_version(version))
 
     # -- health and metadata ---------------------------------------------------------------------
 
     def server_ready(self) -> bool:
-        return not self._core.draining and any(m.ready for m in self._core.list_models())
+        return self._core.ready
 
     def model_ready(self, name: str, version: str) -> bool:
-        if self._core.draining:
-            return False
         try:
-            self._meta(name, version)
+            base, _ = self.resolve(name)
+            return self._core.model_ready(base, parse_version(version))
         except ServingError:
             return False
-        return True
 
     def server_metadata(self) -> dict[str, Any]:
         return {"name": "fovea", "version": server_version(), "extensions": list(EXTENSIONS)}
 
-    def model_metadata(self, name: str, version: str) -> ModelMetadata:
-        _, encoded, meta = self._meta(name, version)
+    def model_metadata(self, name: str, version: str) -> V2ModelMetadata:
+        _, encoded, d = self._describe(name, version)
+        meta = d.metadata
         inp, out = self.specs(meta, encoded)
         properties = {
             "fovea_model": meta.name,
@@ -219,11 +215,11 @@ class V2:
             "backbone": meta.backbone,
             "labels": ",".join(meta.labels),
             "created_at": meta.created_at,
-            "max_images_per_request": str(meta.max_images_per_request),
+            "max_images_per_request": str(d.max_images_per_request),
         }
-        return ModelMetadata(
+        return V2ModelMetadata(
             name=name,
-            versions=[str(v) for v in meta.loaded_versions],
+            versions=[str(v) for v in d.loaded_versions],
             platform=PLATFORM,
             inputs=[inp],
             outputs=[out],
@@ -235,8 +231,8 @@ class V2:
 
         perf_analyzer needs at least max_batch_size and inputs that match the metadata.
         """
-        _, encoded, meta = self._meta(name, version)
-        inp, out = self.specs(meta, encoded)
+        _, encoded, d = self._describe(name, version)
+        inp, out = self.specs(d.metadata, encoded)
         config_input: dict[str, Any] = {
             "name": inp.name,
             "data_type": "TYPE_STRING" if encoded else "TYPE_UINT8",
@@ -248,8 +244,8 @@ class V2:
             "name": name,
             "platform": PLATFORM,
             "backend": "tensorflow",
-            "version_policy": {"specific": {"versions": list(meta.loaded_versions)}},
-            "max_batch_size": meta.max_images_per_request,
+            "version_policy": {"specific": {"versions": list(d.loaded_versions)}},
+            "max_batch_size": d.max_images_per_request,
             "input": [config_input],
             "output": [{"name": out.name, "data_type": "TYPE_FP32", "dims": list(out.shape[1:])}],
             "dynamic_batching": {},
@@ -268,62 +264,22 @@ class V2:
         return rows
 
     def statistics(self, name: str, version: str) -> list[dict[str, Any]]:
-        """Triton's ModelStatistics in JSON form, from the server's metrics (every protocol counts).
+        """Triton's ModelStatistics in JSON form: one entry per loaded version (every protocol counts).
 
         perf_analyzer reads these each window: `version` must be numeric and the queue count must grow.
-        Counts are per fovea model; both v2 names of a model share them, as they share its batcher.
+        Both v2 names of a model report its versions' totals, as they share its batchers.
         """
-        if name:
-            _, _, meta = self._meta(name, version)
-            names = [name]
-            versions = {name: meta.version}
-        else:
-            names, versions = [], {}
-            for m in self._core.list_models():
-                if m.ready:
-                    for n in (m.name, m.name + ENCODED_SUFFIX):
-                        names.append(n)
-                        versions[n] = max(m.versions)
-        return [self._stats(n, versions[n]) for n in names]
-
-    def _stats(self, name: str, version: int) -> dict[str, Any]:
-        base, _ = self.resolve(name)
-
-        def sample(metric: str) -> float:
-            value = self._metrics.registry.get_sample_value(metric, {"model": base})
-            return 0.0 if value is None else value
-
-        queue_count = int(sample("fovea_queue_duration_seconds_count"))
-        queue_ns = int(sample("fovea_queue_duration_seconds_sum") * 1e9)
-        batches = int(sample("fovea_batches_total"))
-        preprocess_ns = int(sample("fovea_preprocess_duration_seconds_sum") * 1e9)
-        # Triton charges a batch's compute to each request in it, and perf_analyzer insists that the
-        # compute input, infer and output counts are equal; fovea times compute per batch, so each
-        # request is charged the mean batch time.
-        mean_batch_ns = sample("fovea_compute_duration_seconds_sum") * 1e9 / batches if batches else 0.0
-        compute_ns = int(mean_batch_ns * queue_count)
-
-        def duration(ns: int) -> dict[str, int]:
-            return {"count": queue_count, "ns": ns}
-
-        return {
-            "name": name,
-            "version": str(version),
-            "inference_count": int(sample("fovea_images_inferred_total")),
-            "execution_count": batches,
-            "inference_stats": {
-                "success": duration(queue_ns + preprocess_ns + compute_ns),
-                "queue": duration(queue_ns),
-                "compute_input": duration(preprocess_ns),
-                "compute_infer": duration(compute_ns),
-                "compute_output": duration(0),
-            },
-        }
+        if not name:
+            aliases = {m.name: [m.name, m.name + ENCODED_SUFFIX] for m in self._core.list_models()}
+            return [_stats(a, s) for s in self._core.statistics() for a in aliases.get(s.name, ())]
+        base, _, _ = self._describe(name, version)  # NOT_FOUND for what is not served
+        return [_stats(name, s) for s in self._core.statistics(base, parse_version(version))]
 
     # -- inference -------------------------------------------------------------------------------
 
     async def infer(self, request: InferRequest, deadline: float | None) -> InferResponse:
-        base, encoded, meta = self._meta(request.model_name, request.model_version)
+        base, encoded, d = self._describe(request.model_name, request.model_version)
+        meta = d.metadata
         inp, out = self.specs(meta, encoded)
         images = self._images(request, inp, meta)
         classes = len(meta.labels)
@@ -365,7 +321,7 @@ class V2:
                 outputs.append(Output(o.name, "FP32", probs.shape, probs))
         return InferResponse(request.model_name, str(result.model_version), request.id, outputs)
 
-    def _images(self, request: InferRequest, spec: TensorSpec, meta: core.ModelMetadata) -> list:
+    def _images(self, request: InferRequest, spec: TensorSpec, meta: ModelMetadata) -> list:
         model = _cut(request.model_name)
         received = ", ".join(t.text() for t in request.inputs) or "none"
         if spec.datatype == "BYTES":
@@ -433,3 +389,34 @@ def _int_parameter(parameters: Mapping[str, Any], key: str) -> int | None:
         return int(value)
     except (TypeError, ValueError):
         raise InvalidArgument(f"parameter {key!r} must be an integer, not {_cut(str(value))!r}") from None
+
+
+def _stats(name: str, s: core.VersionStatistics) -> dict[str, Any]:
+    """One version's totals as Triton's ModelStatistics JSON.
+
+    Triton charges a batch's compute to each request in it, and perf_analyzer insists that the compute
+    input, infer and output counts are equal; fovea sums compute per batch, so each answered request
+    is charged the mean batch time. Decoding and resizing are the compute input.
+    """
+    t = s.totals
+    requests = t.requests
+    compute_s = t.compute_s / t.batches * requests if t.batches else 0.0
+
+    def duration(count: int, seconds: float) -> dict[str, int]:
+        return {"count": count, "ns": int(seconds * 1e9)}
+
+    return {
+        "name": name,
+        "version": str(s.version),
+        "last_inference": int(t.last_inference * 1000),
+        "inference_count": t.images,
+        "execution_count": t.batches,
+        "inference_stats": {
+            "success": duration(requests, t.queue_s + t.preprocess_s + compute_s),
+            "fail": duration(t.failures, 0.0),
+            "queue": duration(requests, t.queue_s),
+            "compute_input": duration(requests, t.preprocess_s),
+            "compute_infer": duration(requests, compute_s),
+            "compute_output": duration(requests, 0.0),
+        },
+    }

@@ -21,7 +21,7 @@ from fovea.server.errors import INTERNAL_MESSAGE, InvalidArgument, ServingError
 
 log = logging.getLogger(__name__)
 
-PROTOCOL = "v2-http"
+PROTOCOL = "v2-http"  # the `protocol` label of the request metrics
 # The binary tensor extension: the JSON header's length when binary tensors follow it in the body.
 HEADER_LENGTH = "Inference-Header-Content-Length"
 REQUEST_ID = "X-Request-Id"
@@ -93,8 +93,8 @@ class V2Http:
                 log.exception("%s %s failed", PROTOCOL, method)
                 response = _json({"error": f"{INTERNAL_MESSAGE} (request id {request_id})"}, 500)
             finally:
-                self._metrics.requests.labels(method, code).inc()
-                self._metrics.request_duration.labels(method).observe(time.perf_counter() - start)
+                self._metrics.requests.labels(PROTOCOL, method, code).inc()
+                self._metrics.request_duration.labels(PROTOCOL, method).observe(time.perf_counter() - start)
                 logs.request_id.reset(token)
             response.headers[REQUEST_ID] = request_id
             return response
