@@ -17,7 +17,7 @@ pytest.importorskip(
 )
 
 from _models import LABELS, export_tiny  # noqa: E402
-from _serving import client, start_server, stop_server, wait_serving  # noqa: E402
+from _serving import client, sample, start_server, stop_server, wait_serving  # noqa: E402
 from PIL import Image  # noqa: E402
 from tensorflow_serving.apis import (  # noqa: E402
     classification_pb2,
@@ -96,7 +96,8 @@ def probabilities(response: predict_pb2.PredictResponse) -> np.ndarray:
     return tf.make_ndarray(response.outputs["probabilities"])
 
 
-def test_predict_uint8_tensor_content_and_int_val(predictor, fovea) -> None:
+def test_predict_uint8_tensor_content_and_int_val(server, predictor, fovea) -> None:
+    before = sample(server, "fovea_requests_total", protocol="tf-serving", method="Predict", code="OK")
     batch = images(3, seed=1)
     want, _ = reference(fovea, batch, version=1)
     request = predict_request(version=1)
@@ -113,6 +114,10 @@ def test_predict_uint8_tensor_content_and_int_val(predictor, fovea) -> None:
     tensor.tensor_shape.CopyFrom(tf.TensorShape(batch.shape).as_proto())
     tensor.int_val.extend((batch.reshape(-1).astype(np.int32) + 256).tolist())
     np.testing.assert_allclose(probabilities(predictor.Predict(request, timeout=30)), want, atol=1e-6)
+    assert (
+        sample(server, "fovea_requests_total", protocol="tf-serving", method="Predict", code="OK")
+        == before + 2
+    )
 
 
 def test_predict_encoded_strings_newest_version_and_filter(predictor, fovea) -> None:

