@@ -396,3 +396,22 @@ def test_requests_are_counted_per_protocol(server, triton, http) -> None:
         sample(server, "fovea_requests_total", protocol="v2-http", method="ModelInfer", code="NOT_FOUND")
         == bad + 1
     )
+
+
+def test_model_name_serves_a_kserve_storage_layout(tmp_path, fovea) -> None:
+    """--model-name NAME: the model folder is one model's root (<version>/), as KServe mounts it."""
+    root = export_tiny(tmp_path / "staging", "whatever", SIZE, seed=3).parent  # .../whatever/<version>/
+    srv = start_server(root, model_name="isvc", max_images_per_request=8)
+    try:
+        with client(srv.port) as c:
+            wait_serving(c)
+        c = grpcclient.InferenceServerClient(f"127.0.0.1:{srv.port}")
+        try:
+            assert [m.name for m in c.get_model_repository_index().models] == ["isvc", "isvc-encoded"]
+            batch = images(2, seed=21)
+            got = c.infer("isvc", [uint8_input(batch)]).as_numpy("probabilities")
+        finally:
+            c.close()
+    finally:
+        stop_server(srv)
+    np.testing.assert_allclose(got, reference(fovea, batch)[0], atol=1e-6)  # the same seed-3 weights

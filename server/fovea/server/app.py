@@ -121,7 +121,7 @@ class Server:
         self.settings = settings
         self.metrics = Metrics()
         self.health = health.aio.HealthServicer()
-        source = ModelSource(settings.model_dir, loader.GFileStorage())
+        source = ModelSource(settings.model_dir, loader.GFileStorage(), settings.model_name)
         self.manager = ModelManager(settings, self.metrics, source, load, self._on_ready_change)
         self.core = Core(settings, self.manager, self.metrics)
         self.v2 = v2.V2(self.core)
