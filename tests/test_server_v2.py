@@ -30,7 +30,7 @@ ENCODED = "tiny-encoded"
 def server(tmp_path_factory):
     models = tmp_path_factory.mktemp("models")
     export_tiny(models, MODEL, SIZE, seed=3)
-    srv = start_server(models, max_batch_size=8, max_images_per_request=8)
+    srv = start_server(models, max_batch_size=8, max_images_per_request=8, max_message_mb=1)
     with client(srv.port) as c:
         wait_serving(c)
     yield srv
@@ -376,6 +376,15 @@ def test_http_errors_are_json_with_the_right_status(server, http) -> None:
     with pytest.raises(InferenceServerException) as err:
         http.infer(ENCODED, [uint8_input(images(1), httpclient)])
     assert "BYTES" in err.value.message() and "UINT8" in err.value.message()
+    status, body = post(f"/v2/models/{MODEL}/infer", b" " * (2 * 1024 * 1024))  # over --max-message-mb 1
+    assert status == 413 and body["error"]
+    status, body = post("/v2/no/such/path", b"{}")
+    assert status == 404 and "/v2/no/such/path" in body["error"]
+
+
+def test_grpc_message_limit_applies_to_v2(triton) -> None:
+    big = np.zeros((1, 1024, 1024, 3), dtype=np.uint8)  # 3 MiB, over --max-message-mb 1
+    expect_error(lambda: triton.infer(MODEL, [uint8_input(big)]), "RESOURCE_EXHAUSTED")
 
 
 def test_requests_are_counted_per_protocol(server, triton, http) -> None:

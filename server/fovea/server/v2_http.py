@@ -49,7 +49,7 @@ class V2Http:
         self._max_body = max_body_bytes
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self._max_body)
+        app = web.Application(client_max_size=self._max_body, middlewares=[_json_errors])
         model = "/v2/models/{model}"
         versioned = "/v2/models/{model}/versions/{version}"
         routes = [
@@ -85,6 +85,10 @@ class V2Http:
                 level = logging.WARNING if code in ("INTERNAL", "RESOURCE_EXHAUSTED") else logging.INFO
                 log.log(level, "%s %s: %s: %s", PROTOCOL, method, code, exc.message)
                 response = _json({"error": exc.message}, HTTP_STATUS.get(code, 500))
+            except web.HTTPException as exc:  # aiohttp's own refusals, such as a body over the limit
+                code = "RESOURCE_EXHAUSTED" if exc.status == 413 else "INVALID_ARGUMENT"
+                log.info("%s %s: HTTP %d: %s", PROTOCOL, method, exc.status, exc.text)
+                response = _json({"error": exc.text or exc.reason}, exc.status)
             except asyncio.CancelledError:
                 code = "CANCELLED"  # the caller went away
                 raise
@@ -138,7 +142,7 @@ class V2Http:
         return _json({"model_stats": self._v2.statistics(name, version)})
 
     async def _index(self, request: web.Request) -> web.Response:
-        body = await _json_body(await request.read()) if request.can_read_body else {}
+        body = _json_body(await request.read()) if request.can_read_body else {}
         return _json(self._v2.repository_index(bool(body.get("ready", False))))
 
     # -- inference -------------------------------------------------------------------------------
@@ -146,10 +150,21 @@ class V2Http:
     async def _infer(self, request: web.Request) -> web.Response:
         body = await request.read()
         header, binary = _split_body(body, request.headers.get(HEADER_LENGTH))
-        parsed = await _json_body(header)
+        parsed = _json_body(header)
         infer_request, binary_outputs = _infer_request(request, parsed, binary)
         result = await self._v2.infer(infer_request, None)
         return _infer_response(result, binary_outputs)
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler) -> web.StreamResponse:
+    """Unknown paths and methods get JSON errors too."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _json({"error": f"{exc.reason}: {request.method} {request.path[:128]}"}, exc.status)
 
 
 def _model(request: web.Request) -> tuple[str, str]:
@@ -172,7 +187,7 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvi
     return body[:n], memoryview(body)[n:]
 
 
-async def _json_body(data: bytes) -> dict[str, Any]:
+def _json_body(data: bytes) -> dict[str, Any]:
     try:
         parsed = json.loads(data) if data else {}
     except (ValueError, UnicodeDecodeError) as exc:
