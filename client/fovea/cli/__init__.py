@@ -20,7 +20,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "perf-data": ("fovea.client.perf_data", "write perf_analyzer's --input-data JSON from image files"),
     "train": ("fovea.trainer.cli", "fine-tune a backbone on a folder of images and publish a SavedModel"),
     "demo-data": ("fovea.trainer.cli", "generate a small labelled image set for demos and tests"),
-    "serve": ("fovea.server.serve_command", "serve published models over gRPC"),
+    "serve": (
+        "fovea.server.serve_command",
+        "serve published models: fovea.v1, KServe v2 (gRPC and REST), TF Serving",
+    ),
     "demo": ("fovea.demo", "generate data, train, serve and classify, end to end"),
 }
 
