@@ -378,6 +378,8 @@ def test_http_errors_are_json_with_the_right_status(server, http) -> None:
     assert "BYTES" in err.value.message() and "UINT8" in err.value.message()
     status, body = post(f"/v2/models/{MODEL}/infer", b" " * (2 * 1024 * 1024))  # over --max-message-mb 1
     assert status == 413 and body["error"]
+    status, body = post(f"/v2/models/{MODEL}/infer", b'{"parameters": [1]}')
+    assert status == 400 and "parameters must be a JSON object" in body["error"]
     status, body = post("/v2/no/such/path", b"{}")
     assert status == 404 and "/v2/no/such/path" in body["error"]
 

@@ -197,6 +197,14 @@ def _json_body(data: bytes) -> dict[str, Any]:
     return parsed
 
 
+def _object(value: Any, what: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{what} must be a JSON object")
+    return value
+
+
 def _flatten(data: Any) -> list:
     if isinstance(data, list):
         out: list = []
@@ -211,7 +219,7 @@ def _infer_request(
 ) -> tuple[v2.InferRequest, bool | set[str]]:
     """The v2 request, and which outputs go back as binary (True: all of them)."""
     name, version = _model(request)
-    parameters = body.get("parameters") or {}
+    parameters = _object(body.get("parameters"), "parameters")
     inputs, at = [], 0
     for i, item in enumerate(body.get("inputs") or ()):
         if not isinstance(item, dict):
@@ -222,7 +230,7 @@ def _infer_request(
         ):
             raise InvalidArgument(f"inputs[{i}].shape must be a list of integers")
         tensor = v2.Tensor(str(item.get("name", "")), str(item.get("datatype", "")), tuple(shape))
-        size = (item.get("parameters") or {}).get("binary_data_size")
+        size = _object(item.get("parameters"), f"inputs[{i}].parameters").get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or size < 0 or at + size > len(binary):
                 raise InvalidArgument(
@@ -237,7 +245,7 @@ def _infer_request(
     for i, item in enumerate(body.get("outputs") or ()):
         if not isinstance(item, dict):
             raise InvalidArgument(f"outputs[{i}] must be an object with a name")
-        params = item.get("parameters") or {}
+        params = _object(item.get("parameters"), f"outputs[{i}].parameters")
         k = params.get("classification", 0)
         if isinstance(k, bool) or not isinstance(k, int):
             raise InvalidArgument(f"outputs[{i}].parameters.classification must be an integer")
