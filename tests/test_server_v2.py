@@ -298,6 +298,15 @@ def test_http_uint8_binary_and_json_match_fovea_v1(http, fovea) -> None:
     plain = http.infer(MODEL, [inp], outputs=[out])
     assert plain.get_response()["outputs"][0]["data"]
     np.testing.assert_allclose(plain.as_numpy("probabilities"), want, atol=1e-6)
+    # Compressed both ways, as tritonclient.http offers.
+    for algorithm in ("gzip", "deflate"):
+        packed = http.infer(
+            MODEL,
+            [uint8_input(batch, httpclient)],
+            request_compression_algorithm=algorithm,
+            response_compression_algorithm=algorithm,
+        )
+        np.testing.assert_allclose(packed.as_numpy("probabilities"), want, atol=1e-6)
 
 
 def test_http_bytes_classification_matches_fovea_v1(http, fovea) -> None:

@@ -153,7 +153,12 @@ class V2Http:
         parsed = _json_body(header)
         infer_request, binary_outputs = _infer_request(request, parsed, binary)
         result = await self._v2.infer(infer_request, None)
-        return _infer_response(result, binary_outputs)
+        response = _infer_response(result, binary_outputs)
+        if "Accept-Encoding" in request.headers:
+            # gzip or deflate when the client asks (tritonclient's response_compression_algorithm);
+            # aiohttp also undoes a request's Content-Encoding before we read the body.
+            response.enable_compression()
+        return response
 
 
 @web.middleware
