@@ -137,7 +137,9 @@ def test_grpc_aio_client(server, fovea) -> None:
     np.testing.assert_allclose(enc, reference(fovea, blobs)[0], atol=1e-6)
 
 
-def test_grpc_metadata_config_statistics(triton) -> None:
+def test_grpc_metadata_config_statistics(triton, fovea) -> None:
+    for service in ("inference.GRPCInferenceService", "tensorflow.serving.PredictionService"):
+        assert fovea.health(service=service, timeout=10) == "SERVING"  # grpc.health.v1 knows them
     assert triton.is_server_live() and triton.is_server_ready()
     assert not triton.is_model_ready("nope")
     server_meta = triton.get_server_metadata()
