@@ -7,10 +7,11 @@ to the servers from their own thread with blocking gRPC calls.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,18 @@ def start_server(models_dir: Path, **overrides: Any):
 
 def stop_server(server, grace: float = 5.0) -> None:
     run(server.stop(grace), timeout=grace + 60)
+
+
+@contextlib.contextmanager
+def serving(models_dir: Path, **overrides: Any) -> Iterator[Any]:
+    """start_server, wait until it is SERVING (a model loaded and warm), and stop it afterwards."""
+    server = start_server(models_dir, **overrides)
+    try:
+        with client(server.port) as c:
+            wait_serving(c)
+        yield server
+    finally:
+        stop_server(server)
 
 
 def wait_until(

@@ -20,7 +20,7 @@ import pytest
 pytest.importorskip("tensorflow", reason="the server tests need the server extra")
 
 from _models import export_tiny
-from _serving import client, sample, start_server, stop_server, wait_serving
+from _serving import sample, serving
 from fovea.client.perf_data import input_data
 from PIL import Image
 
@@ -52,11 +52,8 @@ def perf_analyzer() -> str:
 def server(tmp_path_factory, perf_analyzer):
     models = tmp_path_factory.mktemp("models")
     export_tiny(models, MODEL, 32, seed=6)
-    srv = start_server(models, max_batch_size=8)
-    with client(srv.port) as c:
-        wait_serving(c)
-    yield srv
-    stop_server(srv)
+    with serving(models, max_batch_size=8) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

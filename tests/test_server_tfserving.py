@@ -17,7 +17,7 @@ pytest.importorskip(
 )
 
 from _models import LABELS, export_tiny  # noqa: E402
-from _serving import client, sample, start_server, stop_server, wait_serving  # noqa: E402
+from _serving import client, sample, serving  # noqa: E402
 from PIL import Image  # noqa: E402
 from tensorflow_serving.apis import (  # noqa: E402
     classification_pb2,
@@ -37,12 +37,9 @@ def server(tmp_path_factory):
     models = tmp_path_factory.mktemp("models")
     export_tiny(models, MODEL, SIZE, seed=4)
     export_tiny(models, MODEL, SIZE, seed=5)  # two versions, both served
-    srv = start_server(models, version_policy="all", max_images_per_request=8)
-    with client(srv.port) as c:
-        wait_serving(c)
+    with serving(models, version_policy="all", max_images_per_request=8) as srv, client(srv.port) as c:
         assert c.list_models(timeout=10)[0].versions == (1, 2)
-    yield srv
-    stop_server(srv)
+        yield srv
 
 
 @pytest.fixture(scope="module")

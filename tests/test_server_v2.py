@@ -17,7 +17,7 @@ pytest.importorskip("tensorflow", reason="the server tests need the server extra
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient is not installed (dev extra)")
 
 from _models import LABELS, export_tiny  # noqa: E402
-from _serving import client, sample, start_server, stop_server, wait_serving  # noqa: E402
+from _serving import client, sample, serving  # noqa: E402
 from PIL import Image  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
@@ -30,11 +30,8 @@ ENCODED = "tiny-encoded"
 def server(tmp_path_factory):
     models = tmp_path_factory.mktemp("models")
     export_tiny(models, MODEL, SIZE, seed=3)
-    srv = start_server(models, max_batch_size=8, max_images_per_request=8, max_message_mb=1)
-    with client(srv.port) as c:
-        wait_serving(c)
-    yield srv
-    stop_server(srv)
+    with serving(models, max_batch_size=8, max_images_per_request=8, max_message_mb=1) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -423,10 +420,7 @@ def test_requests_are_counted_per_protocol(server, triton, http) -> None:
 def test_model_name_serves_a_kserve_storage_layout(tmp_path, fovea) -> None:
     """--model-name NAME: the model folder is one model's root (<version>/), as KServe mounts it."""
     root = export_tiny(tmp_path / "staging", "whatever", SIZE, seed=3).parent  # .../whatever/<version>/
-    srv = start_server(root, model_name="isvc", max_images_per_request=8)
-    try:
-        with client(srv.port) as c:
-            wait_serving(c)
+    with serving(root, model_name="isvc", max_images_per_request=8) as srv:
         c = grpcclient.InferenceServerClient(f"127.0.0.1:{srv.port}")
         try:
             assert [m.name for m in c.get_model_repository_index().models] == ["isvc", "isvc-encoded"]
@@ -434,6 +428,4 @@ def test_model_name_serves_a_kserve_storage_layout(tmp_path, fovea) -> None:
             got = c.infer("isvc", [uint8_input(batch)]).as_numpy("probabilities")
         finally:
             c.close()
-    finally:
-        stop_server(srv)
     np.testing.assert_allclose(got, reference(fovea, batch)[0], atol=1e-6)  # the same seed-3 weights
