@@ -46,12 +46,14 @@ def test_command_without_its_extras_fails_with_one_line_hint(command: str, hint:
 
 
 def test_ports_line_round_trips_and_rejects_other_lines() -> None:
-    line = format_ports_line(40123, 9090)
-    assert parse_ports_line(line) == (40123, 9090)
-    assert parse_ports_line(line + "\n") == (40123, 9090)
-    assert parse_ports_line("INFO something " + line) == (40123, 9090)  # a log line ran into it
-    assert parse_ports_line("fovea serve: grpc_port=1") is None
-    assert parse_ports_line("grpc_port=1 metrics_port=2 and more") is None
+    line = format_ports_line(40123, 9090, 8080)
+    assert parse_ports_line(line) == (40123, 9090, 8080)
+    assert parse_ports_line(line).http == 8080
+    assert parse_ports_line(line + "\n") == (40123, 9090, 8080)
+    assert parse_ports_line("INFO something " + line) == (40123, 9090, 8080)  # a log line ran into it
+    assert parse_ports_line(format_ports_line(1, 2, None)) == (1, 2, None)  # --http-port -1
+    assert parse_ports_line("fovea serve: grpc_port=1 metrics_port=2") is None
+    assert parse_ports_line("grpc_port=1 metrics_port=2 http_port=3 and more") is None
 
 
 def test_prom_text_reads_what_prometheus_client_writes() -> None:

@@ -47,6 +47,8 @@ def serve_process(tmp_path: Path):
             "0",
             "--metrics-port",
             "0",
+            "--http-port",
+            "0",
             "--max-in-flight-batches",
             "1",
             "--grace-period",
@@ -74,7 +76,7 @@ def test_sigterm_finishes_in_flight_requests_and_exits_zero(serve_process) -> No
     line = proc.stdout.readline()
     ports = parse_ports_line(line)
     assert ports, f"no port line on stdout: {line!r}; stderr: {''.join(stderr)[-2000:]}"
-    port = ports[0]
+    port = ports.grpc
     with client(port, max_images_per_request=8) as fovea:
         wait_serving(fovea)
         done = []
@@ -127,8 +129,18 @@ def test_a_taken_port_is_a_one_line_error(tmp_path: Path) -> None:
         taken.listen()
         port = str(taken.getsockname()[1])
         for flags, expected in (
-            (["--port", port, "--metrics-port", "0"], f"cannot listen for gRPC on 127.0.0.1:{port}"),
-            (["--port", "0", "--metrics-port", port], f"cannot serve metrics on 127.0.0.1:{port}"),
+            (
+                ["--port", port, "--metrics-port", "0", "--http-port", "0"],
+                f"cannot listen for gRPC on 127.0.0.1:{port}",
+            ),
+            (
+                ["--port", "0", "--metrics-port", port, "--http-port", "0"],
+                f"cannot serve metrics on 127.0.0.1:{port}",
+            ),
+            (
+                ["--port", "0", "--metrics-port", "0", "--http-port", port],
+                f"cannot serve HTTP on 127.0.0.1:{port}",
+            ),
         ):
             args = serve_command("--model-dir", str(tmp_path), "--host", "127.0.0.1", *flags)
             result = subprocess.run(args, env=subprocess_env(), capture_output=True, text=True, timeout=120)

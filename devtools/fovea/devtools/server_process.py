@@ -33,13 +33,14 @@ class ServerProcess:
     ) -> None:
         self.argv = [
             sys.executable, "-m", "fovea.cli", "serve", "--model-dir", str(models_dir),
-            "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *extra,
+            "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--http-port", "0", *extra,
         ]  # fmt: skip
         self.env = dict(env) if env is not None else None
         self.echo = echo
         self.output: list[str] = []
         self.grpc_port = 0
         self.metrics_port = 0
+        self.http_port: int | None = None
         self.process: subprocess.Popen | None = None
 
     @property
@@ -66,7 +67,7 @@ class ServerProcess:
                     self.echo(line)
                 ports = parse_ports_line(line)
                 if ports and not ports_seen.is_set():
-                    self.grpc_port, self.metrics_port = ports
+                    self.grpc_port, self.metrics_port, self.http_port = ports
                     ports_seen.set()
 
         threading.Thread(target=pump, daemon=True).start()

@@ -8,16 +8,26 @@ module imports nothing heavy: reading the line must not load TensorFlow.
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 # search, not match: on a terminal shared with stderr a log line may run into it.
-_PORTS = re.compile(r"fovea serve: grpc_port=(\d+) metrics_port=(\d+)\s*$")
+_PORTS = re.compile(r"fovea serve: grpc_port=(\d+) metrics_port=(\d+) http_port=(\d+|None)\s*$")
 
 
-def format_ports_line(grpc_port: int, metrics_port: int) -> str:
-    return f"fovea serve: grpc_port={grpc_port} metrics_port={metrics_port}"
+class Ports(NamedTuple):
+    grpc: int
+    metrics: int
+    http: int | None  # None when the REST port is off (--http-port -1)
 
 
-def parse_ports_line(line: str) -> tuple[int, int] | None:
-    """(grpc_port, metrics_port) when `line` is the ports line, else None."""
+def format_ports_line(grpc_port: int, metrics_port: int, http_port: int | None) -> str:
+    return f"fovea serve: grpc_port={grpc_port} metrics_port={metrics_port} http_port={http_port}"
+
+
+def parse_ports_line(line: str) -> Ports | None:
+    """The ports when `line` is the ports line, else None."""
     match = _PORTS.search(line)
-    return (int(match.group(1)), int(match.group(2))) if match else None
+    if not match:
+        return None
+    grpc, metrics, http = match.groups()
+    return Ports(int(grpc), int(metrics), None if http == "None" else int(http))
