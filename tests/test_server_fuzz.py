@@ -63,6 +63,8 @@ def rss_growth_bound_mib() -> float:
 ALLOWED = {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "OUT_OF_RANGE"}
 PREDICT = "/fovea.v1.ClassifierService/Predict"
 METADATA = "/fovea.v1.ClassifierService/GetModelMetadata"
+V2_INFER = "/inference.GRPCInferenceService/ModelInfer"
+TFS_PREDICT = "/tensorflow.serving.PredictionService/Predict"
 
 
 @dataclass
@@ -287,11 +289,17 @@ def generate(rng: np.random.Generator, rnd: random.Random, valid_png: bytes) -> 
             field(1, 2, field(1, 2, rnd.randbytes(8) + b"\xc3\x28")) + field(2, 2, field(1, 2, valid_png)),
         ),
         lambda: Case("wire: group tags", PREDICT, b"\x0b" * rnd.randint(1, 200)),
+        # The other protocols' servicers are registered the same way: malformed is INVALID_ARGUMENT.
+        lambda: Case(
+            "wire: v2 and TF Serving, malformed",
+            rnd.choice([V2_INFER, TFS_PREDICT]),
+            rnd.choice([b"\xff\xff\xff", b"\x0b" * 50, _nested(200), b"\x0a\x05\xc3\x28abc"]),
+        ),
         lambda: Case(
             "oversize message", PREDICT, predict(pb.Image(encoded=b"\0" * (MAX_MESSAGE_MB * 2**20 + 1)))
         ),
     ]
-    weights = [10, 8, 25, 8, 6, 3, 2, 6, 3, 1, 1, 8, 6, 3, 3, 2, 3, 3, 2, 0.2]
+    weights = [10, 8, 25, 8, 6, 3, 2, 6, 3, 1, 1, 8, 6, 3, 3, 2, 3, 3, 2, 3, 0.2]
     yield from regressions()
     while True:
         yield rnd.choices(generators, weights)[0]()
@@ -339,7 +347,7 @@ def test_malformed_requests_get_bounded_counted_answers(server) -> None:
     valid_png = encode(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8), "PNG")
     options = [("grpc.max_send_message_length", 64 * 2**20), ("grpc.max_receive_message_length", 64 * 2**20)]
     with grpc.insecure_channel(server.target, options=options) as ch:
-        calls = {m: ch.unary_unary(m) for m in (PREDICT, METADATA)}  # raw bytes in, raw bytes out
+        calls = {m: ch.unary_unary(m) for m in (PREDICT, METADATA, V2_INFER, TFS_PREDICT)}  # raw bytes
 
         def valid_answer() -> bytes:
             body = pb.PredictRequest(images=[pb.Image(encoded=valid_png)], return_probabilities=True)
