@@ -29,7 +29,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 # run.py puts client/, server/ and trainer/ on sys.path when imported.
-from run import env, log, make_models, start_server, stop_server  # noqa: E402
+from run import log, make_models, start_server, stop_server, subprocess_env  # noqa: E402
 
 TARGETS = {"goodput_share": 0.90, "accepted_p99_s": 1.0}
 
@@ -60,7 +60,7 @@ def loadgen(server, payload: Path, *args: str) -> dict:
         str(payload),
         *args,
     ]
-    out = subprocess.run(argv, env=env(), check=True, capture_output=True, text=True)
+    out = subprocess.run(argv, env=subprocess_env(), check=True, capture_output=True, text=True)
     return json.loads(out.stdout)
 
 

@@ -34,7 +34,7 @@ pytest.importorskip("tensorflow", reason="the fuzz test needs the server extra")
 from _bombs import constant_gif, header_only, stub_gif, zeros_png
 from _models import export_tiny
 from _serving import subprocess_env
-from fovea.demo.server_process import ServerProcess
+from fovea.devtools.server_process import ServerProcess
 from fovea.v1 import classifier_pb2 as pb
 from PIL import Image
 
