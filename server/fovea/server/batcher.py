@@ -111,7 +111,6 @@ class Batcher:
         self._admitted_rows = 0  # admitted by `admit`, not yet submitted (being decoded)
         self._admitted_chunks = 0
         self._computing_rows = 0
-        self._running: dict[int, tuple[int, float]] = {}  # running batches: (rows, start on the clock)
         self._row_s: float | None = None  # learned compute seconds per (padded) row
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(max_in_flight)
@@ -129,16 +128,13 @@ class Batcher:
     def expected_wait(self, rows: int = 0) -> float:
         """Seconds a request of `rows` rows arriving now would wait before its compute ends (estimate).
 
-        Every row ahead (queued, or admitted and still being decoded) costs the per-row compute time
-        of recent batches, and a running batch what is left of its expected time; slots compute in
-        parallel.
+        Every row ahead (queued, admitted and still being decoded, or in a running batch) costs the
+        per-row compute time of recent batches; slots compute in parallel.
         """
         if self._row_s is None:
             return 0.0  # nothing measured yet: warm-up already ran every batch size, so admit
-        now = self._clock()
-        running = sum(max(0.0, n * self._row_s - (now - start)) for n, start in self._running.values())
-        ahead = self._queued_rows + self._admitted_rows + rows
-        return (ahead * self._row_s + running) / self.max_in_flight
+        ahead = self._queued_rows + self._admitted_rows + self._computing_rows + rows
+        return ahead * self._row_s / self.max_in_flight
 
     @contextlib.contextmanager
     def admit(self, rows: int, deadline: float | None = None, before: float = 0.0) -> Iterator[Place]:
@@ -349,7 +345,6 @@ class Batcher:
             rows = [row for item in batch for row in item.rows]
             size = self._padded_size(len(rows))
             start = self._clock()
-            self._running[id(batch)] = (size, start)
             waits = [start - item.enqueued for item in batch]
             outputs = await asyncio.get_running_loop().run_in_executor(
                 self._executor, self._compute, rows, size
@@ -379,5 +374,4 @@ class Batcher:
                     item.future.set_exception(exc)
         finally:
             self._computing_rows -= computing
-            self._running.pop(id(batch), None)
             self._slots.release()
