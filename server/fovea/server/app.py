@@ -120,7 +120,10 @@ class Server:
         if s.metrics_port >= 0:
             metrics_address = f"{s.metrics_host or s.host}:{s.metrics_port}"
             try:
-                self.metrics_port = self.metrics.serve_http(s.metrics_host or s.host, s.metrics_port)
+                # Over TLS (and mTLS) exactly when gRPC is: same certificate, key and client CA.
+                self.metrics_port = self.metrics.serve_http(
+                    s.metrics_host or s.host, s.metrics_port, s.tls_cert, s.tls_key, s.tls_client_ca
+                )
             except OSError as exc:
                 await server.stop(None)
                 raise StartupError(
@@ -130,12 +133,13 @@ class Server:
         self._server = server
         tls = " (mTLS)" if s.tls_client_ca else " (TLS)" if s.tls_cert else ""
         log.info(
-            "serving %s on %s, grpc port %d%s, metrics port %s; models from %s",
+            "serving %s on %s, grpc port %d%s, metrics port %s%s; models from %s",
             SERVICE_NAME,
             s.host,
             self.port,
             tls,
             self.metrics_port,
+            tls if self.metrics_port is not None else "",
             s.model_dir,
         )
         self.repository.start()
