@@ -11,6 +11,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import os
 import posixpath
 import time
 from collections.abc import Callable
@@ -166,11 +167,17 @@ class ModelRepository:
                 None, tf_runner.list_versions, posixpath.join(base, name)
             )
         self._known = [n for n, v in listed.items() if v]
+        if not self._known:
+            log.warning(await loop.run_in_executor(None, _nothing_found, base, names))
         for name, versions in listed.items():
-            await self._sync_model(name, self._wanted(versions))
+            wanted = self._wanted(versions)
+            await self._sync_model(name, wanted)
+            pending = [v for v in wanted if v not in self._models.get(name, {})]
+            self._metrics.versions_pending.labels(name).set(len(pending))
         for name in [n for n in self._models if n not in listed]:
             log.info("model %s disappeared from %s; unloading it", name, base)
             await self._sync_model(name, [])
+        self._metrics.last_scan.set(time.time())
         self._update_ready()
 
     def _wanted(self, versions: list[int]) -> list[int]:
@@ -294,3 +301,18 @@ class ModelRepository:
                 served.runner.release()
         self._models.clear()
         self._loader.shutdown(wait=False)
+
+
+def _nothing_found(base: str, names: list[str]) -> str:
+    """Why a scan of --model-dir found no version, and the layout it expects (one log line)."""
+    layout = f"expected {posixpath.join(base, '<model name>', '<version>', 'saved_model.pb')}"
+    parent = posixpath.dirname(base.rstrip("/"))
+    if names and all(n.isdigit() for n in names) and tf_runner.list_versions(base):
+        return f"--model-dir {base} is one model's folder (versions {', '.join(names)}): use its parent, {parent}"
+    if posixpath.basename(base.rstrip("/")).isdigit() and tf_runner.list_versions(parent):
+        return f"--model-dir {base} is a version folder: use the folder above its model, {posixpath.dirname(parent)}"
+    if "://" not in base and not os.path.isdir(base):
+        return f"--model-dir {base} does not exist; waiting for it ({layout})"
+    if not names:
+        return f"--model-dir {base} is empty; waiting for a model ({layout})"
+    return f"--model-dir {base} has no complete version in {', '.join(names)}; waiting ({layout})"
