@@ -73,6 +73,7 @@ class Server:
             settings = dataclasses.replace(settings, allowed_batch_sizes=sizes)
         self.settings = settings
         self.metrics = Metrics()
+        self.metrics.queue_capacity.set(settings.max_queue_size)
         self.health = health.aio.HealthServicer()
         self.repository = ModelRepository(settings, self.metrics, self._on_ready_change, runner_factory)
         self.core = Core(settings, self.repository, self.metrics)

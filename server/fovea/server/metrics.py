@@ -89,6 +89,11 @@ class Metrics:
         self.queue_depth = Gauge(
             "fovea_queue_depth_requests", "Requests waiting for a batch.", ["model", "version"], registry=r
         )
+        self.queue_capacity = Gauge(
+            "fovea_queue_capacity_requests",
+            "Requests one model version's queue holds before shedding (--max-queue-size).",
+            registry=r,
+        )
         self.model_loads = Counter(
             "fovea_model_loads", "Model versions loaded and warmed successfully.", ["model"], registry=r
         )
