@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 from fovea.server import runner as tf_runner
+from fovea.server import tracing
 from fovea.server.config import Settings
 from fovea.server.core import Core
 from fovea.server.metrics import Metrics
@@ -185,6 +186,7 @@ async def serve(settings: Settings) -> int:
     # Installed before anything starts, so a signal during start-up still drains and exits 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    tracing.setup()  # only with OTEL_* set and the otel extra installed
     server = Server(settings)
     await server.start()
     # The one stdout line tests and scripts read to find the bound ports.

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
-from fovea.server import imageinfo
+from fovea.server import imageinfo, tracing
 from fovea.server.config import Settings
 from fovea.server.errors import InvalidArgument, Unavailable
 
@@ -139,8 +139,11 @@ class Core:
                     f"top_k is {top_k}; it must be between 1 and {classes} (the model's classes), or 0 for "
                     "the default"
                 )
-            rows = await self._preprocess(request.images, served)
-            outputs = await served.batcher.submit(rows, request.deadline)
+            with tracing.span("decode", images=count):
+                rows = await self._preprocess(request.images, served)
+            timings: list | None = [] if tracing.enabled() else None
+            outputs = await served.batcher.submit(rows, request.deadline, timings)
+            tracing.record_batches(timings)
         finally:
             served.release()
         probabilities = np.asarray(outputs, dtype=np.float32)

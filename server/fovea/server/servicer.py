@@ -12,7 +12,7 @@ import logging
 import time
 
 import grpc
-from fovea.server import core, logs
+from fovea.server import core, logs, tracing
 from fovea.server.errors import INTERNAL_MESSAGE, ServingError
 from fovea.server.metrics import Metrics
 from fovea.v1 import classifier_pb2 as pb
@@ -50,6 +50,7 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServiceServicer):
     async def _handle(self, method: str, fn, request, context: grpc.aio.ServicerContext):
         request_id = _request_id(context)
         token = logs.request_id.set(request_id)
+        span = tracing.start_server_span(SERVICE_NAME, method, context.invocation_metadata())
         start = time.perf_counter()
         code = "OK"
         trailer = ((logs.REQUEST_ID_HEADER, request_id),)
@@ -78,6 +79,7 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServiceServicer):
         finally:
             self._metrics.requests.labels(method, code).inc()
             self._durations[method].observe(time.perf_counter() - start)
+            span.finish(code)
             logs.request_id.reset(token)
 
     async def _predict(
