@@ -136,6 +136,7 @@ cleanup() {
 }
 trap cleanup EXIT
 cleanup  # a previous run's pods and volumes
+say "note: podman's 'failed to connect to syslog' and 'unable to get systemd connection ... healthchecks' lines are harmless: this machine runs no systemd (Kubernetes probes are checked offline)"
 say "podman kube play $kube/train.yaml (k8s/30-train-job.yaml as a Pod; overrides: ${train_overrides[*]})"
 podman kube play "$kube/train.yaml" || fail "podman kube play train.yaml failed"
 train_container=fovea-train-train
