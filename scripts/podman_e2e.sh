@@ -68,8 +68,6 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq podman buildah mmdebstrap uidmap fuse-overlayfs slirp4netns runc >/dev/null
 fi
-"$python" -c 'import grpc, numpy, yaml' 2>/dev/null \
-  || fail "$python lacks grpcio, numpy or pyyaml (set PYTHON to the dev venv's python)"
 mkdir -p "$work"
 # crun refuses this machine's cgroup layout and the ulimits cannot be raised: runc, cgroupfs, and
 # limits within the hard ones.
@@ -88,6 +86,8 @@ export CONTAINERS_CONF="$work/containers.conf"
 if ! info=$(podman info 2>&1); then
   skip "podman cannot run here: $(printf '%s' "$info" | tail -n 3)"
 fi
+"$python" -c 'import grpc, numpy, yaml' 2>/dev/null \
+  || fail "$python lacks grpcio, numpy or pyyaml (set PYTHON to the dev venv's python)"
 step_done "tools and containers.conf"
 
 # ---- 1. base image --------------------------------------------------------------------------------
