@@ -19,7 +19,7 @@ NATIVE_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\S+\s+\d+ \S+:\d+\]", re.M)
 
 def _serve_output(tmp_path, *flags: str) -> str:
     argv = [sys.executable, "-m", "fovea.cli", "serve", "--model-dir", str(tmp_path), "--port", "0"]
-    argv += ["--metrics-port", "-1", "--log-format", "text", *flags]
+    argv += ["--metrics-port", "-1", "--http-port", "-1", "--log-format", "text", *flags]
     proc = subprocess.Popen(
         argv, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )

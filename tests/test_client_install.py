@@ -74,12 +74,12 @@ def test_pip_install_is_the_thin_client_without_tensorflow(tmp_path: Path) -> No
     assert not {n for n in names if n.startswith(("tensorflow", "tf-keras", "keras"))}, names
     assert "grpcio-health-checking" not in names  # the client's health check does without it
 
-    check = "import sys, fovea.client; print(sorted(m for m in ('tensorflow', 'PIL') if m in sys.modules))"
+    check = "import sys, fovea.client, fovea.contract, fovea.inference.grpc_service_pb2; print(sorted(m for m in ('tensorflow', 'PIL') if m in sys.modules))"
     proc = subprocess.run([str(python), "-c", check], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
 
-    for command in ("predict", "health"):
+    for command in ("predict", "health", "perf-data"):
         proc = subprocess.run(
             [str(bin_dir / "fovea"), command, "--help"], capture_output=True, text=True, cwd=tmp_path, env=env
         )

@@ -100,13 +100,16 @@ def test_monitoring_is_not_applied_with_k8s():
         assert "monitoring.coreos.com" not in path.read_text(), path
 
 
-def test_dashboard_file_is_generated_from_its_script():
+def test_dashboard_and_prometheus_rule_are_generated():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("gen_dashboard", ROOT / "scripts" / "gen_dashboard.py")
+    spec = importlib.util.spec_from_file_location("gen_monitoring", ROOT / "scripts" / "gen_monitoring.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert DASHBOARD.read_text() == module.render(), "run python scripts/gen_dashboard.py"
+    assert DASHBOARD.read_text() == module.render(), "run python scripts/gen_monitoring.py"
+    assert PROMETHEUS_RULE.read_text() == module.render_prometheus_rule(), (
+        "run python scripts/gen_monitoring.py"
+    )
     titles = [panel["title"] for panel in json.loads(DASHBOARD.read_text())["panels"]]
     for signal in (
         "status code",
@@ -136,7 +139,7 @@ def exported(tmp_path_factory) -> set[str]:
     export_tiny(models, "tiny", 16)
     srv = start_server(models)
     try:
-        wait_until(lambda: srv.repository.ready, what="ready")
+        wait_until(lambda: srv.manager.ready, what="ready")
         with client(srv.port) as fovea:
             for _ in range(3):
                 fovea.predict(np.zeros((16, 16, 3), np.uint8), timeout=10)

@@ -12,7 +12,7 @@ pytest.importorskip("tensorflow", reason="the server tests need the server extra
 from _models import export_tiny
 from _serving import start_server, stop_server, wait_until
 
-LOGGER = "fovea.server.repository"
+LOGGER = "fovea.server.manager"
 
 
 def _warnings(caplog) -> list[str]:
@@ -45,7 +45,7 @@ def test_model_dir_that_serves_nothing_says_why(case, published, tmp_path, caplo
     try:
         # Said at the first scan, and again at the next ones while nothing is found.
         wait_until(lambda: len(_warnings(caplog)) >= 2, timeout=30, what="two warnings")
-        assert not srv.repository.ready
+        assert not srv.manager.ready
     finally:
         stop_server(srv)
     message = _warnings(caplog)[0]
@@ -59,7 +59,7 @@ def test_a_served_model_dir_warns_nothing(published, caplog):
     caplog.set_level(logging.WARNING, logger=LOGGER)
     srv = start_server(published, poll_interval=0.1)
     try:
-        wait_until(lambda: srv.repository.ready, timeout=60, what="SERVING")
+        wait_until(lambda: srv.manager.ready, timeout=60, what="SERVING")
         assert _warnings(caplog) == []
     finally:
         stop_server(srv)

@@ -38,6 +38,8 @@ def serve_process(tmp_path: Path):
             "0",
             "--metrics-port",
             "0",
+            "--http-port",
+            "0",
             "--max-in-flight-batches",
             "1",
             "--grace-period",
@@ -118,8 +120,18 @@ def test_a_taken_port_is_a_one_line_error(tmp_path: Path) -> None:
         taken.listen()
         port = str(taken.getsockname()[1])
         for flags, expected in (
-            (["--port", port, "--metrics-port", "0"], f"cannot listen for gRPC on 127.0.0.1:{port}"),
-            (["--port", "0", "--metrics-port", port], f"cannot serve metrics on 127.0.0.1:{port}"),
+            (
+                ["--port", port, "--metrics-port", "0", "--http-port", "0"],
+                f"cannot listen for gRPC on 127.0.0.1:{port}",
+            ),
+            (
+                ["--port", "0", "--metrics-port", port, "--http-port", "0"],
+                f"cannot serve metrics on 127.0.0.1:{port}",
+            ),
+            (
+                ["--port", "0", "--metrics-port", "0", "--http-port", port],
+                f"cannot serve HTTP on 127.0.0.1:{port}",
+            ),
         ):
             args = serve_command("--model-dir", str(tmp_path), "--host", "127.0.0.1", *flags)
             result = subprocess.run(args, env=subprocess_env(), capture_output=True, text=True, timeout=120)

@@ -45,7 +45,7 @@ def test_spans_continue_the_callers_trace(exporter, tmp_path):
     export_tiny(tmp_path, "tiny", 16)
     srv = start_server(tmp_path)
     try:
-        wait_until(lambda: srv.repository.ready, what="ready")
+        wait_until(lambda: srv.manager.ready, what="ready")
         stub = classifier_pb2_grpc.ClassifierServiceStub(channel(srv.port))
         request = pb.PredictRequest(images=[pb.Image(encoded=_png())] * 2)
         metadata = [("traceparent", f"00-{TRACE_ID}-{PARENT_ID}-01")]

@@ -20,9 +20,13 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "health": ("fovea.client.cli", "ask a server whether it is serving"),
     "metadata": ("fovea.client.cli", "show a served model's labels, input size and metrics"),
     "models": ("fovea.client.cli", "list the models a server has loaded"),
+    "perf-data": ("fovea.client.perf_data", "write perf_analyzer's --input-data JSON from image files"),
     "train": ("fovea.trainer.cli", "fine-tune a backbone on a folder of images and publish a SavedModel"),
     "demo-data": ("fovea.trainer.cli", "generate a small labelled image set for demos and tests"),
-    "serve": ("fovea.server.cli", "serve published models over gRPC"),
+    "serve": (
+        "fovea.server.serve_command",
+        "serve published models: fovea.v1, KServe v2 (gRPC and REST), TF Serving",
+    ),
     "demo": ("fovea.demo", "generate data, train, serve and classify, end to end"),
 }
 

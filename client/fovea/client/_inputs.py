@@ -15,9 +15,8 @@ from typing import Any
 
 import numpy as np
 from fovea.client._errors import invalid_argument
+from fovea.contract import IMAGE_SUFFIXES
 from fovea.v1 import classifier_pb2
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
 # Magic numbers of the encodings the server decodes, so a wrong file fails here with its name.
 _MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"))

@@ -20,6 +20,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from fovea import contract
 from fovea.cli import CLIError
 from fovea.demo import prom_text
 from fovea.demo.server_process import ServerProcess, ServerStartError
@@ -198,9 +199,7 @@ def _train(
         "fovea train",
     )
     model_root = models / MODEL_NAME
-    versions = (
-        sorted(int(p.name) for p in model_root.iterdir() if p.name.isdigit()) if model_root.is_dir() else []
-    )
+    versions = contract.local_published_versions(model_root)
     if not versions:
         raise CLIError(f"training finished but published nothing under {model_root}")
     return models / MODEL_NAME / str(versions[-1])

@@ -35,7 +35,7 @@ class ServerProcess:
     ) -> None:
         self.argv = [
             sys.executable, "-m", "fovea.cli", "serve", "--model-dir", str(models_dir),
-            "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *extra,
+            "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--http-port", "0", *extra,
         ]  # fmt: skip
         self.env = dict(env) if env is not None else None
         self.echo = echo
