@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from fovea.contract import ModelMetadata
-from fovea.server import imageinfo
+from fovea.server import imageinfo, tracing
 from fovea.server.config import Settings
 from fovea.server.errors import InvalidArgument, ResourceExhausted, ServingError, Unavailable
 from fovea.server.lease import Gate, GateClosed
@@ -248,9 +248,12 @@ class Core:
                 served.admit(count, request.deadline, self._decode_wait(served, decode)) as place,
                 self._decoding.hold(decode) as decoding,
             ):
-                rows = await self._preprocess(request.images, served)
+                with tracing.span("decode", images=count):
+                    rows = await self._preprocess(request.images, served)
                 decoding.release()
-                probabilities = await served.infer(rows, request.deadline, place)
+                timings: list | None = [] if tracing.enabled() else None
+                probabilities = await served.infer(rows, request.deadline, timings, place=place)
+                tracing.record_batches(timings)
         labels = served.metadata.labels
         # argsort on a stable, descending key: ties keep index order, as a reader would expect.
         order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]

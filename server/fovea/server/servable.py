@@ -163,14 +163,19 @@ class ServedVersion:
         return dict(zip(images, rows, strict=True))
 
     async def infer(
-        self, rows: Sequence[np.ndarray], deadline: float | None = None, place: Place | None = None
+        self,
+        rows: Sequence[np.ndarray],
+        deadline: float | None = None,
+        timings: list | None = None,
+        place: Place | None = None,
     ) -> np.ndarray:
         """uint8 [H, W, 3] rows -> float32 probabilities [len(rows), classes], batched with others.
 
         `deadline` is time.monotonic() seconds; the batcher drops the rows if it passes first.
+        With `timings`, the batcher appends a BatchTiming per queue item (for traces).
         """
         try:
-            outputs = await self._batcher.submit(rows, deadline, place)
+            outputs = await self._batcher.submit(rows, deadline, timings, place=place)
         except Exception:
             self.stats.failures += 1
             raise

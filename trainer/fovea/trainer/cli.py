@@ -96,7 +96,7 @@ def run(command: str, args: argparse.Namespace) -> int:
             f"Published {result.version_path}\n"
             f"  test accuracy {m['test_accuracy']:.4f} (macro F1 {test['macro_f1']:.4f}) on {test['support']} images, "
             f"{len(result.dataset.labels)} classes\n"
-            f"  epochs: phase 1 {m['phase1_epochs']}, phase 2 {m['phase2_epochs']}; best epoch {m['best_epoch'] + 1 if m['best_epoch'] is not None else '-'}\n"
+            f"  epochs: phase 1 {m['phase1_epochs']}, phase 2 {m['phase2_epochs']}; best epoch {m['best_epoch'] or '-'}\n"
             f"  skipped files: {len(m['skipped_files'])}; took {m['total_seconds']:.0f} s\n"
             f"  report: {result.version_path}/report/",
             flush=True,

@@ -56,11 +56,11 @@ def plot_curves(
             ax.axvspan(x, epochs[-1] + 0.5, color="tab:orange", alpha=0.07, linewidth=0)
             ax.axvline(x, color="grey", linestyle="--", linewidth=1.2, label="fine-tuning starts")
         if best_epoch is not None:
-            best = [r for r in history if int(r["epoch"]) == best_epoch]
+            best = [r for r in history if int(r["epoch"]) + 1 == best_epoch]  # best_epoch counts from 1
             if best and "val_" + key in best[0]:
                 ax.plot(
-                    best_epoch + 1, best[0]["val_" + key], marker="*", markersize=16, color="crimson",
-                    linestyle="none", label=f"restored best (epoch {best_epoch + 1})", zorder=5,
+                    best_epoch, best[0]["val_" + key], marker="*", markersize=16, color="crimson",
+                    linestyle="none", label=f"restored best (epoch {best_epoch})", zorder=5,
                 )  # fmt: skip
         ax.set_title(title)
         ax.set_xlabel("epoch")

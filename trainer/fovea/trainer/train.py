@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -41,6 +42,15 @@ class TrainResult:
     dataset: data_mod.Dataset
     config: TrainConfig
     is_chief: bool
+
+
+def keras_verbose(verbose: int, stream: Any = None) -> int:
+    """--verbose 1 (progress bars) becomes 2 (one line per epoch) when stdout is not a terminal: a bar
+    redrawn into a file or a pipe is one line of every intermediate state (90 KB per epoch)."""
+    stream = sys.stdout if stream is None else stream
+    if verbose == 1 and not (hasattr(stream, "isatty") and stream.isatty()):
+        return 2
+    return verbose
 
 
 def _callbacks(cfg: TrainConfig, backup: RunBackup, phase: int) -> list[Any]:
@@ -123,7 +133,7 @@ def run(
     session = _Session(
         cfg=cfg, model=model, base=base, strategy=strategy, backup=backup, train_ds=train_ds, log=log,
         notify=notify, fit=dict(
-            steps_per_epoch=cfg.steps_per_epoch or None, validation_data=val_ds, verbose=cfg.verbose,
+            steps_per_epoch=cfg.steps_per_epoch or None, validation_data=val_ds, verbose=keras_verbose(cfg.verbose),
             class_weight=dataset.class_weights() if cfg.class_weights else None,
         ),
     )  # fmt: skip
@@ -144,7 +154,8 @@ def run(
     metrics = {
         "test_accuracy": evaluation["accuracy"],
         "test": evaluation,
-        "best_epoch": best_epoch_of(history),
+        # Numbered from 1, as Keras prints epochs ("Epoch 22/30", "best epoch: 22"), the console and the plot.
+        "best_epoch": None if best_epoch_of(history) is None else best_epoch_of(history) + 1,
         "best_val_loss": min((r["val_loss"] for r in history if "val_loss" in r), default=None),
         "fine_tune_start_epoch": phase1_epochs if cfg.fine_tune_epochs > 0 else None,
         "phase1_epochs": phase1_epochs,
