@@ -98,3 +98,20 @@ def test_bad_metadata_is_a_clear_error(text: str) -> None:
 
 def test_labels_text() -> None:
     assert contract.parse_labels(contract.format_labels(["cat", "dog"]) + "\n") == ["cat", "dog"]
+
+
+def test_the_trainer_never_imports_the_server() -> None:
+    # The two share only the contract: a trainer module importing the server would couple their releases.
+    import ast
+
+    root = Path(__file__).resolve().parent.parent / "trainer" / "fovea" / "trainer"
+    offenders = []
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{path.name}: {n}" for n in names if n.startswith("fovea.server")]
+    assert offenders == []
