@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from fovea.server import logs, tracing
@@ -88,3 +88,14 @@ def _request_id(context: grpc.aio.ServicerContext) -> str:
         if key == logs.REQUEST_ID_HEADER and value:
             return str(value)[:128]
     return logs.new_request_id()
+
+
+def rpc_method(name: str, body: str) -> Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+    """The servicer method for gRPC method `name`: runs the servicer's method `body` through its
+    `RpcHandler` (`self._rpc`). One line per method in each servicer instead of one stub each."""
+
+    async def call(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await self._rpc.handle(name, getattr(self, body), request, context)
+
+    call.__name__ = call.__qualname__ = name
+    return call
