@@ -19,62 +19,78 @@ INFER = 'method=~"Predict|Classify|ModelInfer"'
 RATE = "$__rate_interval"
 
 
+def _rate(metric: str, extra: str = "", window: str = RATE, fn: str = "rate") -> str:
+    """`fn` (rate or increase) of a counter of the selected jobs, over the dashboard's interval."""
+    return f"{fn}({metric}{{{SEL}{extra}}}[{window}])"
+
+
+def _agg(op: str, inner: str, by: str = "") -> str:
+    return f"{op} by ({by}) ({inner})" if by else f"{op}({inner})"
+
+
+def _quantile(q: float, metric: str, extra: str = "", window: str = RATE) -> str:
+    return f"histogram_quantile({q}, {_agg('sum', _rate(metric + '_bucket', extra, window), 'le')})"
+
+
+def _mean(metric: str) -> str:
+    """Mean of a histogram's observations: rate of its sum over rate of its count."""
+    return f"{_agg('sum', _rate(metric + '_sum'))} / {_agg('sum', _rate(metric + '_count'))}"
+
+
+def _t(expr: str, legend: str, **extra: str) -> dict:
+    return {"expr": expr, "legendFormat": legend, **extra}
+
+
 def _quantiles(metric: str, extra: str = "") -> list[dict]:
-    return [
-        {
-            "expr": f"histogram_quantile({q}, sum by (le) (rate({metric}_bucket{{{SEL}{extra}}}[{RATE}])))",
-            "legendFormat": f"p{round(q * 100)}",
-        }
-        for q in (0.5, 0.9, 0.99)
-    ]
+    return [_t(_quantile(q, metric, extra), f"p{round(q * 100)}") for q in (0.5, 0.9, 0.99)]
 
 
 # (title, unit, description, targets); each target: expr and legend.
 PANELS: list[tuple[str, str, str, list[dict]]] = [
     ("Requests by status code", "reqps", "RPCs finished per second, by gRPC status code.", [
-        {"expr": f"sum by (code) (rate(fovea_requests_total{{{SEL}}}[{RATE}]))", "legendFormat": "{{code}}"},
+        _t(_agg("sum", _rate("fovea_requests_total"), "code"), "{{code}}"),
     ]),
     ("Inference latency", "s", "Handling time of inference calls (Predict, Classify, ModelInfer). Objective: p99 under 500 ms.",
         _quantiles("fovea_request_duration_seconds", f",{INFER}")),
     ("Where the time goes (p99)", "s", "Decode and resize, waiting in the batch queue, one model call.", [
-        {"expr": f"histogram_quantile(0.99, sum by (le) (rate(fovea_preprocess_duration_seconds_bucket{{{SEL}}}[{RATE}])))", "legendFormat": "decode (p99)"},
-        {"expr": f"histogram_quantile(0.99, sum by (le) (rate(fovea_queue_duration_seconds_bucket{{{SEL}}}[{RATE}])))", "legendFormat": "queue wait (p99)"},
-        {"expr": f"histogram_quantile(0.99, sum by (le) (rate(fovea_compute_duration_seconds_bucket{{{SEL}}}[{RATE}])))", "legendFormat": "compute (p99)"},
+        _t(_quantile(0.99, "fovea_preprocess_duration_seconds"), "decode (p99)"),
+        _t(_quantile(0.99, "fovea_queue_duration_seconds"), "queue wait (p99)"),
+        _t(_quantile(0.99, "fovea_compute_duration_seconds"), "compute (p99)"),
     ]),
     ("Batch size distribution", "short", "Model calls per second by batch size (real images; bucket upper bounds).", [
-        {"expr": f"sum by (le) (rate(fovea_batch_size_images_bucket{{{SEL}}}[{RATE}]))", "legendFormat": "{{le}}", "format": "heatmap"},
+        _t(_agg("sum", _rate("fovea_batch_size_images_bucket"), "le"), "{{le}}", format="heatmap"),
     ]),
     ("Mean batch size", "short", "Images per model call, and padding images added per call.", [
-        {"expr": f"sum(rate(fovea_batch_size_images_sum{{{SEL}}}[{RATE}])) / sum(rate(fovea_batch_size_images_count{{{SEL}}}[{RATE}]))", "legendFormat": "images per call"},
-        {"expr": f"sum(rate(fovea_batch_padding_images_sum{{{SEL}}}[{RATE}])) / sum(rate(fovea_batch_padding_images_count{{{SEL}}}[{RATE}]))", "legendFormat": "padding per call"},
+        _t(_mean("fovea_batch_size_images"), "images per call"),
+        _t(_mean("fovea_batch_padding_images"), "padding per call"),
     ]),
     ("Queue depth", "short", "Requests waiting for a batch, per pod and model; shedding starts at the capacity.", [
-        {"expr": f"sum by (pod, model) (fovea_queue_depth_requests{{{SEL}}})", "legendFormat": "{{pod}} {{model}}"},
-        {"expr": f"max(fovea_queue_capacity_requests{{{SEL}}})", "legendFormat": "capacity"},
+        _t(_agg("sum", f"fovea_queue_depth_requests{{{SEL}}}", "pod, model"), "{{pod}} {{model}}"),
+        _t(_agg("max", f"fovea_queue_capacity_requests{{{SEL}}}"), "capacity"),
     ]),
     ("Shed, expired, cancelled", "reqps", "Requests dropped before compute: queue full, deadline passed, caller left.", [
-        {"expr": f"sum(rate(fovea_shed_requests_total{{{SEL}}}[{RATE}]))", "legendFormat": "shed (queue full)"},
-        {"expr": f"sum(rate(fovea_expired_requests_total{{{SEL}}}[{RATE}]))", "legendFormat": "expired (deadline)"},
-        {"expr": f"sum(rate(fovea_cancelled_requests_total{{{SEL}}}[{RATE}]))", "legendFormat": "cancelled"},
+        _t(_agg("sum", _rate("fovea_shed_requests_total")), "shed (queue full)"),
+        _t(_agg("sum", _rate("fovea_expired_requests_total")), "expired (deadline)"),
+        _t(_agg("sum", _rate("fovea_cancelled_requests_total")), "cancelled"),
     ]),
     ("Model load events", "short", "Versions loaded and failed per interval; versions waiting to serve.", [
-        {"expr": f"sum by (model) (increase(fovea_model_loads_total{{{SEL}}}[{RATE}]))", "legendFormat": "loaded {{model}}"},
-        {"expr": f"sum by (model) (increase(fovea_model_load_failures_total{{{SEL}}}[{RATE}]))", "legendFormat": "failed {{model}}"},
-        {"expr": f"max by (model) (fovea_model_versions_pending{{{SEL}}})", "legendFormat": "pending {{model}}"},
+        _t(_agg("sum", _rate("fovea_model_loads_total", fn="increase"), "model"), "loaded {{model}}"),
+        _t(_agg("sum", _rate("fovea_model_load_failures_total", fn="increase"), "model"), "failed {{model}}"),
+        _t(_agg("max", f"fovea_model_versions_pending{{{SEL}}}", "model"), "pending {{model}}"),
     ]),
     ("Serving versions and ready pods", "short", "Pods SERVING, and pods serving each model version.", [
-        {"expr": f"sum(fovea_ready{{{SEL}}})", "legendFormat": "ready pods"},
-        {"expr": f"sum by (model, version) (fovea_model_version_info{{{SEL}}})", "legendFormat": "{{model}} v{{version}}"},
+        _t(_agg("sum", f"fovea_ready{{{SEL}}}"), "ready pods"),
+        _t(_agg("sum", f"fovea_model_version_info{{{SEL}}}", "model, version"), "{{model}} v{{version}}"),
     ]),
     ("Model load and warm-up time (p90)", "s", "SavedModel load and warm-up durations.", [
-        {"expr": f"histogram_quantile(0.9, sum by (le) (rate(fovea_model_load_duration_seconds_bucket{{{SEL}}}[1h])))", "legendFormat": "load"},
-        {"expr": f"histogram_quantile(0.9, sum by (le) (rate(fovea_model_warmup_duration_seconds_bucket{{{SEL}}}[1h])))", "legendFormat": "warm-up"},
+        _t(_quantile(0.9, "fovea_model_load_duration_seconds", window="1h"), "load"),
+        _t(_quantile(0.9, "fovea_model_warmup_duration_seconds", window="1h"), "warm-up"),
     ]),
     ("Memory (RSS)", "bytes", "Resident memory per pod (compare with the container's memory limit).", [
-        {"expr": f"process_resident_memory_bytes{{{SEL}}}", "legendFormat": "{{pod}}"},
+        _t(f"process_resident_memory_bytes{{{SEL}}}", "{{pod}}"),
     ]),
     ("CPU", "percentunit", "CPU cores used per pod.", [
-        {"expr": f"rate(process_cpu_seconds_total{{{SEL}}}[{RATE}])", "legendFormat": "{{pod}}"},
+        _t(_rate("process_cpu_seconds_total"), "{{pod}}"),
     ]),
 ]  # fmt: skip
 

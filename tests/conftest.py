@@ -21,3 +21,12 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 def fovea_env() -> dict[str, str]:
     """The environment for `[sys.executable, "-m", "fovea.cli", ...]` subprocesses."""
     return subprocess_env()
+
+
+@pytest.fixture(scope="module")
+def fovea(server):
+    """A fovea client of the test module's own `server` fixture (a fovea server it started)."""
+    from _serving import client
+
+    with client(server.port) as c:
+        yield c

@@ -69,3 +69,18 @@ def test_health_messages_match_the_grpc_health_wire_format() -> None:
     for status, name in [(1, "SERVING"), (2, "NOT_SERVING"), (3, "SERVICE_UNKNOWN"), (0, "UNKNOWN")]:
         wire = health_pb2.HealthCheckResponse(status=status).SerializeToString()
         assert _health.status_name(_health.HealthCheckResponse.FromString(wire)) == name
+
+
+def test_result_to_dict_gives_json_lists_and_drops_absent_probabilities() -> None:
+    from fovea.client._results import Classification, ModelMetadata, Prediction
+
+    top = (Classification(1, "cat", 0.5),)
+    assert Prediction(top, None, "m", 3, "x.jpg").to_dict() == {
+        "top": [{"index": 1, "label": "cat", "score": 0.5}],
+        "model_name": "m",
+        "model_version": 3,
+        "source": "x.jpg",
+    }
+    assert Prediction(top, (0.5, 0.5), "m", 3, "x.jpg").to_dict()["probabilities"] == [0.5, 0.5]
+    meta = ModelMetadata("m", 2, ("a", "b"), 224, 224, "resnet50", (1, 2), {"acc": 0.9})
+    assert meta.to_dict()["labels"] == ["a", "b"] and meta.to_dict()["loaded_versions"] == [1, 2]

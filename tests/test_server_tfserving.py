@@ -43,12 +43,6 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def fovea(server):
-    with client(server.port) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def channel(server):
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
         yield ch

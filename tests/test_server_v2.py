@@ -17,7 +17,7 @@ pytest.importorskip("tensorflow", reason="the server tests need the server extra
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient is not installed (dev extra)")
 
 from _models import LABELS, export_tiny  # noqa: E402
-from _serving import client, sample, serving  # noqa: E402
+from _serving import sample, serving  # noqa: E402
 from PIL import Image  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
@@ -32,12 +32,6 @@ def server(tmp_path_factory):
     export_tiny(models, MODEL, SIZE, seed=3)
     with serving(models, max_batch_size=8, max_images_per_request=8, max_message_mb=1) as srv:
         yield srv
-
-
-@pytest.fixture(scope="module")
-def fovea(server):
-    with client(server.port) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

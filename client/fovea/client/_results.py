@@ -8,6 +8,19 @@ from typing import Any
 from fovea.v1 import classifier_pb2
 
 
+def _lists(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_lists(v) for v in value]
+    return value
+
+
+def _to_dict(result: Any) -> dict[str, Any]:
+    """A result dataclass as a dict of plain values, its tuples as lists (JSON's arrays)."""
+    return _lists(asdict(result))
+
+
 @dataclass(frozen=True)
 class Classification:
     """One label of a prediction.
@@ -45,12 +58,9 @@ class Prediction:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (what ``fovea predict --json`` prints)."""
-        out = asdict(self)
-        out["top"] = [asdict(c) for c in self.top]
+        out = _to_dict(self)
         if self.probabilities is None:
             del out["probabilities"]
-        else:
-            out["probabilities"] = list(self.probabilities)
         return out
 
 
@@ -83,10 +93,7 @@ class ModelMetadata:
     max_images_per_request: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["labels"] = list(self.labels)
-        out["loaded_versions"] = list(self.loaded_versions)
-        return out
+        return _to_dict(self)
 
 
 @dataclass(frozen=True)
@@ -104,7 +111,7 @@ class ModelStatus:
     ready: bool
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "versions": list(self.versions), "ready": self.ready}
+        return _to_dict(self)
 
 
 def predictions_from_response(

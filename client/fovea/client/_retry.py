@@ -165,6 +165,31 @@ def _next_wait(
     return min(policy.backoff(attempts - 1), remaining)
 
 
+class _Attempts:
+    """What both retry loops keep between attempts: how many were made and the last error."""
+
+    def __init__(self, deadline: Deadline, policy: RetryPolicy, tls_without_client_cert: bool) -> None:
+        self._deadline, self._policy = deadline, policy
+        self._tls_without_client_cert = tls_without_client_cert
+        self._count = 0
+        self._last: FoveaError | None = None
+
+    def timeout(self) -> float:
+        """The next attempt's gRPC timeout: the time left until the deadline; raise if none is."""
+        remaining = self._deadline.remaining()
+        if remaining <= 0:
+            raise _expired(self._last, self._count, self._deadline)
+        self._count += 1
+        return remaining
+
+    def wait(self, exc: grpc.RpcError) -> float:
+        """Seconds to wait after the failed attempt, or raise if there is no next attempt."""
+        err = _failure(from_rpc_error(exc), self._last, self._count, self._deadline)
+        wait = _next_wait(self._policy, err, self._count, self._deadline, self._tls_without_client_cert)
+        self._last = err
+        return wait
+
+
 def call_with_retry(
     attempt: Callable[[float], T],
     deadline: Deadline,
@@ -176,18 +201,14 @@ def call_with_retry(
     Every attempt gets the time left until the deadline as its gRPC timeout. A TLS handshake failure
     is not retried (see `tls_failure`).
     """
-    attempts, last = 0, None
+    attempts = _Attempts(deadline, policy, tls_without_client_cert)
     while True:
-        remaining = deadline.remaining()
-        if remaining <= 0:
-            raise _expired(last, attempts, deadline)
-        attempts += 1
+        timeout = attempts.timeout()
         try:
-            return attempt(remaining)
+            return attempt(timeout)
         except grpc.RpcError as exc:
-            err = _failure(from_rpc_error(exc), last, attempts, deadline)
-        time.sleep(_next_wait(policy, err, attempts, deadline, tls_without_client_cert))
-        last = err
+            failed = exc  # raised on from outside the handler, so the FoveaError is not chained to it
+        time.sleep(attempts.wait(failed))
 
 
 async def call_with_retry_async(
@@ -197,15 +218,11 @@ async def call_with_retry_async(
     tls_without_client_cert: bool = False,
 ) -> T:
     """The asyncio twin of `call_with_retry`."""
-    attempts, last = 0, None
+    attempts = _Attempts(deadline, policy, tls_without_client_cert)
     while True:
-        remaining = deadline.remaining()
-        if remaining <= 0:
-            raise _expired(last, attempts, deadline)
-        attempts += 1
+        timeout = attempts.timeout()
         try:
-            return await attempt(remaining)
+            return await attempt(timeout)
         except grpc.RpcError as exc:
-            err = _failure(from_rpc_error(exc), last, attempts, deadline)
-        await asyncio.sleep(_next_wait(policy, err, attempts, deadline, tls_without_client_cert))
-        last = err
+            failed = exc
+        await asyncio.sleep(attempts.wait(failed))

@@ -164,3 +164,14 @@ def _request_id(context: grpc.aio.ServicerContext) -> str:
         if key == logs.REQUEST_ID_HEADER and value:
             return str(value)[:128]
     return logs.new_request_id()
+
+
+def rpc_method(name: str, body: str) -> Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+    """The servicer method for gRPC method `name`: runs the servicer's method `body` through its
+    `RpcHandler` (`self._rpc`). One line per method in each servicer instead of one stub each."""
+
+    async def call(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await self._rpc.handle(name, getattr(self, body), request, context)
+
+    call.__name__ = call.__qualname__ = name
+    return call

@@ -9,7 +9,7 @@ from __future__ import annotations
 import grpc
 from fovea.server import core
 from fovea.server.metrics import Metrics
-from fovea.server.rpc import RpcHandler, deadline
+from fovea.server.rpc import RpcHandler, deadline, rpc_method
 from fovea.v1 import classifier_pb2 as pb
 from fovea.v1 import classifier_pb2_grpc
 
@@ -25,20 +25,11 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServiceServicer):
             metrics, PROTOCOL, ("Predict", "GetModelMetadata", "ListModels"), service=SERVICE_NAME
         )
 
-    async def Predict(
-        self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
-    ) -> pb.PredictResponse:
-        return await self._rpc.handle("Predict", self._predict, request, context)
+    Predict = rpc_method("Predict", "_predict")
 
-    async def GetModelMetadata(
-        self, request: pb.GetModelMetadataRequest, context: grpc.aio.ServicerContext
-    ) -> pb.GetModelMetadataResponse:
-        return await self._rpc.handle("GetModelMetadata", self._metadata, request, context)
+    GetModelMetadata = rpc_method("GetModelMetadata", "_metadata")
 
-    async def ListModels(
-        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ListModelsResponse:
-        return await self._rpc.handle("ListModels", self._list_models, request, context)
+    ListModels = rpc_method("ListModels", "_list_models")
 
     async def _predict(
         self, request: pb.PredictRequest, context: grpc.aio.ServicerContext

@@ -19,7 +19,7 @@ from fovea.contract import INPUT_BYTES, INPUT_IMAGES, OUTPUT, SIGNATURE_BYTES, S
 from fovea.server import core
 from fovea.server.errors import InvalidArgument, clip
 from fovea.server.metrics import Metrics
-from fovea.server.rpc import RpcHandler, deadline
+from fovea.server.rpc import RpcHandler, deadline, rpc_method
 from google.protobuf import any_pb2
 from tensorflow_serving.apis import (
     classification_pb2,
@@ -87,18 +87,11 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         self._core = core_
         self._rpc = RpcHandler(metrics, PROTOCOL, ("Predict", "Classify", "GetModelMetadata"))
 
-    async def Predict(self, request: predict_pb2.PredictRequest, context) -> predict_pb2.PredictResponse:
-        return await self._rpc.handle("Predict", self._predict, request, context)
+    Predict = rpc_method("Predict", "_predict")
 
-    async def Classify(
-        self, request: classification_pb2.ClassificationRequest, context
-    ) -> classification_pb2.ClassificationResponse:
-        return await self._rpc.handle("Classify", self._classify, request, context)
+    Classify = rpc_method("Classify", "_classify")
 
-    async def GetModelMetadata(
-        self, request: get_model_metadata_pb2.GetModelMetadataRequest, context
-    ) -> get_model_metadata_pb2.GetModelMetadataResponse:
-        return await self._rpc.handle("GetModelMetadata", self._metadata, request, context)
+    GetModelMetadata = rpc_method("GetModelMetadata", "_metadata")
 
     async def _predict(self, request: predict_pb2.PredictRequest, context) -> predict_pb2.PredictResponse:
         spec = request.model_spec
@@ -177,10 +170,7 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         self._core = core_
         self._rpc = RpcHandler(metrics, PROTOCOL, ("GetModelStatus",))
 
-    async def GetModelStatus(
-        self, request: get_model_status_pb2.GetModelStatusRequest, context
-    ) -> get_model_status_pb2.GetModelStatusResponse:
-        return await self._rpc.handle("GetModelStatus", self._status, request, context)
+    GetModelStatus = rpc_method("GetModelStatus", "_status")
 
     async def _status(
         self, request: get_model_status_pb2.GetModelStatusRequest, context

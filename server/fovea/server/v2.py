@@ -44,37 +44,32 @@ def _cut(text: str) -> str:
     return clip(text, _ECHO, quote=False)  # errors.clip: the one rule for echoed values
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-
-    def text(self) -> str:
-        return f"'{self.name}' {self.datatype} {list(self.shape)}"
-
-
 @dataclass
-class Tensor:
-    """A request input: raw little-endian bytes (BYTES elements length-prefixed) or typed values."""
+class TensorSpec:
+    """A tensor's name, datatype and shape: a model's input or output, and the base of a request's
+    inputs and a response's outputs."""
 
     name: str
     datatype: str
     shape: tuple[int, ...]
-    raw: bytes | memoryview | None = None
-    values: Sequence[Any] | None = None
 
     def text(self) -> str:
+        # Cut: a request's names and datatypes are echoed in errors (the model's own are short).
         return f"'{_cut(self.name)}' {_cut(self.datatype)} {list(self.shape)}"
 
 
 @dataclass
-class Output:
+class Tensor(TensorSpec):
+    """A request input: raw little-endian bytes (BYTES elements length-prefixed) or typed values."""
+
+    raw: bytes | memoryview | None = None
+    values: Sequence[Any] | None = None
+
+
+@dataclass
+class Output(TensorSpec):
     """A response output: FP32 probabilities [N, classes] or BYTES classification [N, k]."""
 
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
     array: np.ndarray  # float32, or an object array of bytes
 
     def raw(self) -> bytes:

@@ -15,7 +15,7 @@ from fovea.inference import grpc_service_pb2_grpc, model_config_pb2
 from fovea.server import v2
 from fovea.server.errors import InvalidArgument
 from fovea.server.metrics import Metrics
-from fovea.server.rpc import RpcHandler, deadline
+from fovea.server.rpc import RpcHandler, deadline, rpc_method
 from google.protobuf import json_format
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -42,36 +42,23 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         self._v2 = ops
         self._rpc = RpcHandler(metrics, PROTOCOL, _METHODS, service=SERVICE_NAME)
 
-    async def ServerLive(self, request: pb.ServerLiveRequest, context) -> pb.ServerLiveResponse:
-        return await self._rpc.handle("ServerLive", self._live, request, context)
+    ServerLive = rpc_method("ServerLive", "_live")
 
-    async def ServerReady(self, request: pb.ServerReadyRequest, context) -> pb.ServerReadyResponse:
-        return await self._rpc.handle("ServerReady", self._ready, request, context)
+    ServerReady = rpc_method("ServerReady", "_ready")
 
-    async def ModelReady(self, request: pb.ModelReadyRequest, context) -> pb.ModelReadyResponse:
-        return await self._rpc.handle("ModelReady", self._model_ready, request, context)
+    ModelReady = rpc_method("ModelReady", "_model_ready")
 
-    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context) -> pb.ServerMetadataResponse:
-        return await self._rpc.handle("ServerMetadata", self._server_metadata, request, context)
+    ServerMetadata = rpc_method("ServerMetadata", "_server_metadata")
 
-    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context) -> pb.ModelMetadataResponse:
-        return await self._rpc.handle("ModelMetadata", self._metadata, request, context)
+    ModelMetadata = rpc_method("ModelMetadata", "_metadata")
 
-    async def ModelConfig(self, request: pb.ModelConfigRequest, context) -> pb.ModelConfigResponse:
-        return await self._rpc.handle("ModelConfig", self._config, request, context)
+    ModelConfig = rpc_method("ModelConfig", "_config")
 
-    async def ModelStatistics(
-        self, request: pb.ModelStatisticsRequest, context
-    ) -> pb.ModelStatisticsResponse:
-        return await self._rpc.handle("ModelStatistics", self._statistics, request, context)
+    ModelStatistics = rpc_method("ModelStatistics", "_statistics")
 
-    async def RepositoryIndex(
-        self, request: pb.RepositoryIndexRequest, context
-    ) -> pb.RepositoryIndexResponse:
-        return await self._rpc.handle("RepositoryIndex", self._index, request, context)
+    RepositoryIndex = rpc_method("RepositoryIndex", "_index")
 
-    async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
-        return await self._rpc.handle("ModelInfer", self._infer, request, context)
+    ModelInfer = rpc_method("ModelInfer", "_infer")
 
     async def ModelStreamInfer(self, request_iterator, context) -> None:
         await context.abort(
