@@ -12,6 +12,7 @@ import pytest
 tf = pytest.importorskip("tensorflow", reason="the export tests need the trainer extra")
 
 from _models import LABELS, build_tiny_model  # noqa: E402
+from fovea import contract  # noqa: E402
 from fovea.trainer import export  # noqa: E402
 
 
@@ -50,9 +51,11 @@ def test_export_layout_and_signatures(tmp_path: Path) -> None:
     images = rng.integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8)
     expected = model(images.astype(np.float32), training=False).numpy()
     loaded = tf.saved_model.load(str(path))
-    by_pixels = loaded.signatures[export.SIGNATURE_IMAGES](images=tf.constant(images))[export.OUTPUT].numpy()
+    by_pixels = loaded.signatures[contract.SIGNATURE_IMAGES](images=tf.constant(images))[
+        contract.OUTPUT
+    ].numpy()
     encoded = tf.constant([_png(im) for im in images])
-    by_bytes = loaded.signatures[export.SIGNATURE_BYTES](image_bytes=encoded)[export.OUTPUT].numpy()
+    by_bytes = loaded.signatures[contract.SIGNATURE_BYTES](image_bytes=encoded)[contract.OUTPUT].numpy()
     np.testing.assert_allclose(by_pixels, expected, atol=1e-5)
     np.testing.assert_allclose(by_bytes, expected, atol=1e-5)
 

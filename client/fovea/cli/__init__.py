@@ -17,8 +17,14 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "health": ("fovea.client.cli", "ask a server whether it is serving"),
     "metadata": ("fovea.client.cli", "show a served model's labels, input size and metrics"),
     "models": ("fovea.client.cli", "list the models a server has loaded"),
-    "train": ("fovea.trainer.cli", "fine-tune a backbone on a folder of images and publish a SavedModel"),
-    "demo-data": ("fovea.trainer.cli", "generate a small labelled image set for demos and tests"),
+    "train": (
+        "fovea.trainer.train_command",
+        "fine-tune a backbone on a folder of images and publish a SavedModel",
+    ),
+    "demo-data": (
+        "fovea.trainer.demo_data_command",
+        "generate a small labelled image set for demos and tests",
+    ),
     "serve": ("fovea.server.cli", "serve published models over gRPC"),
     "demo": ("fovea.demo", "generate data, train, serve and classify, end to end"),
 }
