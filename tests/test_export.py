@@ -71,3 +71,28 @@ def test_list_versions_ignores_temporary_and_odd_names(tmp_path: Path) -> None:
         (tmp_path / name).mkdir()
     assert export.list_versions(str(tmp_path)) == [3, 7, 10]
     assert export.list_versions(str(tmp_path / "missing")) == []
+
+
+def test_a_version_taken_between_listing_and_rename_makes_the_exporter_take_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "m"
+    (root / "1").mkdir(parents=True)
+    (root / "1" / "saved_model.pb").write_bytes(b"another exporter's version")
+    real = export.list_versions
+    calls: list[list[int]] = []
+
+    def stale_once(model_root: str) -> list[int]:
+        # The first listing is taken before the other exporter's rename landed.
+        calls.append([] if not calls else real(model_root))
+        return calls[-1]
+
+    monkeypatch.setattr(export, "list_versions", stale_once)
+    path = export.export_model(
+        build_tiny_model(32), models_dir=str(tmp_path), name="m", labels=LABELS, input_size=(32, 32),
+        backbone="tiny-cnn",
+    )  # fmt: skip
+    assert calls == [[], [1]], "the collision retry did not run"
+    assert Path(path) == root / "2"
+    assert (root / "1" / "saved_model.pb").read_bytes() == b"another exporter's version"
+    assert json.loads((root / "2" / "assets.extra" / "fovea.json").read_text())["version"] == 2
