@@ -96,3 +96,27 @@ def test_a_version_taken_between_listing_and_rename_makes_the_exporter_take_the_
     assert Path(path) == root / "2"
     assert (root / "1" / "saved_model.pb").read_bytes() == b"another exporter's version"
     assert json.loads((root / "2" / "assets.extra" / "fovea.json").read_text())["version"] == 2
+
+
+def test_on_an_object_store_saved_model_pb_is_copied_last(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A local folder stands in for gs://: the exporter is told renames are copies, as they are there.
+    monkeypatch.setattr(export, "renames_atomically", lambda path: False)
+    copied: list[str] = []
+    real_copy = tf.io.gfile.copy
+
+    def record(src: str, dst: str, overwrite: bool = False) -> None:
+        copied.append(dst)
+        real_copy(src, dst, overwrite=overwrite)
+
+    monkeypatch.setattr(tf.io.gfile, "copy", record)
+    path = export.export_model(
+        build_tiny_model(32), models_dir=str(tmp_path), name="m", labels=LABELS, input_size=(32, 32),
+        backbone="tiny-cnn",
+    )  # fmt: skip
+    published = [c for c in copied if c.startswith(path + "/")]
+    assert published[-1] == f"{path}/saved_model.pb", published
+    assert any("/variables/" in c for c in published) and any(c.endswith("fovea.json") for c in published)
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["1"], "the temporary folder was left"
+    tf.saved_model.load(path)  # whole

@@ -2,8 +2,10 @@
 
 The version is written into a hidden temporary folder beside its final place and renamed into place,
 so a server polling the folder never sees a half-written version. On a local or POSIX file system the
-rename is atomic. On an object store (gs://, s3://) tf.io.gfile renames by copying every object and
-deleting the originals: see docs/deploy.md, "Publishing on object stores".
+rename is atomic. An object store (gs://, s3://) has no rename: tf.io.gfile would copy object by object
+in name order, saved_model.pb (the contract's mark of a complete version) before variables/. There the
+exporter copies every other file first and saved_model.pb last, then deletes the temporary folder; see
+docs/deploy.md, "Publishing on object stores".
 """
 
 from __future__ import annotations
@@ -127,12 +129,39 @@ def export_model(
             f.write(meta.replace(version=version).to_json())
         final = contract.version_path(model_root, version)
         try:
-            tf.io.gfile.rename(tmp, final, overwrite=False)
+            if renames_atomically(model_root):
+                tf.io.gfile.rename(tmp, final, overwrite=False)
+            else:
+                _publish_by_copy(tmp, final)
             return final
         except (tf.errors.AlreadyExistsError, tf.errors.FailedPreconditionError, OSError):
             if not tf.io.gfile.exists(final):
                 raise
     raise RuntimeError(f"could not claim a version number under {model_root}")
+
+
+def renames_atomically(path: str) -> bool:
+    """Local and mounted file systems rename a folder in one step; object stores copy it."""
+    return "://" not in path or path.startswith("file://")
+
+
+def _publish_by_copy(tmp: str, final: str) -> None:
+    """Publish on an object store: every file but saved_model.pb, then saved_model.pb, then clean up.
+
+    A poller that lists the version before saved_model.pb lands skips it as incomplete; once it is
+    there, everything else already is. Claiming the number is not atomic here (no create-if-absent):
+    the exporter refuses a number whose folder already exists, and one trainer per model is the rule.
+    """
+    if tf.io.gfile.exists(final):
+        raise tf.errors.AlreadyExistsError(None, None, f"{final} exists")
+    files = []
+    for dirpath, _, filenames in tf.io.gfile.walk(tmp):
+        files += [posixpath.relpath(posixpath.join(dirpath, f), tmp) for f in filenames]
+    files.sort(key=lambda rel: rel == contract.SAVED_MODEL_FILE)  # the mark of completeness goes last
+    for rel in files:
+        tf.io.gfile.makedirs(posixpath.dirname(posixpath.join(final, rel)))
+        tf.io.gfile.copy(posixpath.join(tmp, rel), posixpath.join(final, rel), overwrite=False)
+    tf.io.gfile.rmtree(tmp)
 
 
 def read_metadata(version_dir: str) -> contract.ModelMetadata:
