@@ -89,3 +89,19 @@ def test_published_version_loads_and_both_signatures_match_the_trainer(
     assert by_pixels.shape == own.shape == (len(files), len(result.dataset.labels))
     assert np.abs(by_pixels - own).max() <= 1e-4
     assert np.abs(by_bytes - own).max() <= 1e-4
+
+
+@pytest.mark.slow
+def test_demo_report_page_renders(trained: tuple[TrainResult, float], tmp_path: Path) -> None:
+    from _browser import render
+
+    result, _ = trained
+    index = Path(result.report_index)
+    png = tmp_path / "demo_report.png"
+    pixels = render(index, png)
+    assert pixels.std() > 20 and (pixels[2000:] < 200).mean() > 0.01, (
+        "the page did not render down to its figures"
+    )
+    for name in ("augmentation.png", "mistakes.png", "training_curves.png", "confusion_matrix.png"):
+        assert (index.parent / name).stat().st_size > 5_000, name
+    print(f"demo report {index} rendered to {png}")

@@ -89,6 +89,7 @@ def test_a_second_trainer_on_the_same_model_is_refused_and_a_killed_holder_frees
         holder.wait()
     with model_lock(cfg.models, "m", log=lambda msg: None):
         pass
+    assert not (tmp_path / "models" / "m" / ".train.lock").exists(), "a finished holder left its lock file"
 
 
 def test_stale_temporary_exports_are_removed_and_live_ones_kept(tmp_path: Path) -> None:

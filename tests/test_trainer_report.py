@@ -6,8 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ import pytest
 
 pytest.importorskip("tensorflow", reason="the trainer tests need the trainer extra")
 
+from _browser import render
 from _models import tiny_train_config
 from fovea.trainer import report
 from fovea.trainer.config import TrainConfig
@@ -107,19 +106,8 @@ def test_report_page_is_self_contained_and_renders(tmp_path: Path) -> None:
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["augment"] == "upright" and saved["test"]["labels"] == LABELS
 
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser is None:
-        pytest.skip("chromium is not installed (apt-get install -y chromium): index.html not rendered")
     png = tmp_path / "index.png"
-    subprocess.run(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--screenshot={png}",
-         "--window-size=1280,3000", index.as_uri()],
-        capture_output=True, timeout=120, check=True,
-    )  # fmt: skip
-    from PIL import Image
-
-    with Image.open(png) as shot:
-        pixels = np.asarray(shot.convert("L"), dtype=np.float32)
+    pixels = render(index, png)
     # Rendered: text and figures make the page far from blank all the way down to the last figure.
     assert pixels.shape == (3000, 1280) and pixels.std() > 20
     assert (pixels[2000:] < 200).mean() > 0.01, "the lower figures did not render"

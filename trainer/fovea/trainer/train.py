@@ -156,7 +156,7 @@ def _run(
 
     parent, parent_mode = "", ""
     with strategy.scope():
-        model, base = build_and_freeze(cfg, len(dataset.labels))
+        model, base = _build_and_freeze(cfg, len(dataset.labels))
         if is_published_version(cfg.weights):
             from fovea.trainer.parent import load_parent
 
@@ -391,7 +391,7 @@ def _restore_phase_best(s: _Session, phase: int) -> None:
         )
 
 
-def build_and_freeze(cfg: TrainConfig, num_classes: int) -> tuple[Any, Any]:
+def _build_and_freeze(cfg: TrainConfig, num_classes: int) -> tuple[Any, Any]:
     from fovea.trainer.model import build_model, freeze_base
 
     model, base = build_model(cfg, num_classes)
