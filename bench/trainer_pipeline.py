@@ -123,6 +123,23 @@ def machine() -> str:
     )
 
 
+def busiest_processes(count: int = 5) -> str:
+    """What else was using the CPU when the run started (the machine may be shared)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["ps", "-eo", "pcpu,args", "--sort=-pcpu", "--no-headers"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    rows = [line.strip().split(None, 1) for line in out.splitlines() if line.strip()]
+    return "; ".join(f"{cpu}% {args[:70]}" for cpu, args in (r for r in rows[:count] if len(r) == 2))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the harness in seconds")
@@ -144,6 +161,7 @@ def main() -> int:
 
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     info = machine()
+    others = busiest_processes()
     rows = []
     with tempfile.TemporaryDirectory(prefix="fovea-pipeline-") as tmp:
         folder = Path(tmp) / "images"
@@ -195,6 +213,7 @@ def main() -> int:
     summary = {
         "date": started, "machine": info, "images": len(files), "input_size": args.size,
         "stored_size": args.image_size, "batch": args.batch, "quick": args.quick,
+        "busiest_processes_at_start": others,
         "speedup_cached": round(fovea_cached / idg, 2), "speedup_first_epoch": round(fovea_first / idg, 2),
     }  # fmt: skip
     out = Path(args.out)
@@ -219,7 +238,9 @@ def main() -> int:
     (out / "trainer_pipeline.md").write_text(
         f"Measured by `python bench/trainer_pipeline.py` on {started}: {len(files)} JPEGs of "
         f"{args.image_size} px, 4 classes, to {args.size} px float32 batches of {args.batch}, augmented.\n\n"
-        f"Machine: {info}.\n\n" + "\n".join(table) + "\n\n"
+        f"Machine: {info}.\n\nBusiest processes at the start (the machine is shared): {others}.\n\n"
+        + "\n".join(table)
+        + "\n\n"
         f"fovea ÷ ImageDataGenerator: {summary['speedup_cached']}x from the cache (every epoch after the "
         f"first), {summary['speedup_first_epoch']}x on the first epoch (target: at least 3x).\n"
     )
