@@ -232,3 +232,23 @@ async def test_empty_queue_admits_a_request_larger_than_the_bound() -> None:
     b = Batcher(model, max_batch_size=1, max_queue_size=1)
     assert values(await b.submit(rows(1, 2, 3))) == [10, 20, 30]
     await b.close()
+
+
+async def test_gate_counts_holders_refuses_after_close_and_waits_for_idle() -> None:
+    from fovea.server.lease import Gate, GateClosed
+
+    gate = Gate()
+    assert await gate.wait_idle(0)
+    gate.enter()
+    with gate.held():
+        assert gate.count == 2
+    assert gate.count == 1 and not await gate.wait_idle(0.01)
+    gate.close()
+    with pytest.raises(GateClosed):
+        gate.enter()
+    assert gate.count == 1  # the refused caller was not counted
+    waiter = asyncio.ensure_future(gate.wait_idle())
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    gate.exit()
+    assert await waiter

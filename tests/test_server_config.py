@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,7 +73,7 @@ def test_every_field_is_a_documented_flag() -> None:
         "--max-queue-size", "--poll-interval", "--grace-period", "--log-format", "--no-reflection",
         "--allowed-batch-sizes", "--max-in-flight-batches", "--version-policy", "--max-images-per-request",
         "--max-pixels", "--max-message-mb", "--gpu-memory-limit-mb", "--tls-cert", "--tls-key",
-        "--tls-client-ca", "--warmup", "--no-warmup",
+        "--tls-client-ca", "--warmup", "--no-warmup", "--http-port",
     ):  # fmt: skip
         assert flag in text, flag
     assert "FOVEA_MAX_BATCH_SIZE" in text
@@ -115,14 +116,20 @@ def test_unreadable_headers() -> None:
     assert imageinfo.read_info(bomb).pixels == 3_600_000_000
 
 
-def test_core_and_batcher_import_neither_grpc_nor_tensorflow() -> None:
+# Modules below the transports: the core, the batcher and the manager's parts. None may load grpc,
+# protobuf or TensorFlow (the loader is handed to the manager by app.py).
+_TRANSPORT_FREE = ("core", "batcher", "config", "lease", "source", "servable", "manager", "metrics", "errors")
+
+
+def test_core_batcher_and_manager_import_neither_grpc_nor_tensorflow() -> None:
     import subprocess
     import sys
 
     from _serving import subprocess_env
 
+    modules = ", ".join(f"fovea.server.{m}" for m in _TRANSPORT_FREE)
     code = (
-        "import sys; import fovea.server.core, fovea.server.batcher, fovea.server.config; "
+        f"import sys; import {modules}; "
         "print(sorted(m for m in ('tensorflow', 'grpc', 'google.protobuf') if m in sys.modules))"
     )
     out = subprocess.run(
@@ -130,3 +137,22 @@ def test_core_and_batcher_import_neither_grpc_nor_tensorflow() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_only_the_loader_imports_tensorflow() -> None:
+    import ast
+
+    import fovea.server
+
+    importers = []
+    for path in sorted(Path(fovea.server.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            if any(n == "tensorflow" or n.startswith("tensorflow.") for n in names):
+                importers.append(path.name)
+    assert sorted(set(importers)) == ["loader.py"]

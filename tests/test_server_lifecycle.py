@@ -144,7 +144,7 @@ def test_version_policy_all_and_specific(tmp_path) -> None:
     for policy, expected in (("all", [1, 2]), ("1", [1])):
         srv = start_server(tmp_path, version_policy=policy, max_batch_size=2)
         try:
-            wait_until(lambda srv=srv: srv.repository.ready, what="ready")
+            wait_until(lambda srv=srv: srv.manager.ready, what="ready")
             with client(srv.port) as fovea:
                 meta = fovea.metadata()
                 assert list(meta.loaded_versions) == expected and meta.version == expected[-1]
@@ -163,7 +163,8 @@ def test_version_policy_all_and_specific(tmp_path) -> None:
 
 
 def test_half_written_versions_are_never_listed(tmp_path) -> None:
-    from fovea.server import runner
+    from fovea.server.loader import GFileStorage
+    from fovea.server.source import ModelSource
 
     for name, complete in (
         ("1", True),
@@ -176,13 +177,20 @@ def test_half_written_versions_are_never_listed(tmp_path) -> None:
         (tmp_path / name).mkdir()
         if complete:
             (tmp_path / name / "saved_model.pb").write_bytes(b"")
-    assert runner.list_versions(str(tmp_path)) == [1, 10]
+    assert ModelSource(str(tmp_path.parent), GFileStorage()).versions(tmp_path.name) == [1, 10]
     (tmp_path.parent / f"{tmp_path.name}-base").mkdir()
     base = tmp_path.parent / f"{tmp_path.name}-base"
     for name in ("b", "a", ".hidden"):
         (base / name).mkdir()
     (base / "file.txt").write_text("")
-    assert runner.list_model_names(str(base)) == ["a", "b"]
+    assert ModelSource(str(base), GFileStorage()).model_names() == ["a", "b"]
+    # --model-name: the base folder is one model's root (KServe's /mnt/models).
+    single = ModelSource(str(tmp_path), GFileStorage(), "isvc")
+    assert (single.model_names(), single.versions("isvc"), single.root("isvc")) == (
+        ["isvc"],
+        [1, 10],
+        str(tmp_path),
+    )
 
 
 def test_every_model_under_the_base_folder_is_served(tmp_path) -> None:

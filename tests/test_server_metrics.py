@@ -29,7 +29,7 @@ def server(tmp_path_factory):
     models = tmp_path_factory.mktemp("models")
     export_tiny(models, "tiny", 16)
     srv = start_server(models, max_batch_size=4, allowed_batch_sizes=(2, 4))
-    wait_until(lambda: srv.repository.ready, what="ready")
+    wait_until(lambda: srv.manager.ready, what="ready")
     image = np.zeros((16, 16, 3), np.uint8)
     with client(srv.port, max_images_per_request=8) as fovea:
         for _ in range(SENT_OK):
@@ -48,8 +48,11 @@ def scrape(port: int) -> str:
 
 def test_metrics_names_and_values(server) -> None:
     text = scrape(server.metrics_port)
-    assert f'fovea_requests_total{{code="OK",method="Predict"}} {float(SENT_OK)}' in text
-    assert f'fovea_requests_total{{code="INVALID_ARGUMENT",method="Predict"}} {float(SENT_BAD)}' in text
+    assert f'fovea_requests_total{{code="OK",method="Predict",protocol="fovea.v1"}} {float(SENT_OK)}' in text
+    assert (
+        f'fovea_requests_total{{code="INVALID_ARGUMENT",method="Predict",protocol="fovea.v1"}} {float(SENT_BAD)}'
+        in text
+    )
     assert f'fovea_images_inferred_total{{model="tiny"}} {float(SENT_OK)}' in text
     assert 'fovea_model_version_info{model="tiny",version="1"} 1.0' in text
     assert 'fovea_batch_padding_images_sum{model="tiny"} 17.0' in text  # each lone image padded to 2

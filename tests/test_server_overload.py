@@ -31,7 +31,7 @@ def slow_server(models_dir: Path):
     srv = start_server(
         models_dir, max_batch_size=1, max_queue_size=1, max_in_flight_batches=1, batch_timeout_ms=0
     )
-    wait_until(lambda: srv.repository.ready, what="the slow model to load")
+    wait_until(lambda: srv.manager.ready, what="the slow model to load")
     return srv
 
 
@@ -98,7 +98,12 @@ def test_request_whose_deadline_passes_in_the_queue_is_never_computed(server) ->
     time.sleep(DELAY)  # had it been computed, it would have finished by now
     assert sample(server, "fovea_images_inferred_total", model="slow") - inferred_before == 1
     assert sample(server, "fovea_batches_total", model="slow") - batches_before == 1
-    assert sample(server, "fovea_requests_total", method="Predict", code="DEADLINE_EXCEEDED") >= 1
+    assert (
+        sample(
+            server, "fovea_requests_total", protocol="fovea.v1", method="Predict", code="DEADLINE_EXCEEDED"
+        )
+        >= 1
+    )
 
 
 def test_stop_drains_in_flight_work_and_refuses_new(models_dir) -> None:

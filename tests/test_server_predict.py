@@ -58,7 +58,7 @@ def stub(server):
 def fovea(server):
     """The real fovea client."""
     with client(server.port) as c:
-        wait_serving(c)  # the repository loads in the background; ready means warm
+        wait_serving(c)  # the manager loads in the background; ready means warm
         yield c
 
 
@@ -268,6 +268,39 @@ def test_unknown_model_or_version_is_not_found(fovea) -> None:
         with pytest.raises(FoveaError) as info:
             fovea.metadata(model=model, version=version)
         assert info.value.code == grpc.StatusCode.NOT_FOUND, (model, version)
+
+
+def test_negative_version_is_invalid_argument_in_every_method(fovea, stub) -> None:
+    image = pb.Image(
+        raw=pb.RawImage(dtype=pb.DATA_TYPE_UINT8, shape=[SIZE, SIZE, 3], data=bytes(SIZE * SIZE * 3))
+    )
+    spec = pb.ModelSpec(name="tiny", version=-1)
+    for call, request in (
+        (stub.Predict, pb.PredictRequest(model_spec=spec, images=[image])),
+        (stub.GetModelMetadata, pb.GetModelMetadataRequest(model_spec=spec)),
+    ):
+        with pytest.raises(grpc.RpcError) as info:
+            call(request, timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+        assert "model_spec.version" in info.value.details()
+
+
+def test_core_readiness_and_statistics(server, fovea) -> None:
+    """What the KServe v2 adapter will read: readiness per model and version, per-version totals."""
+    core = server.core
+    assert core.ready and core.model_ready("tiny") and core.model_ready("tiny", 1)
+    assert (
+        not core.model_ready("tiny", 2) and not core.model_ready("nope") and not core.model_ready("tiny", -1)
+    )
+    (before,) = core.statistics("tiny")
+    fovea.predict([np.zeros((SIZE, SIZE, 3), np.uint8)] * 3)
+    (after,) = core.statistics("tiny", 1)
+    assert (after.name, after.version) == ("tiny", 1)
+    assert after.totals.requests == before.totals.requests + 1
+    assert after.totals.images == before.totals.images + 3
+    assert after.totals.batches > before.totals.batches and after.totals.compute_s > before.totals.compute_s
+    assert after.totals.last_inference > 0
+    assert core.statistics("nope") == [] and core.statistics("tiny", 2) == []
 
 
 def test_metadata_and_list_models(fovea) -> None:

@@ -1,123 +1,134 @@
-"""The transport-free core: a validated request in, a result out.
+"""The transport-free core: the one seam every protocol calls.
 
-gRPC (servicer.py) and any later protocol (KServe v2, TF Serving's PredictionService) translate their
-messages into these dataclasses and map `ServingError.code` to their statuses. Nothing here imports
-grpc, protobuf or TensorFlow.
+A protocol adapter (servicer.py for fovea.v1; later KServe v2 and TF Serving's PredictionService)
+translates its messages into these dataclasses, calls `Core`, translates the result back, and maps
+`ServingError.code` to its own statuses (rpc.py does the generic part for gRPC servicers). The core
+keeps requests, validation and results; the manager finds the version, the version does the work.
+Nothing here imports grpc, protobuf or TensorFlow.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import os
+import copy
+import dataclasses
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+from fovea.contract import ModelMetadata
 from fovea.server import imageinfo
 from fovea.server.config import Settings
-from fovea.server.errors import InvalidArgument, Unavailable
+from fovea.server.errors import InvalidArgument, ServingError, Unavailable
+from fovea.server.lease import Gate, GateClosed
+from fovea.server.servable import VersionStats
 
-if TYPE_CHECKING:  # the repository pulls in the TensorFlow runner; the core only needs its shape
+if TYPE_CHECKING:
+    from fovea.server.manager import ModelManager
     from fovea.server.metrics import Metrics
-    from fovea.server.repository import ModelRepository, ServedVersion
+    from fovea.server.servable import ServedVersion
 
 _DTYPES = {"uint8": np.dtype(np.uint8), "float32": np.dtype("<f4")}
 
 
 @dataclass(frozen=True)
 class EncodedImage:
+    """JPEG, PNG, GIF or BMP bytes; decoded and resized to the model's input size."""
+
     data: bytes
 
 
 @dataclass(frozen=True)
 class RawImage:
-    dtype: str  # "uint8", "float32", or anything else (rejected)
+    """Pixels, row-major: shape [H, W] or [H, W, 1|3|4]; resized when not the model's size."""
+
+    dtype: str  # "uint8", "float32" (little-endian, clipped to 0..255), or anything else (rejected)
     shape: tuple[int, ...]
     data: bytes
 
 
 @dataclass
 class PredictRequest:
-    images: Sequence[EncodedImage | RawImage | None]
-    model_name: str = ""
-    model_version: int = 0
-    top_k: int = 0
+    images: Sequence[EncodedImage | RawImage | None]  # None: the caller sent an empty image
+    model_name: str = ""  # "" for the only model served
+    model_version: int = 0  # 0 for the latest loaded; negative is INVALID_ARGUMENT
+    top_k: int = 0  # 0 for min(5, classes)
     return_probabilities: bool = False
     deadline: float | None = None  # time.monotonic() seconds
 
 
 @dataclass
 class Prediction:
-    top: list[tuple[int, str, float]]
-    probabilities: np.ndarray | None = None
+    top: list[tuple[int, str, float]]  # (class index, label, probability), best first
+    probabilities: np.ndarray | None = None  # float32 [classes] when asked for
 
 
 @dataclass
 class PredictResult:
     model_name: str
     model_version: int
-    predictions: list[Prediction]
+    predictions: list[Prediction]  # one per image, in request order
 
 
 @dataclass
-class ModelMetadata:
-    name: str
-    version: int
-    labels: list[str]
-    input_height: int
-    input_width: int
-    backbone: str
+class ModelDescription:
+    """What a metadata call answers: the version's fovea.json, the model's loaded versions, the limit."""
+
+    metadata: ModelMetadata  # a copy; input size filled in from the signature when the file lacks it
     loaded_versions: list[int]
-    metrics: dict[str, float] = field(default_factory=dict)
-    created_at: str = ""
-    max_images_per_request: int = 0
+    max_images_per_request: int
 
 
 @dataclass
 class ModelStatus:
     name: str
-    versions: list[int]
-    ready: bool
+    versions: list[int]  # loaded (serving) versions, ascending
+    ready: bool  # at least one version serves
+
+
+@dataclass
+class VersionStatistics:
+    """One loaded version's totals since it loaded; `totals` is a snapshot (a copy)."""
+
+    name: str
+    version: int
+    queue_depth: int  # requests waiting for a batch now
+    totals: VersionStats
 
 
 class Core:
-    def __init__(self, settings: Settings, repository: ModelRepository, metrics: Metrics) -> None:
-        self._settings = settings
-        self._repository = repository
-        self._metrics = metrics
-        threads = settings.preprocess_threads or os.cpu_count() or 2
-        self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="fovea-preprocess")
-        self.draining = False
-        self._active = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+    """Requests in, results out; `predict`, `metadata`, `list_models`, readiness and statistics."""
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=False)
+    def __init__(self, settings: Settings, manager: ModelManager, metrics: Metrics) -> None:
+        self._settings = settings
+        self._manager = manager
+        self._metrics = metrics
+        self._running = Gate()  # predictions in flight; closed by drain()
+
+    @property
+    def draining(self) -> bool:
+        return self._running.closed
+
+    @property
+    def ready(self) -> bool:
+        """The server's readiness: some version serves and no drain has started."""
+        return self._manager.ready and not self.draining
 
     async def drain(self, timeout: float) -> bool:
         """Refuse new predictions and wait for the running ones; False if the timeout passed first."""
-        self.draining = True
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-            return True
-        except TimeoutError:
-            return False
+        self._running.close()
+        return await self._running.wait_idle(timeout)
 
     async def predict(self, request: PredictRequest) -> PredictResult:
-        if self.draining:
-            raise Unavailable("server is shutting down; retry on another replica")
-        self._active += 1
-        self._idle.clear()
+        try:
+            self._running.enter()
+        except GateClosed:
+            raise Unavailable("server is shutting down; retry on another replica") from None
         try:
             return await self._predict(request)
         finally:
-            self._active -= 1
-            if self._active == 0:
-                self._idle.set()
+            self._running.exit()
 
     async def _predict(self, request: PredictRequest) -> PredictResult:
         count = len(request.images)
@@ -128,9 +139,8 @@ class Core:
                 f"the request has {count} images; this server accepts at most "
                 f"{self._settings.max_images_per_request} per request: split it"
             )
-        served = self._repository.acquire(request.model_name, request.model_version)
-        try:
-            classes = len(served.info.labels)
+        with self._manager.lookup(request.model_name, request.model_version).leased() as served:
+            classes = len(served.metadata.labels)
             top_k = request.top_k
             if top_k == 0:
                 top_k = min(5, classes)
@@ -140,11 +150,8 @@ class Core:
                     "the default"
                 )
             rows = await self._preprocess(request.images, served)
-            outputs = await served.batcher.submit(rows, request.deadline)
-        finally:
-            served.release()
-        probabilities = np.asarray(outputs, dtype=np.float32)
-        labels = served.info.labels
+            probabilities = await served.infer(rows, request.deadline)
+        labels = served.metadata.labels
         # argsort on a stable, descending key: ties keep index order, as a reader would expect.
         order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
         predictions = []
@@ -154,22 +161,21 @@ class Core:
         return PredictResult(served.name, served.version, predictions)
 
     async def _preprocess(self, images: Sequence, served: ServedVersion) -> list[np.ndarray]:
-        """Validate every image on the loop (cheap), then decode/resize the rest on the pool."""
-        h, w = served.info.height, served.info.width
+        """Validate every image on the loop (cheap), then let the version decode/resize the rest."""
+        h, w = served.metadata.input_height, served.metadata.input_width
         rows: list[np.ndarray | None] = []
-        slow: list[int] = []
+        slow: dict[int, bytes | np.ndarray] = {}
         for i, image in enumerate(images):
             ready = self._validate(i, image, h, w)
             rows.append(ready)
             if ready is None:
-                slow.append(i)
+                if isinstance(image, EncodedImage):
+                    slow[i] = image.data
+                else:  # a validated RawImage: a view of its bytes, converted on the pool
+                    slow[i] = np.frombuffer(image.data, _DTYPES[image.dtype]).reshape(image.shape)
         if slow:
             start = time.perf_counter()
-            loop = asyncio.get_running_loop()
-            done = await loop.run_in_executor(
-                self._pool, _prepare, [(i, images[i]) for i in slow], served.runner
-            )
-            for i, row in zip(slow, done, strict=True):
+            for i, row in (await served.preprocess(slow)).items():
                 rows[i] = row
             self._metrics.preprocess_duration.labels(served.name).observe(time.perf_counter() - start)
         return rows  # type: ignore[return-value]
@@ -226,54 +232,33 @@ class Core:
                 f"{self._settings.max_pixels} (--max-pixels): downscale it before sending"
             )
 
-    def metadata(self, name: str, version: int) -> ModelMetadata:
-        served, versions = self._repository.served(name, version)
-        info = served.info
-        return ModelMetadata(
-            name=info.name,
-            version=info.version,
-            labels=list(info.labels),
-            input_height=info.height,
-            input_width=info.width,
-            backbone=info.backbone,
-            loaded_versions=versions,
-            metrics=dict(info.metrics),
-            created_at=info.created_at,
+    def metadata(self, name: str = "", version: int = 0) -> ModelDescription:
+        served = self._manager.lookup(name, version)
+        return ModelDescription(
+            metadata=copy.deepcopy(served.metadata),
+            loaded_versions=self._manager.loaded_versions(served.name),
             max_images_per_request=self._settings.max_images_per_request,
         )
 
     def list_models(self) -> list[ModelStatus]:
-        return [ModelStatus(n, v, r) for n, v, r in self._repository.status()]
+        """Every model on storage or loaded, with its loaded versions."""
+        return [ModelStatus(n, v, r) for n, v, r in self._manager.status()]
 
+    def model_ready(self, name: str = "", version: int = 0) -> bool:
+        """Whether a spec resolves to a serving version now (never raises; False while draining)."""
+        if self.draining:
+            return False
+        try:
+            self._manager.lookup(name, version)
+        except ServingError:
+            return False
+        return True
 
-def _prepare(items: list[tuple[int, EncodedImage | RawImage]], runner) -> list[np.ndarray]:
-    """On a pool thread: decode and resize each image to the model's uint8 [H, W, 3]."""
-    h, w = runner.info.height, runner.info.width
-    out = []
-    for i, image in items:
-        if isinstance(image, EncodedImage):
-            try:
-                out.append(runner.decode(image.data))
-            except ValueError:
-                raise InvalidArgument(
-                    f"images[{i}].encoded could not be decoded; it looks truncated or corrupt"
-                ) from None
-            continue
-        array = np.frombuffer(image.data, _DTYPES[image.dtype]).reshape(image.shape)
-        if array.ndim == 2:
-            array = array[:, :, None]
-        if array.shape[2] == 4:
-            array = array[:, :, :3]  # alpha is dropped, as decode_image(channels=3) does
-        elif array.shape[2] == 1:
-            array = np.repeat(array, 3, axis=2)
-        if array.dtype != np.uint8:
-            # The proto: floats outside 0..255 are clipped (NaN counts as 0, infinities as the ends).
-            array = np.clip(np.nan_to_num(array, nan=0.0, posinf=255.0, neginf=0.0), 0.0, 255.0)
-            if array.shape[:2] == (h, w):
-                out.append(np.rint(array).astype(np.uint8))
-                continue
-        if array.shape[:2] == (h, w):
-            out.append(np.ascontiguousarray(array))
-        else:
-            out.append(runner.resize(np.ascontiguousarray(array)))
-    return out
+    def statistics(self, name: str = "", version: int = 0) -> list[VersionStatistics]:
+        """Totals of loaded versions: all of them when `name` is "", else the versions of `name`
+        (only `version` when it is not 0). A model or version not loaded gives an empty list."""
+        return [
+            VersionStatistics(s.name, s.version, s.queue_depth, dataclasses.replace(s.stats))
+            for s in self._manager.loaded()
+            if (not name or s.name == name) and (not version or s.version == version)
+        ]

@@ -21,11 +21,20 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        # `protocol` is the API a call came in on (fovea.v1 today), so methods of the same name in
+        # different protocols are counted apart.
         self.requests = Counter(
-            "fovea_requests", "RPCs finished, by method and gRPC status code.", ["method", "code"], registry=r
+            "fovea_requests",
+            "RPCs finished, by protocol, method and gRPC status code.",
+            ["protocol", "method", "code"],
+            registry=r,
         )
         self.request_duration = Histogram(
-            "fovea_request_duration_seconds", "RPC handling time.", ["method"], buckets=_LATENCY, registry=r
+            "fovea_request_duration_seconds",
+            "RPC handling time, by protocol and method.",
+            ["protocol", "method"],
+            buckets=_LATENCY,
+            registry=r,
         )
         self.preprocess_duration = Histogram(
             "fovea_preprocess_duration_seconds",

@@ -1,25 +1,19 @@
-"""fovea.v1.ClassifierService over grpc.aio: the only module that touches protobuf messages.
+"""fovea.v1.ClassifierService over grpc.aio: protobuf messages to the core's dataclasses and back.
 
-Each method translates the request into the core's dataclasses, calls the core, and translates the
-result back. ServingError codes become gRPC statuses; anything else is INTERNAL with a fixed
-message, and the traceback goes to the log with the request id.
+Nothing else happens here: rpc.RpcHandler does the request id, status mapping, logging and metrics
+that every gRPC servicer shares, and the core does the work.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import time
-
 import grpc
-from fovea.server import core, logs
-from fovea.server.errors import INTERNAL_MESSAGE, ServingError
+from fovea.server import core
 from fovea.server.metrics import Metrics
+from fovea.server.rpc import RpcHandler, deadline
 from fovea.v1 import classifier_pb2 as pb
 from fovea.v1 import classifier_pb2_grpc
 
-log = logging.getLogger(__name__)
-
+PROTOCOL = "fovea.v1"  # the `protocol` label of the request metrics
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ClassifierService"].full_name
 _DTYPES = {pb.DATA_TYPE_UINT8: "uint8", pb.DATA_TYPE_FLOAT32: "float32"}
 
@@ -27,58 +21,22 @@ _DTYPES = {pb.DATA_TYPE_UINT8: "uint8", pb.DATA_TYPE_FLOAT32: "float32"}
 class ClassifierServicer(classifier_pb2_grpc.ClassifierServiceServicer):
     def __init__(self, core_: core.Core, metrics: Metrics) -> None:
         self._core = core_
-        self._metrics = metrics
-        self._durations = {
-            m: metrics.request_duration.labels(m) for m in ("Predict", "GetModelMetadata", "ListModels")
-        }
+        self._rpc = RpcHandler(metrics, PROTOCOL, ("Predict", "GetModelMetadata", "ListModels"))
 
     async def Predict(
         self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
     ) -> pb.PredictResponse:
-        return await self._handle("Predict", self._predict, request, context)
+        return await self._rpc.handle("Predict", self._predict, request, context)
 
     async def GetModelMetadata(
         self, request: pb.GetModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelMetadataResponse:
-        return await self._handle("GetModelMetadata", self._metadata, request, context)
+        return await self._rpc.handle("GetModelMetadata", self._metadata, request, context)
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
-        return await self._handle("ListModels", self._list_models, request, context)
-
-    async def _handle(self, method: str, fn, request, context: grpc.aio.ServicerContext):
-        request_id = _request_id(context)
-        token = logs.request_id.set(request_id)
-        start = time.perf_counter()
-        code = "OK"
-        trailer = ((logs.REQUEST_ID_HEADER, request_id),)
-        try:
-            response = await fn(request, context)
-            context.set_trailing_metadata(trailer)
-            return response
-        except ServingError as exc:
-            code = exc.code
-            level = logging.WARNING if code in ("INTERNAL", "RESOURCE_EXHAUSTED") else logging.INFO
-            log.log(level, "%s: %s: %s", method, code, exc.message)
-            await context.abort(grpc.StatusCode[code], exc.message, trailer)
-        except asyncio.CancelledError:
-            remaining = context.time_remaining()
-            # gRPC's deadline timer may fire a hair before time_remaining() reaches zero.
-            code = "DEADLINE_EXCEEDED" if remaining is not None and remaining < 0.05 else "CANCELLED"
-            raise
-        except grpc.aio.AbortError:
-            raise
-        except Exception:
-            code = "INTERNAL"
-            log.exception("%s failed", method)
-            await context.abort(
-                grpc.StatusCode.INTERNAL, f"{INTERNAL_MESSAGE} (request id {request_id})", trailer
-            )
-        finally:
-            self._metrics.requests.labels(method, code).inc()
-            self._durations[method].observe(time.perf_counter() - start)
-            logs.request_id.reset(token)
+        return await self._rpc.handle("ListModels", self._list_models, request, context)
 
     async def _predict(
         self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
@@ -93,7 +51,6 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServiceServicer):
                 images.append(core.RawImage(_DTYPES.get(raw.dtype, ""), tuple(raw.shape), raw.data))
             else:
                 images.append(None)
-        remaining = context.time_remaining()
         result = await self._core.predict(
             core.PredictRequest(
                 images=images,
@@ -101,7 +58,7 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServiceServicer):
                 model_version=request.model_spec.version,
                 top_k=request.top_k,
                 return_probabilities=request.return_probabilities,
-                deadline=None if remaining is None else time.monotonic() + remaining,
+                deadline=deadline(context),
             )
         )
         response = pb.PredictResponse(
@@ -118,17 +75,18 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServiceServicer):
     async def _metadata(
         self, request: pb.GetModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelMetadataResponse:
-        m = self._core.metadata(request.model_spec.name, request.model_spec.version)
+        d = self._core.metadata(request.model_spec.name, request.model_spec.version)
+        m = d.metadata
         return pb.GetModelMetadataResponse(
             model_spec=pb.ModelSpec(name=m.name, version=m.version),
             labels=m.labels,
             input_height=m.input_height,
             input_width=m.input_width,
             backbone=m.backbone,
-            loaded_versions=m.loaded_versions,
-            metrics=m.metrics,
+            loaded_versions=d.loaded_versions,
+            metrics=m.numeric_metrics(),
             created_at=m.created_at,
-            max_images_per_request=m.max_images_per_request,
+            max_images_per_request=d.max_images_per_request,
         )
 
     async def _list_models(
@@ -140,10 +98,3 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServiceServicer):
                 for m in self._core.list_models()
             ]
         )
-
-
-def _request_id(context: grpc.aio.ServicerContext) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key == logs.REQUEST_ID_HEADER and value:
-            return str(value)[:128]
-    return logs.new_request_id()

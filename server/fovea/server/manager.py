@@ -1,8 +1,10 @@
-"""The model repository: polls the base folder, loads and warms versions, swaps them in atomically.
+"""The manager (TF Serving's word): aspired versions, loading, the atomic swap, and retirement.
 
-A new version is loaded and warmed beside the one serving, then published by replacing the model's
-version map in one assignment. Requests hold a lease on the version they resolved; a retired version
-is released only when its last lease is returned, so no request is dropped by a reload.
+Each poll asks the source what is on storage, picks the versions the policy wants (latest, all, or
+specific), loads and warms the missing ones beside those serving, and publishes each by replacing the
+model's version map in one assignment. A version the policy no longer wants is retired: removed from
+the map at once, released when its last lease is returned, so no request is dropped by a reload.
+`lookup` is the one place a (name, version) spec is resolved.
 """
 
 from __future__ import annotations
@@ -11,64 +13,35 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import os
 import posixpath
 import time
 from collections.abc import Callable
 
-from fovea.server import runner as tf_runner
-from fovea.server.batcher import Batcher, warmup_sizes
+from fovea.server.batcher import warmup_sizes
 from fovea.server.config import Settings
 from fovea.server.errors import InvalidArgument, NotFound, Unavailable
 from fovea.server.metrics import Metrics
+from fovea.server.servable import Model, ServedVersion
+from fovea.server.source import ModelSource
 
 log = logging.getLogger(__name__)
 
 
-class ServedVersion:
-    """A loaded, warm version with its batcher; `leases` counts requests that resolved it."""
-
-    def __init__(self, runner: tf_runner.ModelRunner, batcher: Batcher) -> None:
-        self.runner = runner
-        self.info = runner.info
-        self.batcher = batcher
-        self.leases = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    @property
-    def name(self) -> str:
-        return self.info.name
-
-    @property
-    def version(self) -> int:
-        return self.info.version
-
-    def acquire(self) -> ServedVersion:
-        self.leases += 1
-        self._idle.clear()
-        return self
-
-    def release(self) -> None:
-        self.leases -= 1
-        if self.leases == 0:
-            self._idle.set()
-
-    async def wait_idle(self) -> None:
-        await self._idle.wait()
-
-
-class ModelRepository:
+class ModelManager:
     def __init__(
         self,
         settings: Settings,
         metrics: Metrics,
+        source: ModelSource,
+        load: Callable[[str, str, int], Model],
         on_ready_change: Callable[[bool], None] | None = None,
-        runner_factory: Callable[[str, str, int], tf_runner.ModelRunner] = tf_runner.ModelRunner,
     ) -> None:
         self._settings = settings
         self._metrics = metrics
+        self._source = source
+        self._load_model = load
         self._on_ready_change = on_ready_change
-        self._runner_factory = runner_factory
         self._models: dict[str, dict[int, ServedVersion]] = {}
         self._known: list[str] = []
         self._failures: dict[tuple[str, int], int] = {}
@@ -78,42 +51,41 @@ class ModelRepository:
         # TF loads run on their own thread so a slow load never competes with the serving threads'
         # event loop; one at a time keeps memory peaks to one extra model.
         self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fovea-loader")
+        # Decoding and resizing, shared by every version.
+        threads = settings.preprocess_threads or os.cpu_count() or 2
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="fovea-preprocess")
 
-    # -- lookups (called on the event loop; never await between resolve and acquire) -------------
+    # -- lookups (called on the event loop; never await between lookup and acquire) ---------------
 
     @property
     def ready(self) -> bool:
         return self._ready
 
-    def acquire(self, name: str, version: int) -> ServedVersion:
-        """Resolve a model spec and lease that version; the caller must call `release()`."""
-        versions = self._versions_of(name)
-        if version == 0:
-            return versions[max(versions)].acquire()
+    def lookup(self, name: str, version: int) -> ServedVersion:
+        """The version a model spec names: `name` "" for the only model, `version` 0 for the latest."""
         if version < 0:
             raise InvalidArgument(
                 f"model_spec.version must be 0 (latest) or a positive integer, not {version}"
             )
-        if version not in versions:
-            raise NotFound(
-                f"version {version} of model {self._name_or_only(name)!r} is not loaded; loaded versions: "
-                f"{sorted(versions)}"
-            )
-        return versions[version].acquire()
-
-    def served(self, name: str, version: int) -> tuple[ServedVersion, list[int]]:
-        """The version a spec names (not leased) and every loaded version of its model."""
         versions = self._versions_of(name)
         if version == 0:
-            return versions[max(versions)], sorted(versions)
+            return versions[max(versions)]
         if version not in versions:
             raise NotFound(
                 f"version {version} of model {self._name_or_only(name)!r} is not loaded; loaded versions: "
                 f"{sorted(versions)}"
             )
-        return versions[version], sorted(versions)
+        return versions[version]
+
+    def loaded_versions(self, name: str) -> list[int]:
+        return sorted(self._models.get(name, {}))
+
+    def loaded(self) -> list[ServedVersion]:
+        """Every serving version, by name then version."""
+        return [self._models[n][v] for n in sorted(self._models) for v in sorted(self._models[n])]
 
     def status(self) -> list[tuple[str, list[int], bool]]:
+        """(name, loaded versions, ready) of every model on storage or loaded."""
         names = sorted(set(self._known) | set(self._models))
         return [(n, sorted(self._models.get(n, {})), bool(self._models.get(n))) for n in names]
 
@@ -144,7 +116,7 @@ class ModelRepository:
     # -- polling ---------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._poll_forever(), name="fovea-repository")
+        self._task = asyncio.get_running_loop().create_task(self._poll_forever(), name="fovea-manager")
 
     async def _poll_forever(self) -> None:
         while True:
@@ -153,27 +125,21 @@ class ModelRepository:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("scanning %s failed; will retry", self._settings.model_dir)
+                log.exception("scanning %s failed; will retry", self._source.base)
             await asyncio.sleep(self._settings.poll_interval)
 
     async def poll_once(self) -> None:
-        base = self._settings.model_dir
-        loop = asyncio.get_running_loop()
-        names = await loop.run_in_executor(None, tf_runner.list_model_names, base)
-        listed: dict[str, list[int]] = {}
-        for name in names:
-            listed[name] = await loop.run_in_executor(
-                None, tf_runner.list_versions, posixpath.join(base, name)
-            )
+        listed = await asyncio.get_running_loop().run_in_executor(None, self._source.scan)
         self._known = [n for n, v in listed.items() if v]
         for name, versions in listed.items():
-            await self._sync_model(name, self._wanted(versions))
+            await self._sync_model(name, self._aspired(versions))
         for name in [n for n in self._models if n not in listed]:
-            log.info("model %s disappeared from %s; unloading it", name, base)
+            log.info("model %s disappeared from %s; unloading it", name, self._source.base)
             await self._sync_model(name, [])
         self._update_ready()
 
-    def _wanted(self, versions: list[int]) -> list[int]:
+    def _aspired(self, versions: list[int]) -> list[int]:
+        """The versions the policy wants served, out of those on storage (ascending)."""
         if not versions:
             return []
         specific = self._settings.specific_versions()
@@ -209,17 +175,17 @@ class ModelRepository:
             self._models.pop(name, None)
 
     async def _load(self, name: str, version: int) -> ServedVersion | None:
-        path = posixpath.join(self._settings.model_dir, name, str(version))
+        path = posixpath.join(self._source.root(name), str(version))
         loop = asyncio.get_running_loop()
         s = self._settings
         sizes = warmup_sizes(s.max_batch_size, s.allowed_batch_sizes)
         try:
             start = time.monotonic()
-            runner = await loop.run_in_executor(self._loader, self._runner_factory, path, name, version)
+            model = await loop.run_in_executor(self._loader, self._load_model, path, name, version)
             loaded = time.monotonic()
             self._metrics.load_duration.labels(name).observe(loaded - start)
             if s.warmup:
-                await loop.run_in_executor(self._loader, runner.warm_up, sizes)
+                await loop.run_in_executor(self._loader, model.warm_up, sizes)
                 self._metrics.warmup_duration.labels(name).observe(time.monotonic() - loaded)
         except asyncio.CancelledError:
             raise
@@ -239,35 +205,35 @@ class ModelRepository:
             )
             return None
         self._failures.pop((name, version), None)
-        batcher = Batcher(
-            runner.predict,
-            max_batch_size=s.max_batch_size,
-            batch_timeout_s=s.batch_timeout_ms / 1000.0,
-            allowed_batch_sizes=s.allowed_batch_sizes,
-            max_in_flight=s.max_in_flight_batches,
-            max_queue_size=s.max_queue_size,
+        served = ServedVersion(
+            model,
+            pool=self._pool,
+            batcher_options={
+                "max_batch_size": s.max_batch_size,
+                "batch_timeout_s": s.batch_timeout_ms / 1000.0,
+                "allowed_batch_sizes": s.allowed_batch_sizes,
+                "max_in_flight": s.max_in_flight_batches,
+                "max_queue_size": s.max_queue_size,
+            },
             stats=self._metrics.batcher_stats(name, version),
-            name=f"fovea-{name}-{version}",
         )
-        batcher.start()
         self._metrics.model_loads.labels(name).inc()
         self._metrics.version_info.labels(name, str(version)).set(1)
         log.info(
             "loaded %s version %d (%dx%d, %d classes) in %.2fs%s",
             name,
             version,
-            runner.info.height,
-            runner.info.width,
-            len(runner.info.labels),
+            model.metadata.input_height,
+            model.metadata.input_width,
+            len(model.metadata.labels),
             time.monotonic() - start,
             f", warmed batch sizes {sizes}" if s.warmup else ", warm-up off",
         )
-        return ServedVersion(runner, batcher)
+        return served
 
     async def _retire(self, old: ServedVersion) -> None:
         await old.wait_idle()
-        await old.batcher.close(drain=True)
-        old.runner.release()
+        await old.close()
         self._metrics.version_info.remove(old.name, str(old.version))
         with contextlib.suppress(KeyError):
             self._metrics.queue_depth.remove(old.name, str(old.version))
@@ -290,7 +256,7 @@ class ModelRepository:
             await asyncio.gather(*self._retiring, return_exceptions=True)
         for versions in self._models.values():
             for served in versions.values():
-                await served.batcher.close(drain=True)
-                served.runner.release()
+                await served.close()
         self._models.clear()
         self._loader.shutdown(wait=False)
+        self._pool.shutdown(wait=False)

@@ -1,5 +1,6 @@
-"""The one module that touches TensorFlow: devices, model folders, SavedModel load, signature calls.
+"""The one server module that imports TensorFlow: devices, storage, SavedModel load, signature calls.
 
+In TF Serving's words this is the loader: it turns one version folder into a warm, callable model.
 The rest of the server sees numpy arrays and plain Python. Preprocessing uses exactly the ops of the
 export contract's `decode_and_resize` (decode_image with channels=3 and expand_animations=False,
 bilinear resize, round, clip, cast to uint8), so the server's pixels equal the bytes signature's.
@@ -7,24 +8,23 @@ bilinear resize, round, clip, cast to uint8), so the server's pixels equal the b
 
 from __future__ import annotations
 
-import json
 import logging
 import posixpath
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import tensorflow as tf
+from fovea.contract import (
+    INPUT_IMAGES,
+    LABELS_FILE,
+    METADATA_FILE,
+    OUTPUT,
+    SIGNATURE_IMAGES,
+    ModelMetadata,
+    parse_labels,
+)
 
 log = logging.getLogger(__name__)
-
-# The export contract (trainer/fovea/trainer/export.py); the server must not import the trainer.
-SIGNATURE_IMAGES = "serving_default"
-INPUT_IMAGES = "images"
-OUTPUT = "probabilities"
-METADATA_FILE = "assets.extra/fovea.json"
-LABELS_FILE = "assets/labels.txt"
 
 
 def configure_device(gpu_memory_limit_mb: int = 0) -> str:
@@ -52,85 +52,51 @@ def configure_device(gpu_memory_limit_mb: int = 0) -> str:
     return "GPU"
 
 
-def list_model_names(base: str) -> list[str]:
-    """Model folders under the base folder (hidden ones skipped), sorted."""
-    if not tf.io.gfile.isdir(base):
-        return []
-    names = (n.rstrip("/") for n in tf.io.gfile.listdir(base))
-    return sorted(
-        n for n in names if n and not n.startswith(".") and tf.io.gfile.isdir(posixpath.join(base, n))
-    )
+class GFileStorage:
+    """The `source.Storage` the server uses: tf.io.gfile, so the model folder may be any gfile path."""
+
+    def listdir(self, path: str) -> list[str]:
+        if not tf.io.gfile.isdir(path):
+            return []
+        return [n.rstrip("/") for n in tf.io.gfile.listdir(path)]
+
+    def isdir(self, path: str) -> bool:
+        return tf.io.gfile.isdir(path)
+
+    def exists(self, path: str) -> bool:
+        return tf.io.gfile.exists(path)
 
 
-def list_versions(model_root: str) -> list[int]:
-    """Complete published versions: positive integer folders holding saved_model.pb, ascending.
-
-    Exports are renamed into place from hidden `.tmp-*` folders, so a listed version is whole.
-    """
-    if not tf.io.gfile.isdir(model_root):
-        return []
-    found = []
-    for raw in tf.io.gfile.listdir(model_root):
-        name = raw.rstrip("/")
-        complete = name.isdigit() and tf.io.gfile.exists(posixpath.join(model_root, name, "saved_model.pb"))
-        if complete and int(name) > 0:
-            found.append(int(name))
-    return sorted(found)
-
-
-@dataclass
-class ModelInfo:
-    """What the metadata file says about one version."""
-
-    name: str
-    version: int
-    path: str
-    labels: list[str]
-    height: int
-    width: int
-    backbone: str = ""
-    metrics: dict[str, float] = field(default_factory=dict)
-    created_at: str = ""
-
-
-def read_info(path: str, name: str, version: int) -> ModelInfo:
-    meta: dict[str, Any] = {}
+def read_metadata(path: str, name: str, version: int) -> ModelMetadata:
+    """fovea.json of a version folder; without one (or without labels in it), labels.txt gives the labels."""
     meta_path = posixpath.join(path, METADATA_FILE)
     if tf.io.gfile.exists(meta_path):
         with tf.io.gfile.GFile(meta_path) as f:
-            meta = json.load(f)
-    labels = list(meta.get("labels") or [])
-    if not labels:
+            meta = ModelMetadata.from_json(f.read(), name=name, version=version)
+    else:
+        meta = ModelMetadata(name=name, version=version, labels=[], input_height=0, input_width=0)
+    if not meta.labels:
         with tf.io.gfile.GFile(posixpath.join(path, LABELS_FILE)) as f:
-            labels = [line.rstrip("\n") for line in f if line.strip()]
-    size = meta.get("input_size") or {}
-    metrics = {k: float(v) for k, v in (meta.get("metrics") or {}).items() if isinstance(v, (int, float))}
-    return ModelInfo(
-        name=name,
-        version=version,
-        path=path,
-        labels=labels,
-        height=int(size.get("height", 0)),
-        width=int(size.get("width", 0)),
-        backbone=str(meta.get("backbone", "")),
-        metrics=metrics,
-        created_at=str(meta.get("created_at", "")),
-    )
+            meta.labels = parse_labels(f.read())
+    return meta
 
 
-class ModelRunner:
-    """One loaded SavedModel version: batched inference plus the per-image preprocessing it needs."""
+class LoadedModel:
+    """One loaded SavedModel version: batched inference plus the per-image preprocessing it needs.
+
+    It satisfies `servable.Model`; `load` is the factory the manager calls on its loader thread.
+    """
 
     def __init__(self, path: str, name: str, version: int) -> None:
-        self.info = read_info(path, name, version)
+        self.metadata = read_metadata(path, name, version)
         self._loaded = tf.saved_model.load(path)
         # The concrete signature function: it never retraces, unlike the restored Keras object.
         self._signature = self._loaded.signatures[SIGNATURE_IMAGES]
         spec = self._signature.structured_input_signature[1][INPUT_IMAGES]
         height, width = spec.shape[1], spec.shape[2]
-        if not self.info.height:
-            self.info.height, self.info.width = int(height), int(width)
-        h, w = self.info.height, self.info.width
+        if not self.metadata.input_height:
+            self.metadata.input_height, self.metadata.input_width = int(height), int(width)
+        h, w = self.metadata.input_height, self.metadata.input_width
 
         @tf.function(input_signature=[tf.TensorSpec([], tf.string)])
         def decode(image_bytes: tf.Tensor) -> tf.Tensor:
@@ -147,7 +113,7 @@ class ModelRunner:
 
     @property
     def num_classes(self) -> int:
-        return len(self.info.labels)
+        return len(self.metadata.labels)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """uint8 [N, H, W, 3] -> float32 probabilities [N, classes]."""
@@ -167,7 +133,7 @@ class ModelRunner:
 
     def warm_up(self, batch_sizes: Sequence[int]) -> None:
         """Run every batch size and every preprocessing path once, so the first request is not slow."""
-        h, w = self.info.height, self.info.width
+        h, w = self.metadata.input_height, self.metadata.input_width
         for size in batch_sizes:
             out = self.predict(np.zeros((size, h, w, 3), np.uint8))
             if out.shape != (size, self.num_classes):
@@ -184,6 +150,11 @@ class ModelRunner:
     def release(self) -> None:
         self._signature = None
         self._loaded = None
+
+
+def load(path: str, name: str, version: int) -> LoadedModel:
+    """Load one version folder (blocking: the manager calls it on its loader thread)."""
+    return LoadedModel(path, name, version)
 
 
 def _resize(image: tf.Tensor, height: int, width: int) -> tf.Tensor:

@@ -1,0 +1,52 @@
+"""The source: which models and versions the model folder holds (TF Serving's "source").
+
+`<base>/<name>/<version>/` folders, or, given a model name, `<base>/<version>/` as that one model's
+root (what KServe's storage initializer puts at /mnt/models); which version folders count is
+fovea.contract's rule. The
+folder is read through a `Storage` (loader.GFileStorage in the server, so any tf.io.gfile path works)
+so this module needs no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from typing import Protocol
+
+from fovea import contract
+
+
+class Storage(Protocol):
+    def listdir(self, path: str) -> list[str]:
+        """Entry names without a trailing slash; [] when `path` is not a folder."""
+        ...
+
+    def isdir(self, path: str) -> bool: ...
+
+    def exists(self, path: str) -> bool: ...
+
+
+class ModelSource:
+    def __init__(self, base: str, storage: Storage, model_name: str = "") -> None:
+        self.base = base
+        self._storage = storage
+        self._single = model_name  # the base folder is this one model's root
+
+    def root(self, name: str) -> str:
+        """The folder holding one model's version folders."""
+        return self.base if self._single else posixpath.join(self.base, name)
+
+    def model_names(self) -> list[str]:
+        """Model folders under the base folder (hidden ones skipped), sorted; or the one model."""
+        if self._single:
+            return [self._single]
+        s = self._storage
+        names = (n for n in s.listdir(self.base) if n and not n.startswith("."))
+        return sorted(n for n in names if s.isdir(posixpath.join(self.base, n)))
+
+    def versions(self, name: str) -> list[int]:
+        """The complete published versions of one model, ascending (the contract's rule)."""
+        return contract.published_versions(self.root(name), self._storage.listdir, self._storage.exists)
+
+    def scan(self) -> dict[str, list[int]]:
+        """Every model folder and its published versions (blocking: run it off the event loop)."""
+        return {name: self.versions(name) for name in self.model_names()}
