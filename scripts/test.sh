@@ -11,4 +11,5 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/python" -m pip install -q --disable-pip-version-check -e '.[dev]'
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-3}"
-exec "$venv/bin/python" -m pytest "$@"
+# -ra: the summary lists every skip with its reason.
+exec "$venv/bin/python" -m pytest -ra "$@"

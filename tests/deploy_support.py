@@ -27,6 +27,16 @@ def find_tool(name: str) -> str | None:
     return str(beside) if beside.is_file() else None
 
 
+def dev_tool(name: str) -> str:
+    """A linter that the dev extra installs: missing means a broken dev install, so the test fails."""
+    import pytest
+
+    found = find_tool(name)
+    if found is None:
+        pytest.fail(f"{name} is not installed: it is a dev dependency (pip install -e '.[dev]')")
+    return found
+
+
 def load_documents(text: str) -> list[dict]:
     import yaml
 

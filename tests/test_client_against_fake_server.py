@@ -536,6 +536,27 @@ def test_max_attempts_limits_retries(server, fake) -> None:
     assert err.code == grpc.StatusCode.UNAVAILABLE and fake.predict_calls == 2
 
 
+def test_fail_fast_still_retries_a_server_that_answered(server, fake) -> None:
+    """fail_fast_unreachable (the CLI's policy) stops only when nothing answered; UNAVAILABLE from a
+    reached server (no model loaded yet, draining) is retried as before."""
+    fake.always_fail = grpc.StatusCode.UNAVAILABLE
+    policy = RetryPolicy(initial_backoff=0.01, max_attempts=3, fail_fast_unreachable=True)
+    err, _ = expect_error(
+        lambda: call("sync", server.target, "predict", b"GIF89a", client_kwargs={"retry_policy": policy})
+    )
+    assert err.code == grpc.StatusCode.UNAVAILABLE and fake.predict_calls == 3
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_fail_fast_when_nothing_answers(kind) -> None:
+    policy = RetryPolicy(initial_backoff=0.01, fail_fast_unreachable=True)
+    err, _ = expect_error(
+        lambda: call(kind, "127.0.0.1:1", "predict", b"GIF89a", client_kwargs={"retry_policy": policy})
+    )
+    assert err.code == grpc.StatusCode.UNAVAILABLE
+    assert err.details == "cannot connect: connection refused", err.details
+
+
 def test_other_errors_are_not_retried(kind, server, fake) -> None:
     fake.fail_first = [grpc.StatusCode.INTERNAL]
     err, _ = expect_error(lambda: call(kind, server.target, "predict", b"GIF89a"))
@@ -711,9 +732,12 @@ def test_cli_bad_path_is_one_line(server, fake, fovea_env, tmp_path: Path) -> No
     assert fake.predict_calls == 0
 
 
-def test_cli_unreachable_server_is_one_line(fovea_env, images_dir: Path) -> None:
-    proc = _run_cli(["predict", "--target", "127.0.0.1:1", "--timeout", "1", str(images_dir)], fovea_env)
-    _assert_one_line_error(proc, "127.0.0.1:1", "UNAVAILABLE")
+@pytest.mark.parametrize("command", [["predict"], ["health"], ["metadata"], ["models"]])
+def test_cli_unreachable_server_is_one_line(command, fovea_env, images_dir: Path) -> None:
+    # The default deadline (10 s) is not waited out: nothing answered, so it says so at once.
+    args = [str(images_dir)] if command == ["predict"] else []
+    proc = _run_cli([*command, "--target", "127.0.0.1:1", *args], fovea_env)
+    _assert_one_line_error(proc, "cannot connect to 127.0.0.1:1: connection refused")
 
 
 def test_cli_server_error_is_one_line(server, fake, fovea_env, images_dir: Path) -> None:

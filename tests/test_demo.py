@@ -54,7 +54,7 @@ def test_demo_runs_every_step_and_classifies_every_heldout_image(tmp_path: Path,
         assert row is not None, f"{rel} is not in the table"
         assert re.search(r"\s0\.\d{3}|\s1\.000", row), f"no score in {row!r}"
     assert "Predict requests: 6" in out
-    assert "batches by size" in out and "request latency" in out
+    assert "batches by size" in out and "request latency measured by the client" in out
     assert "training_curves.png" in out and "(missing)" not in out
     assert "server exited with code 0" in out
 

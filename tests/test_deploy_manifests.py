@@ -8,7 +8,6 @@ probed over gRPC health, runs locked down; the CPU variant has no GPU; the multi
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -19,10 +18,8 @@ from functools import cache
 from pathlib import Path
 
 import pytest
-
-yaml = pytest.importorskip("yaml", reason="PyYAML is not installed (it comes with the dev extra)")
-
-from deploy_support import (  # noqa: E402  (after the importorskip above)
+import yaml  # a dev dependency: missing fails the module, it does not skip it
+from deploy_support import (
     CPU_OVERLAY,
     K8S,
     KUBERNETES_VERSION,
@@ -31,6 +28,7 @@ from deploy_support import (  # noqa: E402  (after the importorskip above)
     ROOT,
     Container,
     containers_of,
+    dev_tool,
     expand,
     find_tool,
     fovea_argv,
@@ -111,7 +109,7 @@ def test_kubectl_reads_k8s_in_name_order():
     """What `kubectl apply -f k8s/` would send, read offline by kubectl's own file walker."""
     kubectl = find_tool("kubectl")
     if kubectl is None:
-        pytest.skip("kubectl is not installed")
+        pytest.skip("kubectl is not installed (not a Python package: install it to check what it reads)")
     proc = subprocess.run(
         [kubectl, "label", "--local", "-f", str(K8S), "fovea.test/read=1", "-o", "name"],
         capture_output=True,
@@ -153,9 +151,7 @@ def _validate_targets() -> list[str]:
 
 @pytest.mark.parametrize("target", _validate_targets())
 def test_manifest_is_valid_for_kubernetes_1_30(target, tmp_path):
-    tool = find_tool("kubernetes-validate")
-    if tool is None:
-        pytest.skip("kubernetes-validate is not installed (pip install kubernetes-validate)")
+    tool = dev_tool("kubernetes-validate")
     if target == CPU_SOURCE:
         docs = _cpu_rendered_or_skip()
         path = tmp_path / "cpu-rendered.yaml"
@@ -181,9 +177,7 @@ def test_manifest_is_valid_for_kubernetes_1_30(target, tmp_path):
 @pytest.fixture(scope="session")
 def checkov_report() -> dict:
     """One checkov run over k8s/ (raw manifests and subfolders) per test session: it is slow."""
-    tool = find_tool("checkov")
-    if tool is None:
-        pytest.skip("checkov is not installed (pip install checkov)")
+    tool = dev_tool("checkov")
     proc = subprocess.run(
         [tool, "--framework", "kubernetes", "-d", str(K8S), "--skip-download", "-o", "json"],
         capture_output=True,
@@ -226,31 +220,14 @@ def test_checkov_skips_each_carry_a_reason(checkov_report):
 # ---------------------------------------------------------------- container arguments vs the real CLI
 
 
-def _missing_module(module_name: str) -> str | None:
-    """The module (or parent package) of a subcommand that does not exist yet, else None."""
-    parts = module_name.split(".")
-    own = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
-    try:
-        spec = importlib.util.find_spec(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name in own:
-            return exc.name
-        raise  # a dependency of an existing module is missing: a real failure
-    return module_name if spec is None else None
-
-
 def _parse(argv: list[str], where: str):
-    """Parse `fovea <argv>` with the real parser; skip only while the subcommand's module is unwritten."""
+    """Parse `fovea <argv>` with the real parser (a subcommand whose module cannot be imported fails)."""
     from fovea.cli import SUBCOMMANDS, build_parser
 
     assert argv, f"{where}: no arguments for fovea"
     command, rest = argv[0], argv[1:]
     assert command in SUBCOMMANDS, f"{where}: `fovea {command}` is not a fovea subcommand"
-    module_name = SUBCOMMANDS[command][0]
-    missing = _missing_module(module_name)
-    if missing is not None:
-        pytest.skip(f"`fovea {command}` cannot be parsed yet: module {missing} does not exist")
-    parser = build_parser(command)  # any other import problem fails here
+    parser = build_parser(command)  # a missing module or dependency fails here: they are dev deps
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr):

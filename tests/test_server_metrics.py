@@ -72,7 +72,10 @@ def test_metrics_names_and_values(server) -> None:
     ):
         assert name in text, name
     names = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")}
-    assert all(n.startswith("fovea_") for n in names), names
+    # Ours, and the process collector's (RSS, CPU, open files) for the dashboard.
+    assert all(n.startswith(("fovea_", "process_")) for n in names), names
+    assert {"process_resident_memory_bytes", "process_cpu_seconds_total"} <= names, names
+    assert "_created" not in text  # prometheus_client's creation timestamps are turned off
 
 
 def test_promtool_check_metrics_is_clean(server) -> None:

@@ -6,6 +6,7 @@ import http.client
 import shutil
 import ssl
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -67,6 +68,34 @@ def test_tls_and_mtls(certs: Path, tmp_path: Path) -> None:
         # No client certificate: refused in the handshake (TLS 1.2) or right after it (TLS 1.3).
         with pytest.raises((ssl.SSLError, ConnectionError)):
             _https_status(srv.http_port, ca)
+    finally:
+        stop_server(srv)
+
+
+def test_metrics_follow_grpc_onto_tls(certs: Path, tmp_path: Path) -> None:
+    ca = certs / "ca.pem"
+    srv = start_server(tmp_path, tls_cert=str(certs / "server.pem"), tls_key=str(certs / "server.key"))
+    try:
+        url = f"https://localhost:{srv.metrics_port}/metrics"
+        context = ssl.create_default_context(cafile=str(ca))
+        with urllib.request.urlopen(url, context=context, timeout=10) as response:
+            assert "fovea_ready" in response.read().decode()
+        with pytest.raises(OSError):  # plain HTTP gets no metrics from a TLS port
+            urllib.request.urlopen(f"http://localhost:{srv.metrics_port}/metrics", timeout=10).read()
+    finally:
+        stop_server(srv)
+
+    srv = start_server(
+        tmp_path, tls_client_ca=str(ca), tls_cert=str(certs / "server.pem"), tls_key=str(certs / "server.key")
+    )
+    try:
+        url = f"https://localhost:{srv.metrics_port}/metrics"
+        with_cert = ssl.create_default_context(cafile=str(ca))
+        with_cert.load_cert_chain(certs / "client.pem", certs / "client.key")
+        with urllib.request.urlopen(url, context=with_cert, timeout=10) as response:
+            assert "fovea_ready" in response.read().decode()
+        with pytest.raises(OSError):  # mTLS: no client certificate, no metrics
+            urllib.request.urlopen(url, context=ssl.create_default_context(cafile=str(ca)), timeout=10).read()
     finally:
         stop_server(srv)
 

@@ -161,12 +161,12 @@ def test_early_stopping_ends_a_stalled_run_and_restores_the_best_weights(tmp_pat
     result = run(cfg, log=lambda msg: None)
     history = result.metrics.history
     assert len(history) < cfg.epochs, "early stopping did not end the stalled run"
-    best = result.metrics.best_epoch
-    assert best == len(history) - 2  # patience 1: the run stops one epoch after its best
+    best = result.metrics.best_epoch  # numbered from 1, as Keras prints it
+    assert best == len(history) - 1  # patience 1: the run stops one epoch after its best
     val = data_mod.make_stream(
         result.dataset.files["val"], result.dataset.targets["val"], num_classes=2, input_size=32,
         batch_size=8, training=False, seed=0, cache=False,
     )  # fmt: skip
     val_loss = result.model.evaluate(val, verbose=0)[0]
-    assert val_loss == pytest.approx(history[best]["val_loss"], rel=1e-4, abs=1e-5)
+    assert val_loss == pytest.approx(history[best - 1]["val_loss"], rel=1e-4, abs=1e-5)
     assert val_loss != pytest.approx(history[-1]["val_loss"], rel=1e-4, abs=1e-5)

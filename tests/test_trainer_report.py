@@ -41,7 +41,7 @@ SPIKY_HISTORY = [
 def _metrics(truth: np.ndarray, predicted: np.ndarray, **extra) -> TrainMetrics:
     evaluation = scores(truth, predicted, LABELS)
     values = dict(
-        test_accuracy=evaluation.accuracy, test=evaluation, best_epoch=5, best_val_loss=0.42,
+        test_accuracy=evaluation.accuracy, test=evaluation, best_epoch=6, best_val_loss=0.42,
         fine_tune_start_epoch=3, phase1_epochs=3, phase2_epochs=3, unfrozen_layers=4,
         history=SPIKY_HISTORY, images={"train": {"checks": 4}, "val": {"checks": 1}, "test": {"checks": 1}},
         layout="DATA/<label>/*", skipped_files=[{"path": "/d/x.png", "reason": "truncated <b>"}],
@@ -53,14 +53,14 @@ def _metrics(truth: np.ndarray, predicted: np.ndarray, **extra) -> TrainMetrics:
 
 
 def test_curves_cut_a_spike_and_mark_it(tmp_path: Path) -> None:
-    clipped = report.plot_curves(SPIKY_HISTORY, tmp_path / "c.png", fine_tune_start=3, best_epoch=5)
+    clipped = report.plot_curves(SPIKY_HISTORY, tmp_path / "c.png", fine_tune_start=3, best_epoch=6)
     assert clipped == [("train", 4, 7.7)], clipped
     cut = report.spike_cut([v for r in SPIKY_HISTORY for v in (r["loss"], r["val_loss"])])
     assert cut is not None and 2.1 < cut < 7.7  # the rest, validation's 2.1 included, stays in view
     # A loss that simply falls from a high start is not cut.
     assert report.spike_cut([2.3, 1.4, 0.9, 0.6, 0.5, 0.45]) is None
     smooth = [{"epoch": e, "loss": v, "val_loss": v} for e, v in enumerate([2.3, 1.4, 0.9, 0.6])]
-    assert report.plot_curves(smooth, tmp_path / "s.png", fine_tune_start=None, best_epoch=3) == []
+    assert report.plot_curves(smooth, tmp_path / "s.png", fine_tune_start=None, best_epoch=4) == []
 
 
 def test_mistakes_are_the_confident_wrong_answers_first() -> None:

@@ -7,9 +7,12 @@ is imported only when its subcommand runs (or its --help is asked for).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 
 # name -> (module that defines `add_arguments(parser)` and `run(args) -> int`, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -34,6 +37,12 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# Subcommands that load TensorFlow, whose start-up lines (oneDNN, "E0000 ... failed call to cuInit" on a
+# CPU machine) are hidden unless --tf-logs (or FOVEA_TF_LOGS=1, which `fovea demo` passes to its children).
+TF_COMMANDS = ("train", "demo-data", "serve", "demo")
+TF_LOGS_ENV = "FOVEA_TF_LOGS"
+
+
 class CLIError(Exception):
     """A failure the CLI reports as one line and a non-zero exit, never a traceback."""
 
@@ -55,7 +64,50 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     module = _import_subcommand(module_name)
     parser = argparse.ArgumentParser(prog=f"fovea {command}", description=help_text)
     module.add_arguments(command, parser)
+    if command in TF_COMMANDS:
+        parser.add_argument(
+            "--tf-logs",
+            action="store_true",
+            help=f"keep TensorFlow's start-up log lines (oneDNN, CUDA probing); also {TF_LOGS_ENV}=1",
+        )
     return parser
+
+
+@contextlib.contextmanager
+def _native_stderr_captured() -> Iterator[None]:
+    """Send file descriptor 2 (where TensorFlow's C++ logs go) to a file; replay it on an error."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            captured.seek(0)
+            os.write(2, captured.read())
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _quiet_tensorflow_start() -> None:
+    """Import TensorFlow and probe for GPUs with its start-up lines hidden: they print once per process.
+
+    TF_CPP_MIN_LOG_LEVEL does not reach them (they are logged before absl is set up), hence the
+    captured file descriptor. Later TensorFlow messages print as usual.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    try:
+        with _native_stderr_captured():
+            import tensorflow as tf
+
+            tf.config.list_physical_devices("GPU")
+    except ImportError:
+        pass  # the subcommand reports the missing extra itself
 
 
 def _import_subcommand(module_name: str):
@@ -74,10 +126,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     try:
         module = _import_subcommand(SUBCOMMANDS[command][0])
-        parser = argparse.ArgumentParser(prog=f"fovea {command}", description=SUBCOMMANDS[command][1])
-        module.add_arguments(command, parser)
-        args = parser.parse_args(rest)
+        args = build_parser(command).parse_args(rest)
         args.command = command
+        if command in TF_COMMANDS:
+            if args.tf_logs:
+                os.environ[TF_LOGS_ENV] = "1"  # and to the subprocesses of `fovea demo`
+            elif os.environ.get(TF_LOGS_ENV) != "1" and command != "demo":
+                _quiet_tensorflow_start()
         return int(module.run(command, args) or 0)
     except CLIError as exc:
         print(f"fovea {command}: error: {exc}", file=sys.stderr)

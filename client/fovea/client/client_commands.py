@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from fovea.cli import CLIError
-from fovea.client import Client, FoveaError, ModelMetadata, ModelStatus, Prediction
+from fovea.client import Client, FoveaError, ModelMetadata, ModelStatus, Prediction, RetryPolicy
 
 DEFAULT_TARGET = "localhost:8500"
 CLI_DEFAULT_TIMEOUT = 10.0
@@ -94,6 +94,8 @@ def _client(args: argparse.Namespace) -> Client:
         root_certificates=args.ca_cert,
         certificate_chain=args.client_cert,
         private_key=args.client_key,
+        # A wrong --target or a dead server: one line at once, not retries until the deadline.
+        retry_policy=RetryPolicy(fail_fast_unreachable=True),
     )
 
 
@@ -101,6 +103,8 @@ def _one_line(target: str, err: FoveaError) -> str:
     details = " ".join(err.details.split())
     if err.code.name == "INVALID_ARGUMENT":
         return details  # about the input; the server is beside the point
+    if err.code.name == "UNAVAILABLE" and details.startswith("cannot connect: "):
+        return f"cannot connect to {target}: {details.removeprefix('cannot connect: ')}"
     return f"{target}: {err.code.name}: {details}"
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -44,23 +43,6 @@ def buckets(samples: Iterable[Sample], histogram: str, **labels: str) -> list[tu
             bound = float(s.labels["le"])
             sums[bound] = sums.get(bound, 0.0) + s.value
     return sorted(sums.items())
-
-
-def quantile(q: float, cumulative: list[tuple[float, float]]) -> float:
-    """Estimate a quantile from cumulative buckets, interpolating linearly as PromQL's histogram_quantile."""
-    if not cumulative or cumulative[-1][1] == 0:
-        return math.nan
-    rank = q * cumulative[-1][1]
-    prev_bound, prev_count = 0.0, 0.0
-    for bound, count in cumulative:
-        if count >= rank:
-            if math.isinf(bound):
-                return prev_bound
-            if count == prev_count:
-                return bound
-            return prev_bound + (bound - prev_bound) * (rank - prev_count) / (count - prev_count)
-        prev_bound, prev_count = bound, count
-    return prev_bound
 
 
 def per_bucket(cumulative: list[tuple[float, float]]) -> list[tuple[float, float]]:

@@ -15,7 +15,7 @@ import grpc
 from aiohttp import web
 from fovea.inference import _pool as inference_pool
 from fovea.inference import grpc_service_pb2_grpc
-from fovea.server import loader, tfserving, v2, v2_grpc, v2_http
+from fovea.server import loader, tfserving, tracing, v2, v2_grpc, v2_http
 from fovea.server.config import Settings
 from fovea.server.core import Core
 from fovea.server.manager import ModelManager
@@ -121,6 +121,7 @@ class Server:
             settings = dataclasses.replace(settings, allowed_batch_sizes=sizes)
         self.settings = settings
         self.metrics = Metrics()
+        self.metrics.queue_capacity.set(settings.max_queue_size)
         self.health = health.aio.HealthServicer()
         source = ModelSource(settings.model_dir, loader.GFileStorage(), settings.model_name)
         self.manager = ModelManager(settings, self.metrics, source, load, self._on_ready_change)
@@ -184,7 +185,10 @@ class Server:
         if s.metrics_port >= 0:
             metrics_address = f"{s.metrics_host or s.host}:{s.metrics_port}"
             try:
-                self.metrics_port = self.metrics.serve_http(s.metrics_host or s.host, s.metrics_port)
+                # Over TLS (and mTLS) exactly when gRPC is: same certificate, key and client CA.
+                self.metrics_port = self.metrics.serve_http(
+                    s.metrics_host or s.host, s.metrics_port, s.tls_cert, s.tls_key, s.tls_client_ca
+                )
             except OSError as exc:
                 await server.stop(None)
                 raise StartupError(
@@ -205,7 +209,7 @@ class Server:
         self._server = server
         tls = " (mTLS)" if s.tls_client_ca else " (TLS)" if s.tls_cert else ""
         log.info(
-            "serving %s and %s on %s, grpc port %d%s, http port %s, metrics port %s; models from %s",
+            "serving %s and %s on %s, grpc port %d%s, http port %s, metrics port %s%s; models from %s",
             SERVICE_NAME,
             v2_grpc.SERVICE_NAME,
             s.host,
@@ -213,6 +217,7 @@ class Server:
             tls,
             self.http_port,
             self.metrics_port,
+            tls if self.metrics_port is not None else "",
             s.model_dir,
         )
         self.manager.start()
@@ -272,6 +277,7 @@ async def serve(settings: Settings) -> int:
     # Installed before anything starts, so a signal during start-up still drains and exits 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    tracing.setup()  # only with OTEL_* set and the otel extra installed
     server = Server(settings)
     await server.start()
     # The one stdout line tests and scripts read to find the bound ports.

@@ -34,12 +34,23 @@ class BatcherStats:
     def batch(self, images: int, padding: int, queue_waits: Sequence[float], compute_s: float) -> None: ...
 
 
+@dataclass
+class BatchTiming:
+    """When one queue item waited and ran (batcher clock), for callers that trace requests."""
+
+    enqueued: float
+    started: float = 0.0
+    finished: float = 0.0
+    batch_images: int = 0
+
+
 @dataclass(eq=False)
 class _Item:
     rows: Sequence[np.ndarray]
     future: asyncio.Future
     deadline: float | None
     enqueued: float
+    timing: BatchTiming | None = None
 
 
 def warmup_sizes(max_batch_size: int, allowed_batch_sizes: Sequence[int]) -> list[int]:
@@ -102,11 +113,14 @@ class Batcher:
         if self._loop_task is None:
             self._loop_task = asyncio.get_running_loop().create_task(self._run(), name=self.name)
 
-    async def submit(self, rows: Sequence[np.ndarray], deadline: float | None = None) -> list:
+    async def submit(
+        self, rows: Sequence[np.ndarray], deadline: float | None = None, timings: list | None = None
+    ) -> list:
         """Queue `rows`, wait for their batch, and return their output rows in order.
 
         `deadline` is on the batcher's clock (time.monotonic by default). Requests with more rows
-        than max_batch_size are split into several queue items.
+        than max_batch_size are split into several queue items; with `timings`, a BatchTiming per
+        item is appended to it.
         """
         if self._closing:
             raise Unavailable("this model version is shutting down; retry")
@@ -125,7 +139,11 @@ class Batcher:
         futures = []
         for chunk in chunks:
             fut = loop.create_future()
-            self._queue.append(_Item(chunk, fut, deadline, now))
+            timing = None
+            if timings is not None:
+                timing = BatchTiming(now)
+                timings.append(timing)
+            self._queue.append(_Item(chunk, fut, deadline, now, timing))
             self._queued_rows += len(chunk)
             futures.append(fut)
         self._stats.queue_depth(len(self._queue))
@@ -263,6 +281,9 @@ class Batcher:
             self._stats.batch(len(rows), size - len(rows), waits, compute_s)
             offset = 0
             for item in batch:
+                if item.timing is not None:
+                    item.timing.started, item.timing.finished = start, start + compute_s
+                    item.timing.batch_images = len(rows)
                 n = len(item.rows)
                 if not item.future.done():
                     item.future.set_result(outputs[offset : offset + n])

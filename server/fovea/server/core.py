@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from fovea.contract import ModelMetadata
-from fovea.server import imageinfo
+from fovea.server import imageinfo, tracing
 from fovea.server.config import Settings
 from fovea.server.errors import InvalidArgument, ServingError, Unavailable
 from fovea.server.lease import Gate, GateClosed
@@ -149,8 +149,11 @@ class Core:
                     f"top_k is {top_k}; it must be between 1 and {classes} (the model's classes), or 0 for "
                     "the default"
                 )
-            rows = await self._preprocess(request.images, served)
-            probabilities = await served.infer(rows, request.deadline)
+            with tracing.span("decode", images=count):
+                rows = await self._preprocess(request.images, served)
+            timings: list | None = [] if tracing.enabled() else None
+            probabilities = await served.infer(rows, request.deadline, timings)
+            tracing.record_batches(timings)
         labels = served.metadata.labels
         # argsort on a stable, descending key: ties keep index order, as a reader would expect.
         order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]

@@ -131,11 +131,17 @@ class ModelManager:
     async def poll_once(self) -> None:
         listed = await asyncio.get_running_loop().run_in_executor(None, self._source.scan)
         self._known = [n for n, v in listed.items() if v]
+        if not self._known:
+            log.warning(await asyncio.get_running_loop().run_in_executor(None, self._source.nothing_found))
         for name, versions in listed.items():
-            await self._sync_model(name, self._aspired(versions))
+            aspired = self._aspired(versions)
+            await self._sync_model(name, aspired)
+            pending = [v for v in aspired if v not in self._models.get(name, {})]
+            self._metrics.versions_pending.labels(name).set(len(pending))
         for name in [n for n in self._models if n not in listed]:
             log.info("model %s disappeared from %s; unloading it", name, self._source.base)
             await self._sync_model(name, [])
+        self._metrics.last_scan.set(time.time())
         self._update_ready()
 
     def _aspired(self, versions: list[int]) -> list[int]:

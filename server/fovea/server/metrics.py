@@ -1,6 +1,7 @@
 """Prometheus metrics: one registry per server instance (tests run several), names fovea_*_<unit>.
 
-Durations and batch sizes are histograms, so they aggregate across pods.
+Durations and batch sizes are histograms, so they aggregate across pods. No `*_created` series: they
+double every counter and histogram on /metrics and no alert or dashboard of ours reads them.
 """
 
 from __future__ import annotations
@@ -9,7 +10,17 @@ import threading
 from collections.abc import Sequence
 
 from fovea.server.batcher import BatcherStats
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    start_http_server,
+)
+
+disable_created_metrics()
 
 _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -87,6 +98,11 @@ class Metrics:
         self.queue_depth = Gauge(
             "fovea_queue_depth_requests", "Requests waiting for a batch.", ["model", "version"], registry=r
         )
+        self.queue_capacity = Gauge(
+            "fovea_queue_capacity_requests",
+            "Requests one model version's queue holds before shedding (--max-queue-size).",
+            registry=r,
+        )
         self.model_loads = Counter(
             "fovea_model_loads", "Model versions loaded and warmed successfully.", ["model"], registry=r
         )
@@ -110,15 +126,39 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge("fovea_ready", "1 when the server is SERVING, else 0.", registry=r)
+        self.versions_pending = Gauge(
+            "fovea_model_versions_pending",
+            "Versions the policy wants, found on disk, but not serving after the last scan.",
+            ["model"],
+            registry=r,
+        )
+        self.last_scan = Gauge(
+            "fovea_repository_last_scan_timestamp_seconds",
+            "When the model directory was last scanned successfully (Unix time).",
+            registry=r,
+        )
+        # process_resident_memory_bytes, process_cpu_seconds_total...: the per-instance registry does
+        # not get the default registry's process collector.
+        ProcessCollector(registry=r)
         self._http = None
         self._http_thread: threading.Thread | None = None
 
     def batcher_stats(self, model: str, version: int) -> BatcherStats:
         return _ModelStats(self, model, str(version))
 
-    def serve_http(self, host: str, port: int) -> int:
-        """Start /metrics on its own port (0 picks one); return the bound port."""
-        self._http, self._http_thread = start_http_server(port, addr=host, registry=self.registry)
+    def serve_http(
+        self, host: str, port: int, certfile: str = "", keyfile: str = "", client_cafile: str = ""
+    ) -> int:
+        """Start /metrics on its own port (0 picks one), over TLS with a certificate; return the port."""
+        self._http, self._http_thread = start_http_server(
+            port,
+            addr=host,
+            registry=self.registry,
+            certfile=certfile or None,
+            keyfile=keyfile or None,
+            client_cafile=client_cafile or None,
+            client_auth_required=bool(client_cafile),
+        )
         return int(self._http.server_port)
 
     def close(self) -> None:

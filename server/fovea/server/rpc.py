@@ -3,7 +3,7 @@
 `RpcHandler.handle` sets the request id (from x-request-id, or a new one) for the logs and the
 trailer, maps a `ServingError` to its gRPC status, turns anything else into INTERNAL with a fixed
 message (the traceback goes to the log), and counts the outcome in fovea_requests_total and
-fovea_request_duration_seconds under the servicer's protocol label. A servicer's methods then only
+fovea_request_duration_seconds under the servicer's protocol label, and traces it (tracing.py). A servicer's methods then only
 translate messages: see servicer.py.
 """
 
@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 import grpc
-from fovea.server import logs
+from fovea.server import logs, tracing
 from fovea.server.errors import INTERNAL_MESSAGE, ServingError
 from fovea.server.metrics import Metrics
 
@@ -27,9 +27,10 @@ Response = TypeVar("Response")
 
 
 class RpcHandler:
-    def __init__(self, metrics: Metrics, protocol: str, methods: Sequence[str]) -> None:
+    def __init__(self, metrics: Metrics, protocol: str, methods: Sequence[str], service: str = "") -> None:
         self._metrics = metrics
         self.protocol = protocol
+        self.service = service or protocol  # the gRPC service's full name, for trace span names
         # Created up front, so every method's histogram is exported (at zero) before its first call.
         self._durations = {m: metrics.request_duration.labels(protocol, m) for m in methods}
 
@@ -42,6 +43,8 @@ class RpcHandler:
     ) -> Response:
         request_id = _request_id(context)
         token = logs.request_id.set(request_id)
+        # The RPC's trace span (a no-op unless OTEL_* turned tracing on), child of the caller's traceparent.
+        span = tracing.start_server_span(self.service, method, context.invocation_metadata())
         start = time.perf_counter()
         code = "OK"
         trailer = ((logs.REQUEST_ID_HEADER, request_id),)
@@ -70,6 +73,7 @@ class RpcHandler:
         finally:
             self._metrics.requests.labels(self.protocol, method, code).inc()
             self._durations[method].observe(time.perf_counter() - start)
+            span.finish(code)
             logs.request_id.reset(token)
 
 

@@ -144,13 +144,16 @@ class ServedVersion:
         self.stats.preprocess_s += time.perf_counter() - start
         return dict(zip(images, rows, strict=True))
 
-    async def infer(self, rows: Sequence[np.ndarray], deadline: float | None = None) -> np.ndarray:
+    async def infer(
+        self, rows: Sequence[np.ndarray], deadline: float | None = None, timings: list | None = None
+    ) -> np.ndarray:
         """uint8 [H, W, 3] rows -> float32 probabilities [len(rows), classes], batched with others.
 
         `deadline` is time.monotonic() seconds; the batcher drops the rows if it passes first.
+        With `timings`, the batcher appends a BatchTiming per queue item (for traces).
         """
         try:
-            outputs = await self._batcher.submit(rows, deadline)
+            outputs = await self._batcher.submit(rows, deadline, timings)
         except Exception:
             self.stats.failures += 1
             raise

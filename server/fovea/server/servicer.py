@@ -21,7 +21,9 @@ _DTYPES = {pb.DATA_TYPE_UINT8: "uint8", pb.DATA_TYPE_FLOAT32: "float32"}
 class ClassifierServicer(classifier_pb2_grpc.ClassifierServiceServicer):
     def __init__(self, core_: core.Core, metrics: Metrics) -> None:
         self._core = core_
-        self._rpc = RpcHandler(metrics, PROTOCOL, ("Predict", "GetModelMetadata", "ListModels"))
+        self._rpc = RpcHandler(
+            metrics, PROTOCOL, ("Predict", "GetModelMetadata", "ListModels"), service=SERVICE_NAME
+        )
 
     async def Predict(
         self, request: pb.PredictRequest, context: grpc.aio.ServicerContext

@@ -50,3 +50,28 @@ class ModelSource:
     def scan(self) -> dict[str, list[int]]:
         """Every model folder and its published versions (blocking: run it off the event loop)."""
         return {name: self.versions(name) for name in self.model_names()}
+
+    def nothing_found(self) -> str:
+        """Why a scan found no version, and the layout it expects (one log line, blocking I/O)."""
+        base, s = self.base, self._storage
+        if self._single:
+            layout = posixpath.join(base, "<version>", "saved_model.pb")
+        else:
+            layout = posixpath.join(base, "<model name>", "<version>", "saved_model.pb")
+        if not s.isdir(base):
+            return f"--model-dir {base} does not exist; waiting for it (expected {layout})"
+        names = sorted(n for n in s.listdir(base) if n and not n.startswith("."))
+        if not names:
+            return f"--model-dir {base} is empty; waiting for a model (expected {layout})"
+        parent = posixpath.dirname(base.rstrip("/"))
+        if self._single:
+            return f"--model-dir {base} holds no complete version of {self._single} in {', '.join(names)}; waiting (expected {layout})"
+        if contract.published_versions(base, s.listdir, s.exists):
+            return f"--model-dir {base} is one model's folder (versions {', '.join(names)}): use its parent, {parent}"
+        if posixpath.basename(base.rstrip("/")).isdigit() and contract.published_versions(
+            parent, s.listdir, s.exists
+        ):
+            return f"--model-dir {base} is a version folder: use the folder above its model, {posixpath.dirname(parent)}"
+        return (
+            f"--model-dir {base} has no complete version in {', '.join(names)}; waiting (expected {layout})"
+        )

@@ -40,7 +40,7 @@ _METHODS = (
 class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, ops: v2.V2, metrics: Metrics) -> None:
         self._v2 = ops
-        self._rpc = RpcHandler(metrics, PROTOCOL, _METHODS)
+        self._rpc = RpcHandler(metrics, PROTOCOL, _METHODS, service=SERVICE_NAME)
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context) -> pb.ServerLiveResponse:
         return await self._rpc.handle("ServerLive", self._live, request, context)

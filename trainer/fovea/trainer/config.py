@@ -145,7 +145,10 @@ class TrainConfig:
         "", "write TensorBoard logs (scalars, learning rate, sample images) to DIR/<name>/<run start time>/"
     )
     demo_data_if_empty: bool = _field(False, "when --data holds no images, generate demo data into it first")
-    verbose: int = _field(1, "Keras output: 1 progress bar per epoch, 2 one line per epoch, 0 silent")
+    verbose: int = _field(
+        1,
+        "Keras output: 1 progress bar per epoch (one line per epoch when not a terminal), 2 one line per epoch, 0 silent",
+    )
 
     def resolved(self) -> TrainConfig:
         """A copy with the 'auto' values that depend only on the config filled in."""

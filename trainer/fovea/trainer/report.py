@@ -116,11 +116,11 @@ def plot_curves(
             ax.axvspan(x, epochs[-1] + 0.5, color="tab:orange", alpha=0.07, linewidth=0)
             ax.axvline(x, color="grey", linestyle="--", linewidth=1.2, label="fine-tuning starts")
         if best_epoch is not None:
-            best = [r for r in history if int(r["epoch"]) == best_epoch]
+            best = [r for r in history if int(r["epoch"]) + 1 == best_epoch]  # best_epoch counts from 1
             if best and "val_" + key in best[0]:
                 ax.plot(
-                    best_epoch + 1, min(best[0]["val_" + key], top or np.inf), marker="*", markersize=16,
-                    color="crimson", linestyle="none", label=f"restored best (epoch {best_epoch + 1})", zorder=5,
+                    best_epoch, min(best[0]["val_" + key], top or np.inf), marker="*", markersize=16,
+                    color="crimson", linestyle="none", label=f"restored best (epoch {best_epoch})", zorder=5,
                 )  # fmt: skip
         ax.set_title(title if top is None else f"{title} (axis cut at {top:.3g}: ▲ marks a larger value)")
         ax.set_xlabel("epoch")
@@ -317,7 +317,7 @@ def write_index(report_dir: Path, *, metrics: TrainMetrics, labels: Sequence[str
         f"<td>{c['f1']:.3f}</td><td>{c['support']}</td></tr>"
         for label, c in test.per_class.items()
     )
-    best = "-" if metrics.best_epoch is None else str(metrics.best_epoch + 1)
+    best = "-" if metrics.best_epoch is None else str(metrics.best_epoch)
     counts = {split: sum(c.values()) for split, c in metrics.images.items()}
     summary = [
         ("test accuracy", f"{test.accuracy:.4f} (macro F1 {test.macro_f1:.4f}) on {test.support} images"),

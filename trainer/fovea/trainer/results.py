@@ -27,7 +27,7 @@ class TrainMetrics:
 
     test_accuracy: float
     test: Evaluation
-    best_epoch: int | None  # 0-based, over both phases
+    best_epoch: int | None  # over both phases, numbered from 1 as Keras prints epochs
     best_val_loss: float | None
     fine_tune_start_epoch: int | None  # the first epoch of phase 2, None when it was skipped
     phase1_epochs: int

@@ -14,6 +14,7 @@ import dataclasses
 import datetime as dt
 import json
 import posixpath
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -52,6 +53,15 @@ class TrainResult:
     def report_index(self) -> str | None:
         """The published report page (report/index.html), None on other workers than the chief."""
         return posixpath.join(self.version_path, "report", "index.html") if self.version_path else None
+
+
+def keras_verbose(verbose: int, stream: Any = None) -> int:
+    """--verbose 1 (progress bars) becomes 2 (one line per epoch) when stdout is not a terminal: a bar
+    redrawn into a file or a pipe is one line of every intermediate state (90 KB per epoch)."""
+    stream = sys.stdout if stream is None else stream
+    if verbose == 1 and not (hasattr(stream, "isatty") and stream.isatty()):
+        return 2
+    return verbose
 
 
 def _callbacks(s: _Session, phase: int) -> list[Any]:
@@ -178,7 +188,7 @@ def _run(
     session = _Session(
         cfg=cfg, model=model, base=base, strategy=strategy, backup=backup, train_ds=train_ds, log=log,
         notify=notify, tensorboard_dir=tensorboard_dir, fit=dict(
-            steps_per_epoch=cfg.steps_per_epoch or None, validation_data=val_ds, verbose=cfg.verbose,
+            steps_per_epoch=cfg.steps_per_epoch or None, validation_data=val_ds, verbose=keras_verbose(cfg.verbose),
             class_weight=dataset.class_weights() if cfg.class_weights else None,
         ),
     )  # fmt: skip
@@ -199,7 +209,8 @@ def _run(
     metrics = TrainMetrics(
         test_accuracy=evaluation.accuracy,
         test=evaluation,
-        best_epoch=best_epoch_of(history),
+        # Numbered from 1, as Keras prints epochs ("Epoch 22/30"), the console and the plot.
+        best_epoch=None if best_epoch_of(history) is None else best_epoch_of(history) + 1,
         best_val_loss=min((r["val_loss"] for r in history if "val_loss" in r), default=None),
         fine_tune_start_epoch=phase1_epochs if cfg.fine_tune_epochs > 0 else None,
         phase1_epochs=phase1_epochs,

@@ -86,7 +86,7 @@ def run(command: str, args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from None
     m = result.metrics
     if result.version_path:
-        best = "-" if m.best_epoch is None else m.best_epoch + 1
+        best = "-" if m.best_epoch is None else m.best_epoch
         print(
             "\n"
             f"Published {result.version_path}\n"
