@@ -61,6 +61,28 @@ def test_curves_cut_a_spike_and_mark_it(tmp_path: Path) -> None:
     assert report.spike_cut([2.3, 1.4, 0.9, 0.6, 0.5, 0.45]) is None
     smooth = [{"epoch": e, "loss": v, "val_loss": v} for e, v in enumerate([2.3, 1.4, 0.9, 0.6])]
     assert report.plot_curves(smooth, tmp_path / "s.png", fine_tune_start=None, best_epoch=4) == []
+    assert not report.wants_log_scale([v for r in SPIKY_HISTORY for v in (r["loss"], r["val_loss"])])
+
+
+def test_a_loss_spanning_decades_is_drawn_on_a_log_axis(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The demo run's shape: a random start near 5, a spike of 7.7 when fine-tuning starts, 0.04 at the best
+    # epoch; the spike is not lone (the start is as high), so cutting it would not help, a log axis does.
+    losses = [4.7, 3.8, 3.1, 7.7, 1.4, 1.2, 1.0, 0.7, 0.6, 0.3, 0.2, 0.1, 0.05]
+    history = [{"epoch": e, "loss": v, "val_loss": v * 1.1} for e, v in enumerate(losses)]
+    assert report.wants_log_scale([v for r in history for v in (r["loss"], r["val_loss"])])
+    scales = []
+    plt = report._pyplot()
+    original = plt.Figure.savefig
+
+    def capture(fig, path, **kwargs):
+        scales.extend(ax.get_yscale() for ax in fig.axes)
+        return original(fig, path, **kwargs)
+
+    monkeypatch.setattr(plt.Figure, "savefig", capture)
+    assert report.plot_curves(history, tmp_path / "c.png", fine_tune_start=3, best_epoch=13) == []
+    assert scales == ["log", "linear"]  # loss on a log axis, accuracy as it was
 
 
 def test_mistakes_are_the_confident_wrong_answers_first() -> None:

@@ -22,6 +22,9 @@ from fovea.trainer.results import TrainMetrics
 # then cut above the rest and the outlier drawn at the edge with its value (one spike, e.g. the first
 # epoch of fine-tuning, must not flatten every other epoch).
 SPIKE_RATIO = 2.5
+# A loss curve spanning more than this ratio is drawn on a log axis (the demo: 7.7 at the start of
+# fine-tuning, 0.04 at its best epoch), so the late epochs, where the best one is, stay readable.
+LOG_RATIO = 30.0
 
 
 @dataclasses.dataclass
@@ -92,10 +95,11 @@ def plot_curves(
     epochs = [int(r["epoch"]) + 1 for r in history]
     clipped: list[tuple[str, int, float]] = []
     for ax, key, title in ((axes[0], "loss", "Loss"), (axes[1], "accuracy", "Accuracy")):
-        top = None
+        top, log = None, False
         if key == "loss":
             values = [r[k] for r in history for k in ("loss", "val_loss") if np.isfinite(r.get(k, np.nan))]
-            top = spike_cut(values)
+            log = wants_log_scale(values)
+            top = None if log else spike_cut(values)
         for prefix, style, name in (("", "-o", "train"), ("val_", "-s", "validation")):
             values = [r.get(prefix + key, np.nan) for r in history]
             if top is None:
@@ -122,6 +126,9 @@ def plot_curves(
                     best_epoch, min(best[0]["val_" + key], top or np.inf), marker="*", markersize=16,
                     color="crimson", linestyle="none", label=f"restored best (epoch {best_epoch})", zorder=5,
                 )  # fmt: skip
+        if log:
+            ax.set_yscale("log")
+            title += " (log scale)"
         ax.set_title(title if top is None else f"{title} (axis cut at {top:.3g}: ▲ marks a larger value)")
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
@@ -137,6 +144,13 @@ def plot_curves(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return clipped
+
+
+def wants_log_scale(values: Sequence[float]) -> bool:
+    """A loss that spans more than LOG_RATIO (a random start, or a spike, over a well-trained end)
+    reads on a log axis; a narrower one on a linear axis (cut above a lone spike, see spike_cut)."""
+    positive = [v for v in values if np.isfinite(v) and v > 0]
+    return bool(positive) and max(positive) / min(positive) > LOG_RATIO
 
 
 def spike_cut(values: Sequence[float]) -> float | None:
