@@ -43,3 +43,15 @@ def export_tiny(
         config={"seed": seed},
     )
     return Path(path)
+
+
+def tiny_train_config(data: Path, models: Path, **extra):
+    """The smallest real training run: vgg16 from random weights, 32 px, one epoch, no fine-tuning."""
+    from fovea.trainer.config import TrainConfig
+
+    values = dict(
+        data=str(data), models=str(models), name="m", backbone="vgg16", weights="none",
+        input_size=32, epochs=1, fine_tune_epochs=0, batch_size=8, verbose=0,
+    )  # fmt: skip
+    values.update(extra)
+    return TrainConfig(**values)

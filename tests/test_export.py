@@ -12,6 +12,7 @@ import pytest
 tf = pytest.importorskip("tensorflow", reason="the export tests need the trainer extra")
 
 from _models import LABELS, build_tiny_model  # noqa: E402
+from fovea import contract  # noqa: E402
 from fovea.trainer import export  # noqa: E402
 
 
@@ -50,9 +51,11 @@ def test_export_layout_and_signatures(tmp_path: Path) -> None:
     images = rng.integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8)
     expected = model(images.astype(np.float32), training=False).numpy()
     loaded = tf.saved_model.load(str(path))
-    by_pixels = loaded.signatures[export.SIGNATURE_IMAGES](images=tf.constant(images))[export.OUTPUT].numpy()
+    by_pixels = loaded.signatures[contract.SIGNATURE_IMAGES](images=tf.constant(images))[
+        contract.OUTPUT
+    ].numpy()
     encoded = tf.constant([_png(im) for im in images])
-    by_bytes = loaded.signatures[export.SIGNATURE_BYTES](image_bytes=encoded)[export.OUTPUT].numpy()
+    by_bytes = loaded.signatures[contract.SIGNATURE_BYTES](image_bytes=encoded)[contract.OUTPUT].numpy()
     np.testing.assert_allclose(by_pixels, expected, atol=1e-5)
     np.testing.assert_allclose(by_bytes, expected, atol=1e-5)
 
@@ -68,3 +71,52 @@ def test_list_versions_ignores_temporary_and_odd_names(tmp_path: Path) -> None:
         (tmp_path / name).mkdir()
     assert export.list_versions(str(tmp_path)) == [3, 7, 10]
     assert export.list_versions(str(tmp_path / "missing")) == []
+
+
+def test_a_version_taken_between_listing_and_rename_makes_the_exporter_take_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "m"
+    (root / "1").mkdir(parents=True)
+    (root / "1" / "saved_model.pb").write_bytes(b"another exporter's version")
+    real = export.list_versions
+    calls: list[list[int]] = []
+
+    def stale_once(model_root: str) -> list[int]:
+        # The first listing is taken before the other exporter's rename landed.
+        calls.append([] if not calls else real(model_root))
+        return calls[-1]
+
+    monkeypatch.setattr(export, "list_versions", stale_once)
+    path = export.export_model(
+        build_tiny_model(32), models_dir=str(tmp_path), name="m", labels=LABELS, input_size=(32, 32),
+        backbone="tiny-cnn",
+    )  # fmt: skip
+    assert calls == [[], [1]], "the collision retry did not run"
+    assert Path(path) == root / "2"
+    assert (root / "1" / "saved_model.pb").read_bytes() == b"another exporter's version"
+    assert json.loads((root / "2" / "assets.extra" / "fovea.json").read_text())["version"] == 2
+
+
+def test_on_an_object_store_saved_model_pb_is_copied_last(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A local folder stands in for gs://: the exporter is told renames are copies, as they are there.
+    monkeypatch.setattr(export, "renames_atomically", lambda path: False)
+    copied: list[str] = []
+    real_copy = tf.io.gfile.copy
+
+    def record(src: str, dst: str, overwrite: bool = False) -> None:
+        copied.append(dst)
+        real_copy(src, dst, overwrite=overwrite)
+
+    monkeypatch.setattr(tf.io.gfile, "copy", record)
+    path = export.export_model(
+        build_tiny_model(32), models_dir=str(tmp_path), name="m", labels=LABELS, input_size=(32, 32),
+        backbone="tiny-cnn",
+    )  # fmt: skip
+    published = [c for c in copied if c.startswith(path + "/")]
+    assert published[-1] == f"{path}/saved_model.pb", published
+    assert any("/variables/" in c for c in published) and any(c.endswith("fovea.json") for c in published)
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["1"], "the temporary folder was left"
+    tf.saved_model.load(path)  # whole

@@ -158,9 +158,9 @@ def test_scores() -> None:
     truth = np.array([0, 0, 1, 1, 2, 2])
     predicted = np.array([0, 1, 1, 1, 2, 0])
     out = scores(truth, predicted, ["a", "b", "c"])
-    assert out["accuracy"] == pytest.approx(4 / 6)
-    assert out["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
-    assert out["per_class"]["b"] == {
+    assert out.accuracy == pytest.approx(4 / 6)
+    assert out.confusion_matrix == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    assert out.per_class["b"] == {
         "precision": pytest.approx(2 / 3),
         "recall": 1.0,
         "f1": 0.8,
@@ -173,8 +173,9 @@ def test_config_file_then_flags(tmp_path: Path) -> None:
     yaml_file.write_text("data: /d\nmodels: /m\nepochs: 7\ninput-size: 96\naugment: false\n")
     json_file = tmp_path / "c.json"
     json_file.write_text(json.dumps({"data": "/d", "models": "/m", "batch_size": 8}))
-    cfg = make_config(load_file(str(yaml_file)), {"epochs": 3, "backbone": None})
-    assert (cfg.epochs, cfg.input_size, cfg.augment, cfg.backbone) == (3, 96, False, "resnet50")
+    cfg = make_config(load_file(str(yaml_file)), {"epochs": "3", "backbone": None})
+    # augment: false is the boolean of earlier releases: it reads as the 'none' preset.
+    assert (cfg.epochs, cfg.input_size, cfg.augment, cfg.backbone) == (3, 96, "none", "resnet50")
     assert make_config(load_file(str(json_file)), {}).batch_size == 8
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"data": "/d", "epoks": 3}))
@@ -187,6 +188,50 @@ def test_config_file_then_flags(tmp_path: Path) -> None:
     assert (resolved.fine_tune_layers, resolved.fine_tune_learning_rate) == (30, 1e-5)
     assert (resolved.epochs, resolved.fine_tune_epochs, resolved.batch_size) == (20, 10, 32)
     assert resolved.backup_dir == "/m/classifier/.backup"
+
+
+def test_config_auto_is_none_and_booleans_are_strict(tmp_path: Path) -> None:
+    assert TrainConfig().epochs is None and TrainConfig().batch_size is None
+    # "auto" from a flag or a file, and null in a file, are None; a flag wins over the file either way.
+    assert make_config({"data": "/d", "models": "/m", "epochs": 5}, {"epochs": "auto"}).epochs is None
+    assert make_config({"data": "/d", "models": "/m", "epochs": None}, {}).epochs is None
+    assert make_config({"data": "/d", "models": "/m", "epochs": "auto"}, {"epochs": "4"}).epochs == 4
+    for raw in ("true", "Yes", "1", "on", True):
+        assert make_config({"data": "/d", "models": "/m", "class_weights": raw}, {}).class_weights is True
+    for raw in ("false", "no", "0", "OFF", False):
+        assert make_config({"data": "/d", "models": "/m", "class_weights": raw}, {}).class_weights is False
+    for raw in ("flase", "maybe", "", 2):
+        with pytest.raises(ValueError, match="class-weights: cannot read"):
+            make_config({"data": "/d", "models": "/m", "class_weights": raw}, {})
+    with pytest.raises(ValueError, match="epochs must be >= 1"):
+        make_config({"data": "/d", "models": "/m"}, {"epochs": "-1"})  # -1 no longer means auto
+    with pytest.raises(ValueError, match="epochs: cannot read"):
+        make_config({"data": "/d", "models": "/m"}, {"epochs": "2.5"})
+    with pytest.raises(ValueError, match="--backbone must be one of resnet50, vgg16, vgg19"):
+        make_config({"data": "/d", "models": "/m", "backbone": "vgg11"}, {})
+
+
+def test_augmentation_presets_and_overrides() -> None:
+    from fovea.trainer.config import AUGMENT_PRESETS
+    from fovea.trainer.model import augmentation_layers
+
+    photo = TrainConfig().augmentation()
+    # 'photo' is the seed tutorial's recipe, the values of every earlier release.
+    assert (photo.flip, photo.rotation, photo.shift, photo.zoom, photo.brightness, photo.contrast) == (
+        True, 30.0, 0.2, 0.2, 0.2, 0.2,
+    )  # fmt: skip
+    upright = TrainConfig(augment="upright").augmentation()
+    assert not upright.flip and upright.rotation == 0 and upright.shift > 0
+    assert not AUGMENT_PRESETS["none"].active
+    assert TrainConfig(augment="upright", rotation=5.0).augmentation().rotation == 5.0
+    resolved = TrainConfig(data="/d", models="/m", augment="upright", zoom=0.3).resolved()
+    assert (resolved.flip, resolved.rotation, resolved.zoom) == (False, 0.0, 0.3)
+
+    names = {layer.name for layer in augmentation_layers(photo, seed=0)}
+    assert {"aug_flip", "aug_rotation", "aug_zoom", "aug_shift", "aug_brightness", "aug_contrast"} <= names
+    names = {layer.name for layer in augmentation_layers(upright, seed=0)}
+    assert "aug_flip" not in names and "aug_rotation" not in names and "aug_shift" in names
+    assert augmentation_layers(AUGMENT_PRESETS["none"], seed=0) == []
 
 
 def test_every_option_is_in_help_and_errors_are_one_line(tmp_path: Path) -> None:

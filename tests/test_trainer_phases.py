@@ -159,9 +159,9 @@ def test_early_stopping_ends_a_stalled_run_and_restores_the_best_weights(tmp_pat
         verbose=0,
     )
     result = run(cfg, log=lambda msg: None)
-    history = result.metrics["history"]
+    history = result.metrics.history
     assert len(history) < cfg.epochs, "early stopping did not end the stalled run"
-    best = result.metrics["best_epoch"]  # numbered from 1, as Keras prints it
+    best = result.metrics.best_epoch  # numbered from 1, as Keras prints it
     assert best == len(history) - 1  # patience 1: the run stops one epoch after its best
     val = data_mod.make_stream(
         result.dataset.files["val"], result.dataset.targets["val"], num_classes=2, input_size=32,

@@ -78,6 +78,8 @@ def test_a_killed_run_restarted_with_the_same_command_continues_at_the_next_epoc
     assert not _epoch_lines(lines), out
     version = models / "m" / "1"
     assert f"Published {version}" in out
+    assert f"report: {version}/report/index.html" in out
+    assert (version / "report" / "index.html").is_file()
     history = json.loads((version / "report" / "metrics.json").read_text())["history"]
     assert [row["epoch"] for row in history] == [0, 1, 2, 3, 4]
     assert sorted(p.name for p in (models / "m").iterdir()) == ["1"], (

@@ -21,8 +21,14 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "metadata": ("fovea.client.client_commands", "show a served model's labels, input size and metrics"),
     "models": ("fovea.client.client_commands", "list the models a server has loaded"),
     "perf-data": ("fovea.client.perf_data", "write perf_analyzer's --input-data JSON from image files"),
-    "train": ("fovea.trainer.cli", "fine-tune a backbone on a folder of images and publish a SavedModel"),
-    "demo-data": ("fovea.trainer.cli", "generate a small labelled image set for demos and tests"),
+    "train": (
+        "fovea.trainer.train_command",
+        "fine-tune a backbone on a folder of images and publish a SavedModel",
+    ),
+    "demo-data": (
+        "fovea.trainer.demo_data_command",
+        "generate a small labelled image set for demos and tests",
+    ),
     "serve": (
         "fovea.server.serve_command",
         "serve published models: fovea.v1, KServe v2 (gRPC and REST), TF Serving",

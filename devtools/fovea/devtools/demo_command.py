@@ -303,7 +303,15 @@ def _num(x: float) -> str:
 def _print_report(version_dir: Path) -> None:
     print(f"      published model: {version_dir}")
     report = version_dir / "report"
-    for name in ("metrics.json", "training_curves.png", "confusion_matrix.png"):
+    names = (
+        "index.html",
+        "metrics.json",
+        "training_curves.png",
+        "confusion_matrix.png",
+        "augmentation.png",
+        "mistakes.png",
+    )
+    for name in names:
         path = report / name
         print(f"      {name:<22} {path}" + ("" if path.exists() else "  (missing)"))
 

@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-BACKBONE_NAMES = ("resnet50", "vgg16", "vgg19")
+from fovea.contract import BACKBONES
 
 
 class WeightsError(ValueError):
@@ -22,7 +22,7 @@ def _applications(name: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
         "vgg19": (applications.VGG19, applications.vgg19.preprocess_input),
     }
     if name not in table:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONE_NAMES)}")
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     return table[name]
 
 
@@ -36,6 +36,8 @@ def build_base(name: str, input_size: int, weights: str = "imagenet"):
 
     weights: "imagenet" (Keras downloads it once into ~/.keras/models), "none", or a path to an .h5
     file holding the weights of this base without its top (as `base.save_weights("x.h5")` writes).
+    A published version is not loaded here: the model is built with a random base and
+    parent.load_parent() fills the whole model in.
     """
     constructor, _ = _applications(name)
     shape = (input_size, input_size, 3)
@@ -53,7 +55,10 @@ def build_base(name: str, input_size: int, weights: str = "imagenet"):
                 "to train from random weights"
             ) from None
     if not os.path.isfile(choice):
-        raise WeightsError(f"--weights {choice}: no such file; use imagenet, none, or a path to an .h5 file")
+        raise WeightsError(
+            f"--weights {choice}: no such file; use imagenet, none, a path to an .h5 file, or a published "
+            "version MODELS/NAME/VERSION"
+        )
     base = constructor(include_top=False, weights=None, input_shape=shape)
     try:
         base.load_weights(choice)

@@ -11,7 +11,39 @@ import json
 from pathlib import Path
 from typing import Any
 
-BACKBONES = ("resnet50", "vgg16", "vgg19")
+from fovea.contract import BACKBONES
+
+# The value of an "auto" option: the trainer picks it from the other settings (see resolved()).
+AUTO = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+    """The random transformations applied to training images (never to validation, test or serving)."""
+
+    flip: bool  # horizontal
+    rotation: float  # up to +-degrees
+    shift: float  # up to this fraction of height/width
+    zoom: float  # up to this fraction
+    brightness: float  # up to this fraction of 255
+    contrast: float  # factor in [1-x, 1+x]
+
+    @property
+    def active(self) -> bool:
+        return self.flip or any(
+            v > 0 for v in (self.rotation, self.shift, self.zoom, self.brightness, self.contrast)
+        )
+
+
+# photo: the seed tutorial's ImageDataGenerator recipe, for photos of things whose label survives a
+# mirror image and a tilt. upright: for orientation-sensitive images (text, symbols, documents, some
+# medical images): no flip, no rotation, gentler shifts and zoom. none: the images as they are.
+AUGMENT_PRESETS: dict[str, Augmentation] = {
+    "photo": Augmentation(flip=True, rotation=30.0, shift=0.2, zoom=0.2, brightness=0.2, contrast=0.2),
+    "upright": Augmentation(flip=False, rotation=0.0, shift=0.1, zoom=0.1, brightness=0.2, contrast=0.2),
+    "none": Augmentation(flip=False, rotation=0.0, shift=0.0, zoom=0.0, brightness=0.0, contrast=0.0),
+}
+_AUGMENT_FIELDS = tuple(f.name for f in dataclasses.fields(Augmentation))
 
 
 def _field(default: Any, help: str, **extra: Any) -> Any:
@@ -20,7 +52,10 @@ def _field(default: Any, help: str, **extra: Any) -> Any:
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Everything `fovea train` needs; the resolved values are saved with the published model."""
+    """Everything `fovea train` needs; the resolved values are saved with the published model.
+
+    None means "auto": resolved() fills it in from the other settings.
+    """
 
     data: str = _field("", "folder of images: DATA/<label>/* or DATA/{train,val,test}/<label>/*")
     models: str = _field("", "model repository: the version is published to MODELS/<name>/<version>/")
@@ -29,33 +64,34 @@ class TrainConfig:
     weights: str = _field(
         "imagenet",
         "base weights: 'imagenet' (downloaded or from ~/.keras/models), 'none' (random: trains from "
-        "scratch), or a local .h5 file of the base without its top",
+        "scratch), a local .h5 file of the base without its top, or a published version "
+        "MODELS/NAME/VERSION (same classes: continue training it; other classes: its base, a new head)",
     )
     input_size: int = _field(224, "images are resized to PX x PX")
-    epochs: int = _field(
-        -1,
-        "phase 1 (frozen base, new head): at most this many epochs; -1 (auto): 20 with pretrained "
+    epochs: int | None = _field(
+        AUTO,
+        "phase 1 (frozen base, new head): at most this many epochs; auto: 20 with pretrained "
         "weights, 3 with --weights none (random features only give the head a start)",
     )
-    fine_tune_epochs: int = _field(
-        -1,
-        "phase 2 (top of the base unfrozen): at most this many epochs, 0 skips it; -1 (auto): 10 with "
+    fine_tune_epochs: int | None = _field(
+        AUTO,
+        "phase 2 (top of the base unfrozen): at most this many epochs, 0 skips it; auto: 10 with "
         "pretrained weights, 20 with --weights none (the whole base learns here)",
     )
-    fine_tune_layers: int = _field(
-        -1,
+    fine_tune_layers: int | None = _field(
+        AUTO,
         "phase 2 unfreezes this many layers at the top of the base (BatchNorm layers stay frozen); "
-        "0 unfreezes all; -1 (auto): 30 with pretrained weights, all with --weights none",
+        "0 unfreezes all; auto: 30 with pretrained weights, all with --weights none",
     )
     learning_rate: float = _field(1e-3, "phase 1 Adam learning rate")
-    fine_tune_learning_rate: float = _field(
-        -1.0,
-        "phase 2 Adam learning rate; -1 (auto): 1e-5 with pretrained weights, 3e-4 with --weights none "
+    fine_tune_learning_rate: float | None = _field(
+        AUTO,
+        "phase 2 Adam learning rate; auto: 1e-5 with pretrained weights, 3e-4 with --weights none "
         "(nothing pretrained to protect; 1e-3 was measured unstable, 1e-4 slow)",
     )
-    batch_size: int = _field(
-        -1,
-        "images per step on each replica (the global batch is this x replicas); -1 (auto): 32 with "
+    batch_size: int | None = _field(
+        AUTO,
+        "images per step on each replica (the global batch is this x replicas); auto: 32 with "
         "pretrained weights, 16 with --weights none (more steps per epoch measured to learn faster)",
     )
     patience: int = _field(3, "early stopping: epochs without a better val_loss before a phase stops")
@@ -72,13 +108,20 @@ class TrainConfig:
     )
     l2: float = _field(0.0, "L2 regularisation factor on the head's kernel (0 = off)")
     label_smoothing: float = _field(0.0, "label smoothing of the cross-entropy loss (0 = off)")
-    augment: bool = _field(True, "random augmentation during training (the settings below)")
-    flip: bool = _field(True, "augmentation: random horizontal flip")
-    rotation: float = _field(30.0, "augmentation: random rotation up to +-DEGREES")
-    shift: float = _field(0.2, "augmentation: random translation up to this fraction of height/width")
-    zoom: float = _field(0.2, "augmentation: random zoom up to this fraction")
-    brightness: float = _field(0.2, "augmentation: random brightness change up to this fraction of 255")
-    contrast: float = _field(0.2, "augmentation: random contrast factor in [1-x, 1+x]")
+    augment: str = _field(
+        "photo",
+        "augmentation preset: 'photo' (flips, rotation 30, shifts, zoom, brightness, contrast), 'upright' "
+        "(no flip or rotation: text, symbols, documents), 'none'; the options below override one value",
+        choices=tuple(AUGMENT_PRESETS),
+    )
+    flip: bool | None = _field(AUTO, "augmentation: random horizontal flip")
+    rotation: float | None = _field(AUTO, "augmentation: random rotation up to +-DEGREES")
+    shift: float | None = _field(AUTO, "augmentation: random translation up to this fraction of height/width")
+    zoom: float | None = _field(AUTO, "augmentation: random zoom up to this fraction")
+    brightness: float | None = _field(
+        AUTO, "augmentation: random brightness change up to this fraction of 255"
+    )
+    contrast: float | None = _field(AUTO, "augmentation: random contrast factor in [1-x, 1+x]")
     val_split: float = _field(0.1, "fraction of each class held out for validation (DATA/<label> layout)")
     test_split: float = _field(0.1, "fraction of each class held out for the test (DATA/<label> layout)")
     class_weights: bool = _field(True, "weight the loss by inverse class frequency (for imbalanced data)")
@@ -98,6 +141,9 @@ class TrainConfig:
         "mixed_float16 compute: 'auto' (when a GPU is present), 'on', 'off'",
         choices=("auto", "on", "off"),
     )
+    tensorboard: str = _field(
+        "", "write TensorBoard logs (scalars, learning rate, sample images) to DIR/<name>/<run start time>/"
+    )
     demo_data_if_empty: bool = _field(False, "when --data holds no images, generate demo data into it first")
     verbose: int = _field(
         1,
@@ -108,19 +154,33 @@ class TrainConfig:
         """A copy with the 'auto' values that depend only on the config filled in."""
         pretrained = self.weights.lower() != "none"
         out = dataclasses.replace(self)
-        if out.fine_tune_layers < 0:
+        if out.fine_tune_layers is None:
             out.fine_tune_layers = 30 if pretrained else 0
-        if out.fine_tune_learning_rate < 0:
+        if out.fine_tune_learning_rate is None:
             out.fine_tune_learning_rate = 1e-5 if pretrained else 3e-4
-        if out.batch_size < 0:
+        if out.batch_size is None:
             out.batch_size = 32 if pretrained else 16
-        if out.epochs < 0:
+        if out.epochs is None:
             out.epochs = 20 if pretrained else 3
-        if out.fine_tune_epochs < 0:
+        if out.fine_tune_epochs is None:
             out.fine_tune_epochs = 10 if pretrained else 20
+        preset = AUGMENT_PRESETS[out.augment]
+        for name in _AUGMENT_FIELDS:
+            if getattr(out, name) is None:
+                setattr(out, name, getattr(preset, name))
         if not out.backup_dir:
             out.backup_dir = str(Path(out.models) / out.name / ".backup")
         return out
+
+    def augmentation(self) -> Augmentation:
+        """The preset with any value given on its own applied over it."""
+        preset = AUGMENT_PRESETS[self.augment]
+        return Augmentation(
+            **{
+                name: getattr(preset, name) if getattr(self, name) is None else getattr(self, name)
+                for name in _AUGMENT_FIELDS
+            }
+        )
 
     def validate(self) -> None:
         """Raise ValueError with an actionable message for a value that cannot work."""
@@ -132,12 +192,20 @@ class TrainConfig:
             raise ValueError(f"--name {self.name!r} must be a plain folder name")
         if self.backbone not in BACKBONES:
             raise ValueError(f"--backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}")
+        if self.augment not in AUGMENT_PRESETS:
+            raise ValueError(f"--augment must be one of {', '.join(AUGMENT_PRESETS)}, got {self.augment!r}")
         if self.input_size < 32:
             raise ValueError(f"--input-size must be at least 32, got {self.input_size}")
-        if self.epochs == 0 or self.epochs < -1 or self.fine_tune_epochs < -1:
-            raise ValueError("--epochs must be >= 1 and --fine-tune-epochs >= 0 (or -1 for the default)")
-        if self.batch_size == 0 or self.batch_size < -1:
-            raise ValueError("--batch-size must be >= 1 (or -1 for the default)")
+        if (self.epochs is not None and self.epochs < 1) or (
+            self.fine_tune_epochs is not None and self.fine_tune_epochs < 0
+        ):
+            raise ValueError("--epochs must be >= 1 and --fine-tune-epochs >= 0 (or auto)")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError("--batch-size must be >= 1 (or auto)")
+        if self.fine_tune_layers is not None and self.fine_tune_layers < 0:
+            raise ValueError("--fine-tune-layers must be >= 0 (0 unfreezes all) or auto")
+        if self.fine_tune_learning_rate is not None and self.fine_tune_learning_rate <= 0:
+            raise ValueError("--fine-tune-learning-rate must be > 0 (or auto)")
         if not (0 < self.val_split < 1 and 0 < self.test_split < 1 and self.val_split + self.test_split < 1):
             raise ValueError("--val-split and --test-split must be in (0, 1) and sum to less than 1")
         if self.cache not in ("auto", "memory", "none"):
@@ -177,20 +245,51 @@ def load_file(path: str) -> dict[str, Any]:
     return out
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def parse_value(name: str, value: Any) -> Any:
+    """One option's value, from a flag (a string) or a file (YAML/JSON types), as its field's type.
+
+    Strict, like the server's settings: "flase" is an error, not False; "auto" (or null) is None for
+    the options that have an automatic value.
+    """
+    kind = FIELDS[name].type  # a string: annotations are postponed
+    optional = kind.endswith(" | None")
+    base = kind.removesuffix(" | None")
+    if optional and (value is None or (isinstance(value, str) and value.strip().lower() == "auto")):
+        return None
+    if name == "augment" and isinstance(value, bool):
+        return "photo" if value else "none"  # the files of the boolean --augment of earlier releases
+    if base == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ValueError(f"not a boolean: {value!r} (use true or false)")
+    if isinstance(value, bool) or value is None or isinstance(value, (list, dict)):
+        raise ValueError(f"not a {base}: {value!r}")
+    if base == "int":
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"not an integer: {value!r}")
+        return int(value)
+    if base == "float":
+        return float(value)
+    return str(value)
+
+
 def make_config(file_values: dict[str, Any], flag_values: dict[str, Any]) -> TrainConfig:
     """Defaults < file < flags; values are converted to each field's type."""
     merged = {**file_values, **{k: v for k, v in flag_values.items() if v is not None}}
     kwargs = {}
     for name, value in merged.items():
-        kind = type(FIELDS[name].default)
+        if value is None and not FIELDS[name].type.endswith("| None"):
+            continue  # a file's `key:` with no value: the default
         try:
-            if kind is bool and isinstance(value, str):
-                value = value.strip().lower() in ("1", "true", "yes", "on")
-            kwargs[name] = kind(value) if value is not None else FIELDS[name].default
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"option {name.replace('_', '-')}: cannot read {value!r} as {kind.__name__}"
-            ) from None
+            kwargs[name] = parse_value(name, value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"option {name.replace('_', '-')}: cannot read {value!r}: {exc}") from None
     cfg = TrainConfig(**kwargs)
     cfg.validate()
     return cfg

@@ -13,8 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from fovea.contract import IMAGE_SUFFIXES
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 # What tf.io.decode_image reads; PIL reads more (e.g. WebP), which the pipeline could not decode.
 DECODABLE_FORMATS = {"JPEG", "PNG", "BMP", "GIF"}
 SPLITS = ("train", "val", "test")
@@ -55,7 +55,7 @@ def has_images(data_dir: str | Path) -> bool:
     root = Path(data_dir)
     if not root.is_dir():
         return False
-    return any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.rglob("*") if p.is_file())
+    return any(p.suffix.lower() in IMAGE_SUFFIXES for p in root.rglob("*") if p.is_file())
 
 
 def check_image(path: str) -> str | None:
@@ -81,7 +81,7 @@ def _list_class_folder(folder: Path) -> tuple[list[str], list[dict[str, str]]]:
     for p in sorted(folder.rglob("*")):
         if not p.is_file() or p.name.startswith("."):
             continue
-        if p.suffix.lower() in IMAGE_EXTENSIONS:
+        if p.suffix.lower() in IMAGE_SUFFIXES:
             files.append(str(p))
         else:
             skipped.append({"path": str(p), "reason": f"not an image file extension ({p.suffix or 'none'})"})
@@ -127,7 +127,7 @@ def load_dataset(
             files, bad = _list_class_folder(c)
             skipped.extend(bad)
             found[c.name] = files
-        loose = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+        loose = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
         if loose and not classes:
             raise DataError(
                 f"{where} holds images but no class folders: put each class's images in {where}/<label>/"

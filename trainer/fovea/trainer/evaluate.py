@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from fovea.trainer.results import Evaluation
 
 
 def predict(model: Any, dataset: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -22,7 +23,7 @@ def predict(model: Any, dataset: Any) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(probs), np.concatenate(truth)
 
 
-def scores(truth: np.ndarray, predicted: np.ndarray, labels: Sequence[str]) -> dict[str, Any]:
+def scores(truth: np.ndarray, predicted: np.ndarray, labels: Sequence[str]) -> Evaluation:
     """Accuracy, per-class precision/recall/F1/support, macro F1, and the confusion matrix (rows: truth)."""
     k = len(labels)
     confusion = np.zeros((k, k), dtype=np.int64)
@@ -41,17 +42,18 @@ def scores(truth: np.ndarray, predicted: np.ndarray, labels: Sequence[str]) -> d
             "support": int(actual_i),
         }
     total = int(confusion.sum())
-    return {
-        "accuracy": float(np.trace(confusion) / total) if total else 0.0,
-        "macro_f1": float(np.mean([c["f1"] for c in per_class.values()])) if per_class else 0.0,
-        "support": total,
-        "per_class": per_class,
-        "confusion_matrix": confusion.tolist(),
-        "labels": list(labels),
-    }
+    return Evaluation(
+        accuracy=float(np.trace(confusion) / total) if total else 0.0,
+        macro_f1=float(np.mean([c["f1"] for c in per_class.values()])) if per_class else 0.0,
+        support=total,
+        per_class=per_class,
+        confusion_matrix=confusion.tolist(),
+        labels=list(labels),
+    )
 
 
-def evaluate(model: Any, dataset: Any, labels: Sequence[str]) -> dict[str, Any]:
+def evaluate(model: Any, dataset: Any, labels: Sequence[str]) -> tuple[Evaluation, np.ndarray, np.ndarray]:
+    """(scores, probabilities [N, C], true label indices [N]); the arrays feed the report's mistakes."""
     probs, truth = predict(model, dataset)
     predicted = probs.argmax(axis=1) if len(probs) else truth
-    return scores(truth, predicted, labels)
+    return scores(truth, predicted, labels), probs, truth

@@ -1,42 +1,37 @@
-"""Publish a trained Keras model as a versioned SavedModel, per the export contract.
-
-    <models_dir>/<name>/<version>/
-      saved_model.pb, variables/
-      assets/labels.txt
-      assets.extra/fovea.json, assets.extra/train_config.json
-      report/
+"""Publish a trained Keras model as a versioned SavedModel, per the export contract (fovea.contract).
 
 The version is written into a hidden temporary folder beside its final place and renamed into place,
-so a server polling the folder never sees a half-written version.
+so a server polling the folder never sees a half-written version. On a local or POSIX file system the
+rename is atomic. An object store (gs://, s3://) has no rename: tf.io.gfile would copy object by object
+in name order, saved_model.pb (the contract's mark of a complete version) before variables/. There the
+exporter copies every other file first and saved_model.pb last, then deletes the temporary folder; see
+docs/deploy.md, "Publishing on object stores".
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import posixpath
+import socket
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import tensorflow as tf
+from fovea import contract
 
-FORMAT = "fovea.export/1"
-SIGNATURE_IMAGES = "serving_default"
-SIGNATURE_BYTES = "serving_bytes"
-INPUT_IMAGES = "images"
-INPUT_BYTES = "image_bytes"
-OUTPUT = "probabilities"
-METADATA_FILE = "assets.extra/fovea.json"
-LABELS_FILE = "assets/labels.txt"
+# A temporary export folder untouched this long is left over from a killed exporter, wherever it ran.
+STALE_TMP_SECONDS = 6 * 3600
 
 
 def list_versions(model_root: str) -> list[int]:
-    """Published versions under a model's folder: positive integer names, ascending."""
+    """Every version folder under a model's folder, ascending: the numbers already taken."""
     if not tf.io.gfile.isdir(model_root):
         return []
-    names = (n.rstrip("/") for n in tf.io.gfile.listdir(model_root))
-    return sorted(int(n) for n in names if n.isdigit() and int(n) > 0)
+    return contract.versions_in(tf.io.gfile.listdir(model_root))
 
 
 def decode_and_resize(image_bytes: tf.Tensor, height: int, width: int) -> tf.Tensor:
@@ -55,12 +50,14 @@ def build_servable(model: Any, height: int, width: int) -> tuple[tf.Module, dict
     module = tf.Module()
     module.model = model  # tracks the variables
 
-    @tf.function(input_signature=[tf.TensorSpec([None, height, width, 3], tf.uint8, name=INPUT_IMAGES)])
+    @tf.function(
+        input_signature=[tf.TensorSpec([None, height, width, 3], tf.uint8, name=contract.INPUT_IMAGES)]
+    )
     def serve_images(images: tf.Tensor) -> dict[str, tf.Tensor]:
         probabilities = model(tf.cast(images, tf.float32), training=False)
-        return {OUTPUT: tf.cast(probabilities, tf.float32)}
+        return {contract.OUTPUT: tf.cast(probabilities, tf.float32)}
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_BYTES)])
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=contract.INPUT_BYTES)])
     def serve_bytes(image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
         images = tf.map_fn(
             lambda b: decode_and_resize(b, height, width),
@@ -72,8 +69,8 @@ def build_servable(model: Any, height: int, width: int) -> tuple[tf.Module, dict
     module.serve_images = serve_images
     module.serve_bytes = serve_bytes
     signatures = {
-        SIGNATURE_IMAGES: serve_images.get_concrete_function(),
-        SIGNATURE_BYTES: serve_bytes.get_concrete_function(),
+        contract.SIGNATURE_IMAGES: serve_images.get_concrete_function(),
+        contract.SIGNATURE_BYTES: serve_bytes.get_concrete_function(),
     }
     return module, signatures
 
@@ -89,6 +86,7 @@ def export_model(
     metrics: Mapping[str, Any] | None = None,
     config: Mapping[str, Any] | None = None,
     report_dir: str | None = None,
+    parent: str = "",
 ) -> str:
     """Write the next version of `name` under `models_dir` and return its final path.
 
@@ -98,28 +96,43 @@ def export_model(
     height, width = input_size
     model_root = posixpath.join(str(models_dir), name)
     tf.io.gfile.makedirs(model_root)
-    tmp = posixpath.join(model_root, f".tmp-{uuid.uuid4().hex}")
+    remove_stale_temporaries(model_root)
+    tmp = posixpath.join(model_root, _temporary_name())
     module, signatures = build_servable(model, height, width)
     tf.saved_model.save(module, tmp, signatures=signatures)
 
     tf.io.gfile.makedirs(posixpath.join(tmp, "assets"))
-    with tf.io.gfile.GFile(posixpath.join(tmp, LABELS_FILE), "w") as f:
-        f.write("".join(f"{label}\n" for label in labels))
+    with tf.io.gfile.GFile(posixpath.join(tmp, contract.LABELS_FILE), "w") as f:
+        f.write(contract.format_labels(labels))
     if report_dir and tf.io.gfile.isdir(report_dir):
-        _copy_tree(report_dir, posixpath.join(tmp, "report"))
+        _copy_tree(report_dir, posixpath.join(tmp, contract.REPORT_DIR))
+    tf.io.gfile.makedirs(posixpath.join(tmp, posixpath.dirname(contract.METADATA_FILE)))
+    with tf.io.gfile.GFile(posixpath.join(tmp, contract.TRAIN_CONFIG_FILE), "w") as f:
+        json.dump(dict(config or {}), f, indent=2, sort_keys=True, default=str)
+    meta = contract.ModelMetadata(
+        name=name,
+        version=0,
+        labels=list(labels),
+        input_height=height,
+        input_width=width,
+        backbone=backbone,
+        metrics=dict(metrics or {}),
+        config=dict(config or {}),
+        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        parent=parent,
+    )
 
     # Another exporter may take a version number between our listing and our rename; take the next.
     for _ in range(100):
         version = (list_versions(model_root) or [0])[-1] + 1
-        meta = _metadata(name, version, labels, input_size, backbone, metrics, config)
-        tf.io.gfile.makedirs(posixpath.join(tmp, "assets.extra"))
-        with tf.io.gfile.GFile(posixpath.join(tmp, METADATA_FILE), "w") as f:
-            json.dump(meta, f, indent=2, sort_keys=True)
-        with tf.io.gfile.GFile(posixpath.join(tmp, "assets.extra/train_config.json"), "w") as f:
-            json.dump(dict(config or {}), f, indent=2, sort_keys=True, default=str)
-        final = posixpath.join(model_root, str(version))
+        with tf.io.gfile.GFile(posixpath.join(tmp, contract.METADATA_FILE), "w") as f:
+            f.write(meta.replace(version=version).to_json())
+        final = contract.version_path(model_root, version)
         try:
-            tf.io.gfile.rename(tmp, final, overwrite=False)
+            if renames_atomically(model_root):
+                tf.io.gfile.rename(tmp, final, overwrite=False)
+            else:
+                _publish_by_copy(tmp, final)
             return final
         except (tf.errors.AlreadyExistsError, tf.errors.FailedPreconditionError, OSError):
             if not tf.io.gfile.exists(final):
@@ -127,41 +140,108 @@ def export_model(
     raise RuntimeError(f"could not claim a version number under {model_root}")
 
 
-def _metadata(
-    name: str,
-    version: int,
-    labels: Sequence[str],
-    input_size: tuple[int, int],
-    backbone: str,
-    metrics: Mapping[str, Any] | None,
-    config: Mapping[str, Any] | None,
-) -> dict[str, Any]:
-    height, width = input_size
-    return {
-        "format": FORMAT,
-        "name": name,
-        "version": version,
-        "labels": list(labels),
-        "num_classes": len(labels),
-        "input_size": {"height": height, "width": width},
-        "backbone": backbone,
-        "preprocessing": {
-            "input": "RGB uint8, 0..255",
-            "resize": "bilinear to input_size, then round and clip to uint8",
-            "in_graph": f"{backbone} preprocess_input",
-        },
-        "signatures": {
-            "images": {"name": SIGNATURE_IMAGES, "input": INPUT_IMAGES, "dtype": "uint8", "output": OUTPUT},
-            "bytes": {"name": SIGNATURE_BYTES, "input": INPUT_BYTES, "dtype": "string", "output": OUTPUT},
-        },
-        "metrics": _jsonable(dict(metrics or {})),
-        "config": _jsonable(dict(config or {})),
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
+def renames_atomically(path: str) -> bool:
+    """Local and mounted file systems rename a folder in one step; object stores copy it."""
+    return "://" not in path or path.startswith("file://")
 
 
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
+def _publish_by_copy(tmp: str, final: str) -> None:
+    """Publish on an object store: every file but saved_model.pb, then saved_model.pb, then clean up.
+
+    A poller that lists the version before saved_model.pb lands skips it as incomplete; once it is
+    there, everything else already is. Claiming the number is not atomic here (no create-if-absent):
+    the exporter refuses a number whose folder already exists, and one trainer per model is the rule.
+    """
+    if tf.io.gfile.exists(final):
+        raise tf.errors.AlreadyExistsError(None, None, f"{final} exists")
+    files = []
+    for dirpath, _, filenames in tf.io.gfile.walk(tmp):
+        files += [posixpath.relpath(posixpath.join(dirpath, f), tmp) for f in filenames]
+    files.sort(key=lambda rel: rel == contract.SAVED_MODEL_FILE)  # the mark of completeness goes last
+    for rel in files:
+        tf.io.gfile.makedirs(posixpath.dirname(posixpath.join(final, rel)))
+        tf.io.gfile.copy(posixpath.join(tmp, rel), posixpath.join(final, rel), overwrite=False)
+    tf.io.gfile.rmtree(tmp)
+
+
+def read_metadata(version_dir: str) -> contract.ModelMetadata:
+    """A published version's fovea.json (ValueError when it is missing or malformed)."""
+    path = posixpath.join(version_dir, contract.METADATA_FILE)
+    try:
+        with tf.io.gfile.GFile(path) as f:
+            text = f.read()
+    except tf.errors.NotFoundError:
+        raise ValueError(
+            f"{version_dir} is not a published fovea version: no {contract.METADATA_FILE}"
+        ) from None
+    return contract.ModelMetadata.from_json(text)
+
+
+def version_of_run(model_root: str, run_id: str) -> str | None:
+    """The published version a training run already produced (its fovea.json names the run), if any."""
+    if not run_id:
+        return None
+    for version in reversed(list_versions(model_root)):
+        path = contract.version_path(model_root, version)
+        try:
+            if read_metadata(path).metrics.get("run_id") == run_id:
+                return path
+        except ValueError:
+            continue
+    return None
+
+
+def _temporary_name() -> str:
+    # Host and pid in the name let a later exporter on the same host tell a dead exporter's folder.
+    return f"{contract.TEMP_PREFIX}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def remove_stale_temporaries(model_root: str, max_age: float = STALE_TMP_SECONDS) -> list[str]:
+    """Delete temporary export folders left by killed exporters; returns the names removed.
+
+    A folder is stale when its exporter ran on this host and is no longer alive, or, wherever it ran,
+    when nothing in it changed for max_age seconds (an export writes for seconds to minutes). A live
+    exporter's folder is never touched.
+    """
+    removed = []
+    host = socket.gethostname()
+    for entry in tf.io.gfile.listdir(model_root):
+        entry = entry.rstrip("/")
+        if not entry.startswith(contract.TEMP_PREFIX):
+            continue
+        path = posixpath.join(model_root, entry)
+        owner_host, _, rest = entry[len(contract.TEMP_PREFIX) :].rpartition("-")[0].rpartition("-")
+        owner_dead = owner_host == host and rest.isdigit() and not _pid_alive(int(rest))
+        if owner_dead or _idle_seconds(path) > max_age:
+            try:
+                tf.io.gfile.rmtree(path)
+                removed.append(entry)
+            except tf.errors.OpError:
+                pass  # another exporter's cleanup got there first
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def _idle_seconds(path: str) -> float:
+    newest = 0.0
+    try:
+        for dirpath, _, filenames in tf.io.gfile.walk(path):
+            for p in [dirpath, *(posixpath.join(dirpath, f) for f in filenames)]:
+                newest = max(newest, tf.io.gfile.stat(p).mtime_nsec / 1e9)
+    except tf.errors.OpError:
+        return 0.0  # vanished or unreadable: not ours to judge
+    return time.time() - newest
 
 
 def _copy_tree(src: str, dst: str) -> None:

@@ -9,62 +9,60 @@ from __future__ import annotations
 from typing import Any
 
 from fovea.trainer.backbones import build_base, preprocess_fn
-from fovea.trainer.config import TrainConfig
+from fovea.trainer.config import Augmentation, TrainConfig
+from fovea.trainer.parent import is_published_version
 
 
-def augmentation_layers(cfg: TrainConfig) -> list[Any]:
-    """Keras preprocessing layers matching the classic ImageDataGenerator recipe by default."""
+def augmentation_layers(aug: Augmentation, seed: int) -> list[Any]:
+    """Keras preprocessing layers; the 'photo' preset is the classic ImageDataGenerator recipe."""
+    import tensorflow as tf
     from tf_keras import layers
 
-    if not cfg.augment:
-        return []
-    seed = cfg.seed
     out: list[Any] = []
-    if cfg.flip:
+    if aug.flip:
         out.append(layers.RandomFlip("horizontal", seed=seed, name="aug_flip"))
-    if cfg.rotation > 0:
+    if aug.rotation > 0:
         # RandomRotation's factor is a fraction of a full turn.
         out.append(
             layers.RandomRotation(
-                cfg.rotation / 360.0, fill_mode="reflect", seed=seed + 1, name="aug_rotation"
+                aug.rotation / 360.0, fill_mode="reflect", seed=seed + 1, name="aug_rotation"
             )
         )
-    if cfg.zoom > 0:
-        out.append(layers.RandomZoom(cfg.zoom, fill_mode="reflect", seed=seed + 2, name="aug_zoom"))
-    if cfg.shift > 0:
+    if aug.zoom > 0:
+        out.append(layers.RandomZoom(aug.zoom, fill_mode="reflect", seed=seed + 2, name="aug_zoom"))
+    if aug.shift > 0:
         out.append(
             layers.RandomTranslation(
-                cfg.shift, cfg.shift, fill_mode="reflect", seed=seed + 3, name="aug_shift"
+                aug.shift, aug.shift, fill_mode="reflect", seed=seed + 3, name="aug_shift"
             )
         )
-    if cfg.brightness > 0:
+    if aug.brightness > 0:
         out.append(
             layers.RandomBrightness(
-                cfg.brightness, value_range=(0.0, 255.0), seed=seed + 4, name="aug_brightness"
+                aug.brightness, value_range=(0.0, 255.0), seed=seed + 4, name="aug_brightness"
             )
         )
-    if cfg.contrast > 0:
-        out.append(layers.RandomContrast(cfg.contrast, seed=seed + 5, name="aug_contrast"))
+    if aug.contrast > 0:
+        out.append(layers.RandomContrast(aug.contrast, seed=seed + 5, name="aug_contrast"))
+        # RandomContrast can leave 0..255; keep the pixels the backbone was trained on.
+        out.append(layers.Lambda(lambda t: tf.clip_by_value(t, 0.0, 255.0), name="aug_clip"))
     return out
 
 
 def build_model(cfg: TrainConfig, num_classes: int) -> tuple[Any, Any]:
     """(model, base). The base is called with training=False so BatchNorm always uses its statistics."""
-    import tensorflow as tf
     import tf_keras as keras
 
     keras.utils.set_random_seed(cfg.seed)
     size = cfg.input_size
-    base = build_base(cfg.backbone, size, cfg.weights)
+    # A published version's weights are loaded into the whole model afterwards (parent.py).
+    base = build_base(cfg.backbone, size, "none" if is_published_version(cfg.weights) else cfg.weights)
     preprocess = preprocess_fn(cfg.backbone)
 
     inputs = keras.Input((size, size, 3), dtype="float32", name="images")
     x = inputs
-    for layer in augmentation_layers(cfg):
+    for layer in augmentation_layers(cfg.augmentation(), cfg.seed):
         x = layer(x)
-    if cfg.augment and cfg.contrast > 0:
-        # RandomContrast can leave 0..255; keep the pixels the backbone was trained on.
-        x = keras.layers.Lambda(lambda t: tf.clip_by_value(t, 0.0, 255.0), name="aug_clip")(x)
     x = preprocess(x)
     x = base(x, training=False)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)

@@ -1,20 +1,47 @@
-"""What a killed training job needs to resume: per-phase backups, histories, markers and weights."""
+"""What a killed training job needs to resume: per-phase backups, histories, markers and weights.
+
+Every file here is written to a temporary name and renamed into place, so a kill mid-write leaves the
+previous content or nothing, never a torn file that would stop the restart.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import csv
 import json
+import math
+import os
 import shutil
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from fovea.trainer.config import TrainConfig
+from fovea.trainer.layer_weights import load_weights, save_weights
 
 # Changing these invalidates a backup: a restart with other values starts over.
-_FINGERPRINT_IGNORES = {"verbose", "backup_dir", "demo_data_if_empty", "cache", "cache_limit_mb"}
+_FINGERPRINT_IGNORES = {
+    "verbose",
+    "backup_dir",
+    "demo_data_if_empty",
+    "cache",
+    "cache_limit_mb",
+    "tensorboard",
+}
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write beside the target, flush to disk, then rename over it (atomic on one file system)."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with tmp.open("w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_history(path: Path) -> list[dict[str, float]]:
@@ -60,6 +87,14 @@ class RunBackup:
         """Written when a phase is complete: a restart loads its weights instead of redoing it."""
         return self.own / f"phase{phase}.done.json"
 
+    def best(self, phase: int) -> tuple[Path, Path]:
+        """The best epoch of a phase so far ({epoch, val_loss}) and its weights; they survive restarts."""
+        return self.own / f"phase{phase}.best.json", self.own / f"phase{phase}.best.weights.npz"
+
+    def run_id(self) -> str:
+        """One id per training run, the same after every restart (kept in run.json)."""
+        return str(json.loads((self.own / "run.json").read_text()).get("run_id", ""))
+
     def remove(self) -> None:
         """Delete this worker's files only (others may still be reading theirs); the last one out
         removes the folder."""
@@ -81,8 +116,9 @@ class RunBackup:
             try:
                 found = json.loads(path.read_text())
             except ValueError:
-                found = None
-            if found == wanted:
+                found = {}
+            run_id = found.pop("run_id", None) if isinstance(found, dict) else None
+            if found == wanted and run_id:
                 log(f"resuming from the backup in {self.root}")
                 return
             log(f"the backup in {self.root} is from a run with other settings: starting over")
@@ -90,44 +126,44 @@ class RunBackup:
                 if child.name.startswith(".") and child.is_dir():
                     continue
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
-        path.write_text(json.dumps(wanted, sort_keys=True))
+        write_text_atomic(path, json.dumps({**wanted, "run_id": uuid.uuid4().hex}, sort_keys=True))
 
 
-def _walk_layers(model: Any, prefix: str = ""):
-    """(path, layer) of every layer holding weights, nested models expanded; augmentation layers
-    (whose only state is a random generator) left out."""
-    for layer in model.layers:
-        if getattr(layer, "layers", None):
-            yield from _walk_layers(layer, f"{prefix}{layer.name}|")
-        elif layer.weights and not layer.name.startswith("aug_"):
-            yield prefix + layer.name, layer
+def keep_best(backup: RunBackup, phase: int, model: Any) -> Any:
+    """A Keras callback that saves the phase's best weights (by val_loss) whenever an epoch beats them.
+
+    EarlyStopping(restore_best_weights) remembers the best only in memory, so after a restart mid-phase
+    it would restore the best epoch since the restart. This record survives, and restore_best() loads
+    it when the phase ends: the weights kept are the best of the whole phase. It must run before
+    BackupAndRestore, so an epoch the backup calls done has its best already on disk.
+    """
+    import tf_keras as keras
+
+    record, weights = backup.best(phase)
+
+    class KeepBest(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            val_loss = (logs or {}).get("val_loss")
+            if val_loss is None or not math.isfinite(float(val_loss)):
+                return
+            best = read_best(backup, phase)
+            if best is None or float(val_loss) < best["val_loss"]:
+                save_weights(model, weights)
+                write_text_atomic(record, json.dumps({"epoch": int(epoch), "val_loss": float(val_loss)}))
+
+    return KeepBest()
 
 
-def get_layer_weights(model: Any) -> dict[str, list[np.ndarray]]:
-    """Weights keyed by layer path. Whole-model weight lists are ordered by trainability, which
-    phase 2 changes, and .h5 loading trips over distributed variables; this does neither."""
-    return {path: [np.asarray(w.numpy()) for w in layer.weights] for path, layer in _walk_layers(model)}
+def read_best(backup: RunBackup, phase: int) -> dict[str, float] | None:
+    record, weights = backup.best(phase)
+    if not (record.is_file() and weights.is_file()):
+        return None
+    return json.loads(record.read_text())
 
 
-def set_layer_weights(model: Any, weights: dict[str, list[np.ndarray]]) -> None:
-    for path, layer in _walk_layers(model):
-        layer.set_weights(weights[path])
-
-
-def save_weights(model: Any, path: Path) -> None:
-    arrays = {
-        f"{key}#{i}": value
-        for key, values in get_layer_weights(model).items()
-        for i, value in enumerate(values)
-    }
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)  # a kill mid-write never leaves a half file under the real name
-
-
-def load_weights(model: Any, path: Path) -> None:
-    with np.load(path) as f:
-        weights: dict[str, list[np.ndarray]] = {}
-        for key in sorted(f.files, key=lambda k: (k.rsplit("#", 1)[0], int(k.rsplit("#", 1)[1]))):
-            weights.setdefault(key.rsplit("#", 1)[0], []).append(f[key])
-    set_layer_weights(model, weights)
+def restore_best(backup: RunBackup, phase: int, model: Any) -> dict[str, float] | None:
+    """Load the phase's best weights into the model; returns the record, or None when there is none."""
+    best = read_best(backup, phase)
+    if best is not None:
+        load_weights(model, backup.best(phase)[1])
+    return best

@@ -9,8 +9,11 @@ are saved, so a restart skips the phases already done.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime as dt
 import json
+import posixpath
 import sys
 import tempfile
 import time
@@ -21,14 +24,17 @@ import numpy as np
 from fovea.trainer import data as data_mod
 from fovea.trainer.config import TrainConfig
 from fovea.trainer.distribute import make_strategy, task_info, tf_config_from_indexed_job, use_mixed_precision
+from fovea.trainer.layer_weights import get_layer_weights, load_weights, save_weights, set_layer_weights
+from fovea.trainer.model_lock import model_lock
+from fovea.trainer.parent import is_published_version
+from fovea.trainer.results import TrainMetrics
 from fovea.trainer.resume import (
     RunBackup,
     best_epoch_of,
-    get_layer_weights,
-    load_weights,
+    keep_best,
     read_history,
-    save_weights,
-    set_layer_weights,
+    restore_best,
+    write_text_atomic,
 )
 
 
@@ -37,11 +43,16 @@ class TrainResult:
     """What a run produced. version_path is None on workers other than the chief."""
 
     version_path: str | None
-    metrics: dict[str, Any]
+    metrics: TrainMetrics
     model: Any
     dataset: data_mod.Dataset
     config: TrainConfig
     is_chief: bool
+
+    @property
+    def report_index(self) -> str | None:
+        """The published report page (report/index.html), None on other workers than the chief."""
+        return posixpath.join(self.version_path, "report", "index.html") if self.version_path else None
 
 
 def keras_verbose(verbose: int, stream: Any = None) -> int:
@@ -53,11 +64,14 @@ def keras_verbose(verbose: int, stream: Any = None) -> int:
     return verbose
 
 
-def _callbacks(cfg: TrainConfig, backup: RunBackup, phase: int) -> list[Any]:
+def _callbacks(s: _Session, phase: int) -> list[Any]:
     import tf_keras as keras
 
+    cfg, backup = s.cfg, s.backup
     # New instances per phase: EarlyStopping and ReduceLROnPlateau keep state between fits otherwise.
+    # keep_best first: an epoch BackupAndRestore calls done must have its best weights on disk.
     return [
+        keep_best(backup, phase, s.model),
         keras.callbacks.BackupAndRestore(backup.checkpoints(phase)),
         keras.callbacks.EarlyStopping(
             monitor="val_loss",
@@ -72,6 +86,25 @@ def _callbacks(cfg: TrainConfig, backup: RunBackup, phase: int) -> list[Any]:
             verbose=1 if cfg.verbose else 0,
         ),
         keras.callbacks.CSVLogger(str(backup.history(phase)), append=True),
+        *_tensorboard_callbacks(s),
+    ]
+
+
+def _tensorboard_callbacks(s: _Session) -> list[Any]:
+    """Scalars per epoch (loss, accuracy, the learning rate) when --tensorboard is given."""
+    if not s.tensorboard_dir:
+        return []
+    import tf_keras as keras
+
+    class LearningRate(keras.callbacks.Callback):
+        # Put the learning rate into the logs, so TensorBoard (next in the list) writes it as a scalar.
+        def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            if logs is not None:
+                logs["learning_rate"] = float(keras.backend.get_value(self.model.optimizer.learning_rate))
+
+    return [
+        LearningRate(),
+        keras.callbacks.TensorBoard(log_dir=s.tensorboard_dir, histogram_freq=0, write_graph=False),
     ]
 
 
@@ -90,15 +123,24 @@ def run(
     log: Callable[[str], None] = print,
     on_event: Callable[[str, Any, Any], None] | None = None,
 ) -> TrainResult:
-    """Train, evaluate, report and (on the chief) publish. Raises DataError/WeightsError/ValueError.
+    """Train, evaluate, report and (on the chief) publish. Raises DataError/WeightsError/ValueError,
+    and ModelBusyError when another trainer holds the model's lock.
 
-    on_event(event, model, base) is called at "built", "phase1_end" and "phase2_end" (tests inspect
-    the weights there).
+    on_event(event, model, base) is called at "built", "phase1_end", "phase2_end" and "published"
+    (tests inspect the weights there).
     """
-    notify = on_event or (lambda event, model, base: None)
     cfg.validate()
     cfg = cfg.resolved()
     tf_config_from_indexed_job()
+    # Only the chief publishes, so only the chief locks: the workers of one run share the model.
+    lock = model_lock(cfg.models, cfg.name, log) if task_info()[2] else contextlib.nullcontext()
+    with lock:
+        return _run(cfg, log, on_event or (lambda event, model, base: None))
+
+
+def _run(
+    cfg: TrainConfig, log: Callable[[str], None], notify: Callable[[str, Any, Any], None]
+) -> TrainResult:
     started = time.monotonic()
     dataset = _load_data(cfg, log)
 
@@ -122,17 +164,30 @@ def run(
     )
     val_ds = data_mod.make_stream(dataset.files["val"], dataset.targets["val"], training=False, **stream)
 
+    parent, parent_mode = "", ""
     with strategy.scope():
-        model, base = build_and_freeze(cfg, len(dataset.labels))
+        model, base = _build_and_freeze(cfg, len(dataset.labels))
+        if is_published_version(cfg.weights):
+            from fovea.trainer.parent import load_parent
+
+            parent, parent_mode = load_parent(model, cfg.weights, dataset.labels, cfg.backbone)
+            log(f"starting from {parent}: {parent_mode}")
         _compile(model, cfg, cfg.learning_rate)
     notify("built", model, base)
     # Only now, so a run that fails on its data or weights leaves no backup folder behind.
     backup = RunBackup(cfg.backup_dir, task)
     backup.check_fingerprint(cfg, log)
+    tensorboard_dir = ""
+    if cfg.tensorboard:
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+        tensorboard_dir = posixpath.join(cfg.tensorboard, cfg.name, stamp)
+        if is_chief:
+            _tensorboard_images(tensorboard_dir, cfg, dataset)
+        log(f"TensorBoard logs: tensorboard --logdir {posixpath.join(cfg.tensorboard, cfg.name)}")
 
     session = _Session(
         cfg=cfg, model=model, base=base, strategy=strategy, backup=backup, train_ds=train_ds, log=log,
-        notify=notify, fit=dict(
+        notify=notify, tensorboard_dir=tensorboard_dir, fit=dict(
             steps_per_epoch=cfg.steps_per_epoch or None, validation_data=val_ds, verbose=keras_verbose(cfg.verbose),
             class_weight=dataset.class_weights() if cfg.class_weights else None,
         ),
@@ -148,37 +203,81 @@ def run(
     from fovea.trainer import evaluate, report
 
     test_ds = data_mod.make_stream(dataset.files["test"], dataset.targets["test"], training=False, **stream)
-    evaluation = evaluate.evaluate(model, test_ds, dataset.labels)
-    log(f"test accuracy {evaluation['accuracy']:.4f} on {evaluation['support']} images")
+    evaluation, probabilities, truth = evaluate.evaluate(model, test_ds, dataset.labels)
+    log(f"test accuracy {evaluation.accuracy:.4f} on {evaluation.support} images")
 
-    metrics = {
-        "test_accuracy": evaluation["accuracy"],
-        "test": evaluation,
-        # Numbered from 1, as Keras prints epochs ("Epoch 22/30", "best epoch: 22"), the console and the plot.
-        "best_epoch": None if best_epoch_of(history) is None else best_epoch_of(history) + 1,
-        "best_val_loss": min((r["val_loss"] for r in history if "val_loss" in r), default=None),
-        "fine_tune_start_epoch": phase1_epochs if cfg.fine_tune_epochs > 0 else None,
-        "phase1_epochs": phase1_epochs,
-        "phase2_epochs": len(history2),
-        "unfrozen_layers": len(unfrozen),
-        "history": history,
-        "images": dataset.counts(),
-        "layout": dataset.layout,
-        "skipped_files": dataset.skipped,
-        "replicas": replicas,
-        "train_seconds": round(train_seconds, 1),
-    }
+    metrics = TrainMetrics(
+        test_accuracy=evaluation.accuracy,
+        test=evaluation,
+        # Numbered from 1, as Keras prints epochs ("Epoch 22/30"), the console and the plot.
+        best_epoch=None if best_epoch_of(history) is None else best_epoch_of(history) + 1,
+        best_val_loss=min((r["val_loss"] for r in history if "val_loss" in r), default=None),
+        fine_tune_start_epoch=phase1_epochs if cfg.fine_tune_epochs > 0 else None,
+        phase1_epochs=phase1_epochs,
+        phase2_epochs=len(history2),
+        unfrozen_layers=len(unfrozen),
+        history=history,
+        images=dataset.counts(),
+        layout=dataset.layout,
+        skipped_files=dataset.skipped,
+        replicas=replicas,
+        train_seconds=round(train_seconds, 1),
+        augment=cfg.augment,
+        augmentation=dataclasses.asdict(cfg.augmentation()),
+        parent=parent,
+        parent_mode=parent_mode,
+        run_id=backup.run_id(),
+    )
 
     version_path = None
     if is_chief:
-        with tempfile.TemporaryDirectory(prefix="fovea-report-") as report_dir:
-            report.write_report(report_dir, metrics=metrics, labels=dataset.labels)
-            version_path = _export(cfg, final_weights, dataset.labels, metrics, report_dir)
-        log(f"published {version_path}")
+        # Killed after publishing but before the backup was removed: the restart finds its own version
+        # (fovea.json names the run) instead of publishing the same weights again.
+        version_path = _published_by_this_run(cfg, metrics.run_id)
+        if version_path:
+            log(f"this run already published {version_path}: not publishing it again")
+        else:
+            with tempfile.TemporaryDirectory(prefix="fovea-report-") as report_dir:
+                report.write_report(
+                    report_dir,
+                    metrics=metrics,
+                    labels=dataset.labels,
+                    config=cfg,
+                    samples=report.Samples(
+                        train_files=dataset.files["train"],
+                        train_targets=dataset.targets["train"],
+                        test_files=dataset.files["test"],
+                        test_probabilities=probabilities,
+                        test_truth=truth,
+                    ),
+                )
+                version_path = _export(cfg, final_weights, dataset.labels, metrics, report_dir)
+            log(f"published {version_path}")
+            notify("published", model, base)
     # A finished run leaves no backup behind, so the next run of the same command trains anew.
     backup.remove()
-    metrics["total_seconds"] = round(time.monotonic() - started, 1)
+    metrics.total_seconds = round(time.monotonic() - started, 1)
     return TrainResult(version_path, metrics, model, dataset, cfg, is_chief)
+
+
+def _published_by_this_run(cfg: TrainConfig, run_id: str) -> str | None:
+    from fovea.trainer.export import version_of_run
+
+    return version_of_run(posixpath.join(cfg.models, cfg.name), run_id)
+
+
+def _tensorboard_images(log_dir: str, cfg: TrainConfig, dataset: data_mod.Dataset) -> None:
+    """A few training images with their augmented draws, as TensorBoard shows them under IMAGES."""
+    import tensorflow as tf
+    from fovea.trainer.report import augmented_draws
+
+    originals, draws = augmented_draws(cfg, dataset.files["train"][:4], draws=3)
+    writer = tf.summary.create_file_writer(posixpath.join(log_dir, "images"))
+    with writer.as_default():
+        tf.summary.image("training images", originals, step=0, max_outputs=4)
+        for i in range(draws.shape[1]):
+            tf.summary.image(f"augmented ({cfg.augment}) draw {i + 1}", draws[:, i], step=0, max_outputs=4)
+    writer.close()
 
 
 @dataclasses.dataclass
@@ -194,6 +293,7 @@ class _Session:
     fit: dict[str, Any]
     log: Callable[[str], None]
     notify: Callable[[str, Any, Any], None]
+    tensorboard_dir: str = ""
 
 
 def _load_data(cfg: TrainConfig, log: Callable[[str], None]) -> data_mod.Dataset:
@@ -242,11 +342,12 @@ def _phase1(s: _Session) -> tuple[int, list[dict[str, float]]]:
             f"phase 1: training the head on a frozen {cfg.backbone} "
             f"(up to {cfg.epochs} epochs, lr {cfg.learning_rate:g})"
         )
-        s.model.fit(s.train_ds, epochs=cfg.epochs, callbacks=_callbacks(cfg, backup, 1), **s.fit)
+        s.model.fit(s.train_ds, epochs=cfg.epochs, callbacks=_callbacks(s, 1), **s.fit)
+        _restore_phase_best(s, 1)
         history = read_history(backup.history(1))
         phase1 = {"epochs": len(history), "best_epoch": best_epoch_of(history)}
         save_weights(s.model, backup.weights(1))
-        backup.marker(1).write_text(json.dumps(phase1))
+        write_text_atomic(backup.marker(1), json.dumps(phase1))
     s.notify("phase1_end", s.model, s.base)
     return int(phase1["epochs"]), read_history(backup.history(1))
 
@@ -258,6 +359,8 @@ def _phase2(
     cfg, backup = s.cfg, s.backup
     if cfg.fine_tune_epochs <= 0:
         return [], []
+    from fovea.trainer.model import unfreeze_top
+
     with s.strategy.scope():
         unfrozen = unfreeze_top(s.base, cfg.fine_tune_layers)
         _compile(s.model, cfg, cfg.fine_tune_learning_rate)
@@ -273,9 +376,10 @@ def _phase2(
         s.train_ds,
         initial_epoch=phase1_epochs,
         epochs=phase1_epochs + cfg.fine_tune_epochs,
-        callbacks=_callbacks(cfg, backup, 2),
+        callbacks=_callbacks(s, 2),
         **s.fit,
     )
+    _restore_phase_best(s, 2)
     s.notify("phase2_end", s.model, s.base)
     history = read_history(backup.history(2))
     best1 = min((r["val_loss"] for r in history1 if "val_loss" in r), default=float("inf"))
@@ -285,11 +389,20 @@ def _phase2(
         load_weights(s.model, backup.weights(1))
         s.log("phase 2 never beat phase 1's best val_loss: keeping phase 1's weights")
     save_weights(s.model, backup.weights(2))
-    backup.marker(2).write_text(json.dumps({"epochs": len(history)}))
+    write_text_atomic(backup.marker(2), json.dumps({"epochs": len(history)}))
     return history, unfrozen
 
 
-def build_and_freeze(cfg: TrainConfig, num_classes: int) -> tuple[Any, Any]:
+def _restore_phase_best(s: _Session, phase: int) -> None:
+    """EarlyStopping restored the best epoch since the last (re)start; this is the best of the phase."""
+    best = restore_best(s.backup, phase, s.model)
+    if best is not None:
+        s.log(
+            f"phase {phase}: kept the weights of its best epoch, {int(best['epoch']) + 1} (val_loss {best['val_loss']:.4f})"
+        )
+
+
+def _build_and_freeze(cfg: TrainConfig, num_classes: int) -> tuple[Any, Any]:
     from fovea.trainer.model import build_model, freeze_base
 
     model, base = build_model(cfg, num_classes)
@@ -301,7 +414,7 @@ def _export(
     cfg: TrainConfig,
     weights: dict[str, list[np.ndarray]],
     labels: list[str],
-    metrics: dict[str, Any],
+    metrics: TrainMetrics,
     report_dir: str,
 ) -> str:
     """Publish a float32, non-distributed copy of the model (no mirrored variables, no float16 compute)."""
@@ -309,6 +422,7 @@ def _export(
     from fovea.trainer.export import export_model
     from fovea.trainer.model import build_model
 
+    # The clone only receives weights: build it without loading any (no download, no parent).
     policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("float32")
     try:
@@ -316,8 +430,6 @@ def _export(
         set_layer_weights(clone, weights)
     finally:
         keras.mixed_precision.set_global_policy(policy)
-    exported_metrics = {k: v for k, v in metrics.items() if k not in ("history", "skipped_files")}
-    exported_metrics["skipped_files"] = len(metrics["skipped_files"])
     return export_model(
         clone,
         models_dir=cfg.models,
@@ -325,13 +437,8 @@ def _export(
         labels=labels,
         input_size=(cfg.input_size, cfg.input_size),
         backbone=cfg.backbone,
-        metrics=exported_metrics,
+        metrics=metrics.exported(),
         config=cfg.to_dict(),
         report_dir=report_dir,
+        parent=metrics.parent,
     )
-
-
-def unfreeze_top(base: Any, num_layers: int) -> list[str]:
-    from fovea.trainer.model import unfreeze_top as _unfreeze
-
-    return _unfreeze(base, num_layers)

@@ -1,4 +1,4 @@
-"""`fovea train` and `fovea demo-data`.
+"""`fovea train`.
 
 Every TrainConfig field is a flag of `fovea train`; --config FILE (YAML or JSON) supplies any of them,
 and flags given on the command line win over the file.
@@ -18,7 +18,8 @@ _METAVARS = {
     "models": "MODELS_DIR",
     "backup_dir": "DIR",
     "input_size": "PX",
-    "weights": "imagenet|none|PATH.h5",
+    "weights": "imagenet|none|PATH.h5|MODELS/NAME/VERSION",
+    "tensorboard": "DIR",
     "name": "NAME",
     "cache": "auto|memory|none",
     "learning_rate": "LR",
@@ -27,14 +28,6 @@ _METAVARS = {
 
 
 def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
-    if command == "demo-data":
-        parser.add_argument("dir", metavar="DIR", help="folder to write DIR/<label>/*.png into")
-        parser.add_argument("--classes", type=int, default=4, help="number of classes (2..6)")
-        parser.add_argument("--per-class", type=int, default=100, help="images per class")
-        parser.add_argument("--size", type=int, default=64, metavar="PX", help="image width and height")
-        parser.add_argument("--seed", type=int, default=0, help="random seed")
-        return
     parser.add_argument(
         "--config", metavar="FILE", help="YAML or JSON file of options (names as below, - or _); flags win"
     )
@@ -43,26 +36,30 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
         flag = "--" + field.name.replace("_", "-")
         default = getattr(defaults, field.name)
         help_text = field.metadata["help"] + (" (required)" if field.name in ("data", "models") else "")
-        if isinstance(default, bool):
+        if field.type.startswith("bool"):
             # Both spellings, so a file's `true` can be overridden from the command line either way.
             parser.add_argument(
                 flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None,
-                help=f"{help_text} (default: {default})",
+                help=f"{help_text} (default: {'auto' if default is None else default})",
             )  # fmt: skip
             continue
+        # Values are read as strings and converted (strictly) by config.make_config, like a file's.
+        choices = field.metadata.get("choices")
         parser.add_argument(
-            flag, dest=field.name, type=type(default), default=None, choices=field.metadata.get("choices"),
-            metavar=None if field.metadata.get("choices") else _metavar(field.name, default),
-            help=f"{help_text} (default: {default!r})" if default != "" else help_text,
+            flag, dest=field.name, type=str, default=None, choices=choices,
+            metavar=None if choices else _metavar(field),
+            help=help_text if default == "" else f"{help_text} (default: {'auto' if default is None else repr(default)})",
         )  # fmt: skip
     # ArgumentDefaultsHelpFormatter would print "None" for our unset-sentinel defaults.
     parser.formatter_class = argparse.HelpFormatter
 
 
-def _metavar(name: str, default: object) -> str:
-    if name in _METAVARS:
-        return _METAVARS[name]
-    return {int: "N", float: "X"}.get(type(default), name.upper())
+def _metavar(field: dataclasses.Field) -> str:
+    if field.name in _METAVARS:
+        return _METAVARS[field.name]
+    base = field.type.removesuffix(" | None")
+    name = {"int": "N", "float": "X"}.get(base, field.name.upper())
+    return f"{name}|auto" if field.type.endswith("| None") else name
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -76,51 +73,37 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(command: str, args: argparse.Namespace) -> int:
-    if command == "demo-data":
-        return _run_demo_data(args)
     cfg = config_from_args(args)
 
     from fovea.trainer.backbones import WeightsError
     from fovea.trainer.data import DataError
+    from fovea.trainer.model_lock import ModelBusyError
     from fovea.trainer.train import run as train
 
     try:
         result = train(cfg, log=lambda msg: print(msg, flush=True))
-    except (DataError, WeightsError, ValueError) as exc:
+    except (DataError, WeightsError, ModelBusyError, ValueError) as exc:
         raise CLIError(str(exc)) from None
     m = result.metrics
     if result.version_path:
-        test = m["test"]
+        best = "-" if m.best_epoch is None else m.best_epoch
         print(
             "\n"
             f"Published {result.version_path}\n"
-            f"  test accuracy {m['test_accuracy']:.4f} (macro F1 {test['macro_f1']:.4f}) on {test['support']} images, "
+            f"  test accuracy {m.test_accuracy:.4f} (macro F1 {m.test.macro_f1:.4f}) on {m.test.support} images, "
             f"{len(result.dataset.labels)} classes\n"
-            f"  epochs: phase 1 {m['phase1_epochs']}, phase 2 {m['phase2_epochs']}; best epoch {m['best_epoch'] or '-'}\n"
-            f"  skipped files: {len(m['skipped_files'])}; took {m['total_seconds']:.0f} s\n"
-            f"  report: {result.version_path}/report/",
+            f"  epochs: phase 1 {m.phase1_epochs}, phase 2 {m.phase2_epochs}; best epoch {best}\n"
+            f"  skipped files: {len(m.skipped_files)}; took {m.total_seconds:.0f} s\n"
+            f"  report: {result.report_index}",
             flush=True,
         )
     else:
         print(
-            f"worker finished (test accuracy {m['test_accuracy']:.4f}); the chief publishes the model",
+            f"worker finished (test accuracy {m.test_accuracy:.4f}); the chief publishes the model",
             flush=True,
         )
     return 0
 
 
-def _run_demo_data(args: argparse.Namespace) -> int:
-    from fovea.trainer.demo_data import generate
-
-    try:
-        counts = generate(
-            args.dir, classes=args.classes, per_class=args.per_class, size=args.size, seed=args.seed
-        )
-    except (ValueError, OSError) as exc:
-        raise CLIError(str(exc)) from None
-    print(f"wrote {sum(counts.values())} images of {len(counts)} classes ({', '.join(counts)}) to {args.dir}")
-    return 0
-
-
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit("run it as: fovea train | fovea demo-data")
+    sys.exit("run it as: fovea train")
