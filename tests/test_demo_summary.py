@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fovea.demo import measured_summary
+from fovea.devtools.demo_command import measured_summary
 
 
 def test_every_reported_latency_is_a_measured_one():
