@@ -347,10 +347,14 @@ def test_server_deployment():
     for part in ("requests", "limits"):
         assert {"cpu", "memory"} <= set(container["resources"][part]), part
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": 8500, "metrics": 9090}
+    assert ports == {"grpc": 8500, "metrics": 9090, "http": 8080}
     args = container["args"]
     assert args[0] == "serve"
-    assert (_flag(args, "--port"), _flag(args, "--metrics-port")) == ("8500", "9090")
+    assert (_flag(args, "--port"), _flag(args, "--metrics-port"), _flag(args, "--http-port")) == (
+        "8500",
+        "9090",
+        "8080",
+    )
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == 8500, probe
     annotations = pod["metadata"]["annotations"]
