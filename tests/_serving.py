@@ -45,6 +45,7 @@ def start_server(models_dir: Path, **overrides: Any):
         "port": 0,
         "metrics_port": 0,
         "poll_interval": 0.2,
+        "xla": False,  # compiling every batch size costs seconds per server; test_server_xla.py covers it
     }
     values.update(overrides)
 

@@ -252,3 +252,108 @@ async def test_gate_counts_holders_refuses_after_close_and_waits_for_idle() -> N
     assert not waiter.done()
     gate.exit()
     assert await waiter
+
+
+class TimedModel:
+    """A model whose compute time is fake: each call moves `clock` on by `cost(batch size)` seconds.
+
+    The clock is the real monotonic clock plus the fake compute, so the batcher's waits (real sleeps)
+    stay short while the times it learns are exact.
+    """
+
+    def __init__(self, cost) -> None:
+        self.cost = cost
+        self.offset = 0.0
+        self.sizes: list[int] = []
+
+    def clock(self) -> float:
+        return time.monotonic() + self.offset
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.offset += self.cost(len(batch))
+        self.sizes.append(len(batch))
+        return batch * 10
+
+
+async def test_compute_time_is_learned_per_size() -> None:
+    model = TimedModel(lambda n: 10.0 + n)
+    b = Batcher(model, max_batch_size=16, clock=model.clock)
+    assert b.expected_compute_s(4) == 0.0  # nothing learned yet
+    await b.submit(rows(1))
+    await b.submit(rows(*range(8)))
+    assert model.sizes == [1, 8]
+    assert b.expected_compute_s(1) == pytest.approx(11.0, abs=0.5)
+    assert b.expected_compute_s(8) == pytest.approx(18.0, abs=0.5)
+    assert b.expected_compute_s(4) == pytest.approx(11.0 + 7.0 * 3 / 7, abs=0.5)  # interpolated
+    assert b.expected_compute_s(16) == pytest.approx(36.0, abs=0.5)  # per row of the largest seen
+    model.cost = lambda n: 28.0
+    await b.submit(rows(*range(8)))
+    assert b.expected_compute_s(8) == pytest.approx(18.0 + 0.3 * 10.0, abs=0.5)  # an EWMA
+    await b.close()
+
+
+async def _closed_loop(b: Batcher, callers: int, rounds: int) -> None:
+    """`callers` clients, each sending its next request a "round trip" after its answer. The round
+    trips are event-loop turns, not time (caller i takes i + 1 turns), so the callers come back one
+    by one while the fake clock stands still."""
+
+    async def caller(i: int) -> None:
+        for r in range(rounds):
+            assert values(await b.submit(rows(i * 1000 + r))) == [10 * (i * 1000 + r)]
+            for _ in range(i + 1):
+                await asyncio.sleep(0)
+
+    await asyncio.gather(*(caller(i) for i in range(callers)))
+
+
+@pytest.mark.parametrize("callers", [4, 16])
+async def test_closed_loop_batches_carry_every_caller(callers: int) -> None:
+    # Compute takes 1 (fake) second, so the batcher may wait 0.1 s for the callers it answered.
+    model = TimedModel(lambda n: 1.0)
+    b = Batcher(model, max_batch_size=32, clock=model.clock)
+    await _closed_loop(b, callers=callers, rounds=8)
+    assert model.sizes == [callers] * 8
+    assert b.formation_waits > 0
+    await b.close()
+
+
+async def test_closed_loop_never_waits_past_max_batch_size() -> None:
+    model = TimedModel(lambda n: 1.0)
+    b = Batcher(model, max_batch_size=4, clock=model.clock)
+    await _closed_loop(b, callers=8, rounds=8)
+    assert max(model.sizes) == 4 and sum(model.sizes) == 64
+    await b.close()
+
+
+async def test_a_lone_caller_is_never_held() -> None:
+    model = TimedModel(lambda n: 1.0)
+    b = Batcher(model, max_batch_size=32, clock=model.clock)
+    await _closed_loop(b, callers=1, rounds=10)
+    assert model.sizes == [1] * 10
+    assert b.formation_waits == 0
+    await b.close()
+
+
+async def test_arrivals_that_do_not_follow_completions_are_not_waited_for() -> None:
+    # Open loop: requests arrive every 20 ms whatever the server does; compute takes 0.05 fake
+    # seconds, so the window after a batch (5 ms) rarely sees an arrival and nothing waits.
+    model = TimedModel(lambda n: 0.05)
+    b = Batcher(model, max_batch_size=32, clock=model.clock)
+    tasks = []
+    for i in range(10):
+        tasks.append(asyncio.ensure_future(b.submit(rows(i))))
+        await asyncio.sleep(0.02)
+    assert [values(await t) for t in tasks] == [[10 * i] for i in range(10)]
+    assert b.formation_waits == 0
+    await b.close()
+
+
+async def test_zero_wait_fraction_turns_the_wait_off() -> None:
+    # Without the wait, callers that come back one by one split into alternating small batches:
+    # the pattern the wait exists to prevent.
+    model = TimedModel(lambda n: 1.0)
+    b = Batcher(model, max_batch_size=32, wait_fraction=0.0, clock=model.clock)
+    await _closed_loop(b, callers=4, rounds=6)
+    assert b.formation_waits == 0
+    assert sum(model.sizes) == 24 and 1 in model.sizes
+    await b.close()

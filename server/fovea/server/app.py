@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import signal
 import sys
@@ -65,13 +66,18 @@ def default_gpu_batch_sizes(max_batch_size: int) -> tuple[int, ...]:
 class Server:
     """One fovea server: start(), then stop(grace) drains it. Several can run in one process."""
 
-    def __init__(self, settings: Settings, load=loader.load) -> None:
+    def __init__(self, settings: Settings, load=None) -> None:
         self.device = loader.configure_device(settings.gpu_memory_limit_mb)
-        if self.device == "GPU" and not settings.allowed_batch_sizes:
-            # On a GPU every new batch shape costs autotuning, so batches are padded to a few sizes.
+        xla = settings.xla and settings.warmup
+        if (self.device == "GPU" or xla) and not settings.allowed_batch_sizes:
+            # On a GPU every new batch shape costs autotuning, and XLA compiles per shape, so
+            # batches are padded to a few sizes.
             sizes = default_gpu_batch_sizes(settings.max_batch_size)
-            log.info("GPU: padding batches to sizes %s (set --allowed-batch-sizes to change)", sizes)
+            why = "GPU" if self.device == "GPU" else "XLA"
+            log.info("%s: padding batches to sizes %s (set --allowed-batch-sizes to change)", why, sizes)
             settings = dataclasses.replace(settings, allowed_batch_sizes=sizes)
+        if load is None:
+            load = functools.partial(loader.load, xla=xla)
         self.settings = settings
         self.metrics = Metrics()
         self.health = health.aio.HealthServicer()

@@ -5,6 +5,20 @@ input row, so tests drive this with a fake model in milliseconds. The rules foll
 batcher: time is measured with a monotonic clock from the first queued item; cancelled futures are
 dropped before a batch runs; a result is set only `if not fut.done()`; the number of results is
 checked against the batch.
+
+How a batch forms (the default, `batch_timeout_s=0`): a batch starts as soon as a compute slot is
+free, except right after a batch finished, when the batcher may wait a moment for the callers it
+just answered. In a closed loop (each caller sends its next request once answered) they come back
+within a round trip, and starting without them would split the load into alternating small batches
+(1/3 at 4 callers, 8/8 at 16) that run below the model's speed at the full size. So when a batch
+finishes, the target of the next one is what is queued plus the rows just answered times the share
+that came back within the wait window last times (learned, so open-loop traffic, whose arrivals do
+not follow completions, does not wait). The wait starts when the slot frees and lasts at most
+`wait_fraction` of the learned compute time of the target size; it ends as soon as the target is
+queued. A lone caller (concurrency 1) is never held: the target is what it alone sends. Compute
+time per batch size is learned from the batcher's own timings (an EWMA), `expected_compute_s`.
+A positive `batch_timeout_s` replaces all this with the classic rule: wait for a full batch at most
+that long after the first queued item.
 """
 
 from __future__ import annotations
@@ -42,6 +56,9 @@ class _Item:
     enqueued: float
 
 
+_EWMA = 0.3  # weight of the newest sample in the learned compute times and return share
+
+
 def warmup_sizes(max_batch_size: int, allowed_batch_sizes: Sequence[int]) -> list[int]:
     """Every batch size the batcher can hand to the model."""
     if not allowed_batch_sizes:
@@ -68,6 +85,7 @@ class Batcher:
         allowed_batch_sizes: Sequence[int] = (),
         max_in_flight: int = 1,
         max_queue_size: int = 256,
+        wait_fraction: float = 0.1,
         stats: BatcherStats | None = None,
         clock: Callable[[], float] = time.monotonic,
         name: str = "batcher",
@@ -80,6 +98,7 @@ class Batcher:
             raise ValueError("the largest allowed batch size must be at least max_batch_size")
         self.max_in_flight = max_in_flight
         self.max_queue_size = max_queue_size
+        self.wait_fraction = wait_fraction
         self._stats = stats or BatcherStats()
         self._clock = clock
         self.name = name
@@ -91,12 +110,45 @@ class Batcher:
         self._tasks: set[asyncio.Task] = set()
         self._closing = False
         self._loop_task: asyncio.Task | None = None
+        # Learned compute seconds per padded batch size (EWMA of this batcher's own timings).
+        self._compute_s: dict[int, float] = {}
+        # The last finished batch: when, how many rows it answered, what was queued then, and the
+        # window after it in which arrivals are counted (they are the callers coming back).
+        self._done_at: float | None = None
+        self._answered = 0
+        self._queued_at_done = 0
+        self._window_end = float("-inf")
+        self._window_rows = 0
+        self._window_answered = 0  # rows answered by the batch whose window is counting
+        # EWMA of (rows arrived in the window) / (rows answered), 0..1; it starts by assuming that
+        # callers come back (a closed loop), which costs an open loop one short wait at most.
+        self._return_share = 1.0
+        self.formation_waits = 0  # batches that waited for callers to come back (tests read it)
 
     # -- public ---------------------------------------------------------------------------------
 
     @property
     def queue_depth(self) -> int:
         return len(self._queue)
+
+    def expected_compute_s(self, size: int) -> float:
+        """Learned seconds the model takes for a batch of `size` rows (after padding); 0.0 until a
+        batch has run. Sizes not yet seen are interpolated between the nearest seen sizes, or scaled
+        from the largest one (time per row) above it; below the smallest, its time is used."""
+        if not self._compute_s or size < 1:
+            return 0.0
+        size = self._padded_size(min(size, self.max_batch_size)) if self._allowed else size
+        known = sorted(self._compute_s)
+        if size in self._compute_s:
+            return self._compute_s[size]
+        if size < known[0]:
+            return self._compute_s[known[0]]
+        if size > known[-1]:
+            return self._compute_s[known[-1]] * size / known[-1]
+        hi = bisect.bisect_left(known, size)
+        a, b = known[hi - 1], known[hi]
+        ta, tb = self._compute_s[a], self._compute_s[b]
+        return ta + (tb - ta) * (size - a) / (b - a)
 
     def start(self) -> None:
         if self._loop_task is None:
@@ -122,6 +174,8 @@ class Batcher:
             )
         loop = asyncio.get_running_loop()
         now = self._clock()
+        if now <= self._window_end:
+            self._window_rows += len(rows)
         futures = []
         for chunk in chunks:
             fut = loop.create_future()
@@ -192,20 +246,52 @@ class Batcher:
                     return None
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            # A free slot waits for the batch to fill, at most batch_timeout_s after the first item
-            # was queued; under load the queue filled while the slot was busy and this is a no-op.
-            while self._queue and self._queued_rows < self.max_batch_size and not self._closing:
-                remaining = self._queue[0].enqueued + self.batch_timeout_s - self._clock()
+            if self.batch_timeout_s > 0:
+                # The classic rule: wait for a full batch, at most batch_timeout_s after the first
+                # item was queued; under load the queue filled while the slot was busy: a no-op.
+                target, deadline = self.max_batch_size, self._queue[0].enqueued + self.batch_timeout_s
+            else:
+                target, deadline = self._target()
+            waited = False
+            while self._queue and self._queued_rows < target and not self._closing:
+                remaining = deadline - self._clock()
                 if remaining <= 0:
                     break
+                waited = True
                 self._wakeup.clear()
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
                 except TimeoutError:
                     break
+            self.formation_waits += waited
             batch = self._take()
             if batch:
+                self._done_at = None  # the finished batch's callers have had their chance
                 return batch
+
+    def _target(self) -> tuple[int, float]:
+        """Rows worth waiting for, and until when (see the module docstring)."""
+        if self._done_at is None or self.wait_fraction <= 0:
+            return 0, float("-inf")
+        returning = round(self._return_share * self._answered)
+        target = min(self.max_batch_size, self._queued_at_done + returning)
+        return target, self._window_end
+
+    def _finished(self, rows: int, size: int, compute_s: float) -> None:
+        """Learn from a finished batch and open the window in which its callers may come back."""
+        old = self._compute_s.get(size)
+        self._compute_s[size] = compute_s if old is None else old + _EWMA * (compute_s - old)
+        if self._window_answered:
+            share = min(1.0, self._window_rows / self._window_answered)
+            self._return_share += _EWMA * (share - self._return_share)
+        now = self._clock()
+        self._done_at = now
+        self._answered = rows
+        self._queued_at_done = self._queued_rows
+        expected = self.expected_compute_s(min(self.max_batch_size, self._queued_rows + rows))
+        self._window_end = now + self.wait_fraction * expected
+        self._window_rows = 0
+        self._window_answered = rows
 
     def _take(self) -> list[_Item]:
         now = self._clock()
@@ -261,6 +347,7 @@ class Batcher:
             if len(outputs) != size:
                 raise RuntimeError(f"the model returned {len(outputs)} rows for a batch of {size}")
             self._stats.batch(len(rows), size - len(rows), waits, compute_s)
+            self._finished(len(rows), size, compute_s)
             offset = 0
             for item in batch:
                 n = len(item.rows)
