@@ -57,6 +57,10 @@ class _Item:
 
 
 _EWMA = 0.3  # weight of the newest sample in the learned compute times and return share
+# A batch expected to compute faster than this, with nothing queued behind it and no other batch
+# running, runs on the event loop itself: the hop to a worker thread and back (a submit, a
+# self-pipe write, two context switches) costs about as much as a tiny model's whole call.
+INLINE_BELOW_S = 0.001
 
 
 def warmup_sizes(max_batch_size: int, allowed_batch_sizes: Sequence[int]) -> list[int]:
@@ -86,6 +90,7 @@ class Batcher:
         max_in_flight: int = 1,
         max_queue_size: int = 256,
         wait_fraction: float = 0.1,
+        inline_below_s: float = INLINE_BELOW_S,
         stats: BatcherStats | None = None,
         clock: Callable[[], float] = time.monotonic,
         name: str = "batcher",
@@ -99,6 +104,9 @@ class Batcher:
         self.max_in_flight = max_in_flight
         self.max_queue_size = max_queue_size
         self.wait_fraction = wait_fraction
+        self.inline_below_s = inline_below_s
+        self._running = 0  # batches computing now
+        self.inline_batches = 0  # batches computed on the event loop (tests read it)
         self._stats = stats or BatcherStats()
         self._clock = clock
         self.name = name
@@ -325,6 +333,12 @@ class Batcher:
         self._stats.queue_depth(len(self._queue))
         return batch
 
+    def _inline(self, size: int) -> bool:
+        """Whether to compute on the loop: a known-tiny batch with nothing else to do meanwhile."""
+        if self._running != 1 or self._queue or size not in self._compute_s:
+            return False
+        return self._compute_s[size] < self.inline_below_s
+
     def _compute(self, rows: list[np.ndarray], size: int) -> Sequence:
         first = rows[0]
         if size == 1 and isinstance(first, np.ndarray):
@@ -340,9 +354,17 @@ class Batcher:
             size = self._padded_size(len(rows))
             start = self._clock()
             waits = [start - item.enqueued for item in batch]
-            outputs = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._compute, rows, size
-            )
+            self._running += 1
+            try:
+                if self._inline(size):
+                    self.inline_batches += 1
+                    outputs = self._compute(rows, size)
+                else:
+                    outputs = await asyncio.get_running_loop().run_in_executor(
+                        self._executor, self._compute, rows, size
+                    )
+            finally:
+                self._running -= 1
             compute_s = self._clock() - start
             if len(outputs) != size:
                 raise RuntimeError(f"the model returned {len(outputs)} rows for a batch of {size}")
