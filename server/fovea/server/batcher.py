@@ -15,7 +15,9 @@ finishes, the target of the next one is what is queued plus the rows just answer
 that came back within the wait window last times (learned, so open-loop traffic, whose arrivals do
 not follow completions, does not wait). The wait starts when the slot frees and lasts at most
 `wait_fraction` of the learned compute time of the target size; it ends as soon as the target is
-queued. A lone caller (concurrency 1) is never held: the target is what it alone sends. Compute
+queued, and it happens only if the bigger batch would pay for the whole window in throughput (by
+the learned compute times), so near saturation nothing waits. A lone caller (concurrency 1) is
+never held: the target is what it alone sends. Compute
 time per batch size is learned from the batcher's own timings (an EWMA), `expected_compute_s`.
 A positive `batch_timeout_s` replaces all this with the classic rule: wait for a full batch at most
 that long after the first queued item.
@@ -91,6 +93,7 @@ class Batcher:
         max_queue_size: int = 256,
         wait_fraction: float = 0.1,
         inline_below_s: float = INLINE_BELOW_S,
+        executor: concurrent.futures.Executor | None = None,
         stats: BatcherStats | None = None,
         clock: Callable[[], float] = time.monotonic,
         name: str = "batcher",
@@ -114,7 +117,10 @@ class Batcher:
         self._queued_rows = 0
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(max_in_flight)
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_in_flight, thread_name_prefix=name)
+        # Where batches compute (tests may pass one that runs them in the calling thread).
+        self._executor = executor or concurrent.futures.ThreadPoolExecutor(
+            max_in_flight, thread_name_prefix=name
+        )
         self._tasks: set[asyncio.Task] = set()
         self._closing = False
         self._loop_task: asyncio.Task | None = None
@@ -141,8 +147,8 @@ class Batcher:
 
     def expected_compute_s(self, size: int) -> float:
         """Learned seconds the model takes for a batch of `size` rows (after padding); 0.0 until a
-        batch has run. Sizes not yet seen are interpolated between the nearest seen sizes, or scaled
-        from the largest one (time per row) above it; below the smallest, its time is used."""
+        batch has run. Sizes not yet seen are interpolated between the nearest seen sizes, extended
+        along the slope of the two largest above them, and scaled by rows below the smallest."""
         if not self._compute_s or size < 1:
             return 0.0
         size = self._padded_size(min(size, self.max_batch_size)) if self._allowed else size
@@ -150,9 +156,15 @@ class Batcher:
         if size in self._compute_s:
             return self._compute_s[size]
         if size < known[0]:
-            return self._compute_s[known[0]]
+            return self._compute_s[known[0]] * size / known[0]  # a lower bound, as if no fixed cost
         if size > known[-1]:
-            return self._compute_s[known[-1]] * size / known[-1]
+            # The slope of the two largest sizes seen; with one size only, time per row (an upper
+            # bound: a batch also has a fixed cost that does not grow with it).
+            top = self._compute_s[known[-1]]
+            if len(known) == 1:
+                return top * size / known[-1]
+            slope = max(0.0, (top - self._compute_s[known[-2]]) / (known[-1] - known[-2]))
+            return top + slope * (size - known[-1])
         hi = bisect.bisect_left(known, size)
         a, b = known[hi - 1], known[hi]
         ta, tb = self._compute_s[a], self._compute_s[b]
@@ -283,6 +295,16 @@ class Batcher:
             return 0, float("-inf")
         returning = round(self._return_share * self._answered)
         target = min(self.max_batch_size, self._queued_at_done + returning)
+        # Wait only if the bigger batch pays for the idle time, even if it took the whole window:
+        # near saturation of an open loop a few more arrivals are not worth a tenth of a batch.
+        queued = max(self._queued_rows, 1)
+        if target <= queued:
+            return 0, float("-inf")
+        now = self._clock()
+        wait = max(0.0, self._window_end - now)
+        now_s, later_s = self.expected_compute_s(queued), wait + self.expected_compute_s(target)
+        if now_s <= 0 or target * now_s <= queued * later_s:
+            return 0, float("-inf")
         return target, self._window_end
 
     def _finished(self, rows: int, size: int, compute_s: float) -> None:
