@@ -7,7 +7,8 @@ Measures, in one process and one after the other (p50 of single calls):
 - LoadedModel.predict (tf.constant in, .numpy() out, the served function);
 - Batcher.submit around it, with the thread hop to a worker and computed on the loop;
 - a gRPC round trip to a fovea.v1 ClassifierService that answers a canned response at once (what
-  grpc.aio and protobuf cost with no serving at all), driven by bench/loadgen.py like the real one.
+  grpc and protobuf cost with no serving at all), driven by bench/loadgen.py like the real one: on
+  grpc.aio (what fovea uses) and on the thread-pool grpc server (the alternative).
 Prints one JSON object; bench/NOTES.md has the table from a run.
 """
 
@@ -22,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -60,17 +62,40 @@ async def batcher_p50_ms(predict, image, inline: bool, seconds: float) -> float:
     return float(np.percentile(np.array(times) * 1000, 50))
 
 
-def echo_server() -> tuple[int, callable]:
-    """A ClassifierService whose Predict answers a canned top-1 at once, on its own loop thread."""
-    import grpc
+def _echo_servicer():
     from fovea.v1 import classifier_pb2 as pb
     from fovea.v1 import classifier_pb2_grpc
 
-    class Echo(classifier_pb2_grpc.ClassifierServiceServicer):
+    def answer() -> pb.PredictResponse:
+        response = pb.PredictResponse(model_spec=pb.ModelSpec(name="echo", version=1))
+        response.predictions.add().top.add(index=0, label="class_0", score=1.0)
+        return response
+
+    class AioEcho(classifier_pb2_grpc.ClassifierServiceServicer):
         async def Predict(self, request, context):
-            response = pb.PredictResponse(model_spec=pb.ModelSpec(name="echo", version=1))
-            response.predictions.add().top.add(index=0, label="class_0", score=1.0)
-            return response
+            return answer()
+
+    class SyncEcho(classifier_pb2_grpc.ClassifierServiceServicer):
+        def Predict(self, request, context):
+            return answer()
+
+    return AioEcho(), SyncEcho(), classifier_pb2_grpc.add_ClassifierServiceServicer_to_server
+
+
+def echo_server(kind: str) -> tuple[int, Callable[[], None]]:
+    """A ClassifierService whose Predict answers a canned top-1 at once: grpc.aio on its own loop
+    thread, or the thread-pool grpc server (the alternative to weigh)."""
+    import concurrent.futures
+
+    import grpc
+
+    aio_echo, sync_echo, add = _echo_servicer()
+    if kind == "sync":
+        server = grpc.server(concurrent.futures.ThreadPoolExecutor(4))
+        add(sync_echo, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        return port, lambda: server.stop(0)
 
     loop = asyncio.new_event_loop()
     started = threading.Event()
@@ -78,7 +103,7 @@ def echo_server() -> tuple[int, callable]:
 
     async def serve() -> None:
         server = grpc.aio.server()
-        classifier_pb2_grpc.add_ClassifierServiceServicer_to_server(Echo(), server)
+        add(aio_echo, server)
         state["port"] = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         state["server"] = server
@@ -119,22 +144,19 @@ def main() -> int:
     out["batcher_thread_ms"] = asyncio.run(batcher_p50_ms(model.predict, image, False, args.seconds))
     out["batcher_inline_ms"] = asyncio.run(batcher_p50_ms(model.predict, image, True, args.seconds))
 
-    port, stop = echo_server()
     with tempfile.TemporaryDirectory() as tmp:
         payload = Path(tmp) / "img.npy"
         np.save(payload, image)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(str(ROOT / d) for d in ("client", "server")))
-        argv = [sys.executable, str(ROOT / "bench" / "loadgen.py"), "--target", f"127.0.0.1:{port}"]
-        argv += ["--payload", str(payload), "--concurrency", "1", "--warmup", "1"]
-        run = subprocess.run(
-            [*argv, "--duration", str(args.seconds)],
-            env=env,
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-    stop()
-    out["grpc_echo_ms"] = json.loads(run.stdout)["p50_ms"]
+        for kind in ("aio", "sync"):
+            port, stop = echo_server(kind)
+            argv = [sys.executable, str(ROOT / "bench" / "loadgen.py"), "--target", f"127.0.0.1:{port}"]
+            argv += ["--payload", str(payload), "--concurrency", "1", "--warmup", "1"]
+            run = subprocess.run(
+                [*argv, "--duration", str(args.seconds)], env=env, check=True, capture_output=True, text=True
+            )
+            stop()
+            out[f"grpc_{kind}_echo_ms"] = json.loads(run.stdout)["p50_ms"]
     json.dump(out, sys.stdout)
     print()
     return 0

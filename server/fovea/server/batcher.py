@@ -255,7 +255,13 @@ class Batcher:
             if batch is None:
                 self._slots.release()
                 return
-            task = asyncio.get_running_loop().create_task(self._execute(batch))
+            size = self._padded_size(sum(len(item.rows) for item in batch))
+            if self._inline(size):
+                # Computed on the loop anyway: run it here rather than in a task of its own, which
+                # saves the event-loop turn that would start that task.
+                await self._execute(batch, inline=True)
+                continue
+            task = asyncio.get_running_loop().create_task(self._execute(batch, inline=False))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -357,7 +363,7 @@ class Batcher:
 
     def _inline(self, size: int) -> bool:
         """Whether to compute on the loop: a known-tiny batch with nothing else to do meanwhile."""
-        if self._running != 1 or self._queue or size not in self._compute_s:
+        if self._running or self._queue or size not in self._compute_s:
             return False
         return self._compute_s[size] < self.inline_below_s
 
@@ -370,7 +376,7 @@ class Batcher:
             stacked[i] = row
         return self._infer(stacked)
 
-    async def _execute(self, batch: list[_Item]) -> None:
+    async def _execute(self, batch: list[_Item], inline: bool) -> None:
         try:
             rows = [row for item in batch for row in item.rows]
             size = self._padded_size(len(rows))
@@ -378,7 +384,7 @@ class Batcher:
             waits = [start - item.enqueued for item in batch]
             self._running += 1
             try:
-                if self._inline(size):
+                if inline:
                     self.inline_batches += 1
                     outputs = self._compute(rows, size)
                 else:
