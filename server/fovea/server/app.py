@@ -9,10 +9,12 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
 from fovea.server import loader
+from fovea.server.batcher import warmup_sizes
 from fovea.server.config import Settings
 from fovea.server.core import Core
 from fovea.server.manager import ModelManager
@@ -68,16 +70,20 @@ class Server:
 
     def __init__(self, settings: Settings, load=None) -> None:
         self.device = loader.configure_device(settings.gpu_memory_limit_mb)
-        xla = settings.xla and settings.warmup
-        if (self.device == "GPU" or xla) and not settings.allowed_batch_sizes:
-            # On a GPU every new batch shape costs autotuning, and XLA compiles per shape, so
-            # batches are padded to a few sizes.
+        if self.device == "GPU" and not settings.allowed_batch_sizes:
+            # On a GPU every new batch shape costs autotuning, so batches are padded to a few sizes.
             sizes = default_gpu_batch_sizes(settings.max_batch_size)
-            why = "GPU" if self.device == "GPU" else "XLA"
-            log.info("%s: padding batches to sizes %s (set --allowed-batch-sizes to change)", why, sizes)
+            log.info("GPU: padding batches to sizes %s (set --allowed-batch-sizes to change)", sizes)
             settings = dataclasses.replace(settings, allowed_batch_sizes=sizes)
         if load is None:
-            load = functools.partial(loader.load, xla=xla)
+            # XLA compiles per shape: the allowed sizes, else powers of two (what a steady closed
+            # loop of that many callers forms); other sizes run the plain signature.
+            xla_sizes: Sequence[int] = ()
+            if settings.xla and settings.warmup and settings.allowed_batch_sizes:
+                xla_sizes = warmup_sizes(settings.max_batch_size, settings.allowed_batch_sizes)
+            elif settings.xla and settings.warmup:
+                xla_sizes = default_gpu_batch_sizes(settings.max_batch_size)
+            load = functools.partial(loader.load, xla_sizes=xla_sizes)
         self.settings = settings
         self.metrics = Metrics()
         self.health = health.aio.HealthServicer()

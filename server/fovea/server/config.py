@@ -55,11 +55,11 @@ class Settings:
     )
     xla: bool = _setting(
         True,
-        "At warm-up, compile the image signature with XLA (tf.function(jit_compile=True)) for each "
-        "batch size the batcher emits, check it agrees with the plain signature within 1e-4, time "
-        "both, and serve each size with the faster one. XLA compiles per shape, so with it batches "
-        "are padded to powers of two up to --max-batch-size unless --allowed-batch-sizes is set. "
-        "Skipped without --warmup; --no-xla serves the signature exactly as exported.",
+        "At warm-up, compile the image signature with XLA (tf.function(jit_compile=True)) for the "
+        "batch sizes --allowed-batch-sizes lists, else the powers of two up to --max-batch-size; "
+        "check each agrees with the plain signature within 1e-4, time both, and serve each of those "
+        "sizes with the faster one. Other batch sizes run the plain signature, unpadded. Skipped "
+        "without --warmup; --no-xla serves the signature exactly as exported.",
     )
     max_in_flight_batches: int = _setting(
         1,

@@ -5,10 +5,11 @@ The rest of the server sees numpy arrays and plain Python. Preprocessing uses ex
 export contract's `decode_and_resize` (decode_image with channels=3 and expand_animations=False,
 bilinear resize, round, clip, cast to uint8), so the server's pixels equal the bytes signature's.
 
-With `xla`, warm-up also compiles the image signature with XLA (`tf.function(jit_compile=True)`)
-for each batch size the batcher emits, checks that it agrees with the plain signature (within 1e-4)
-and times both; a size is then served compiled only where the compiled function was faster. XLA
-compiles per input shape, which is why it goes with padding to a few allowed batch sizes.
+With `xla_sizes`, warm-up also compiles the image signature with XLA (`tf.function(jit_compile=True)`)
+for each of those batch sizes, checks that it agrees with the plain signature (within 1e-4) and
+times both; a size is then served compiled only where the compiled function was faster. XLA
+compiles per input shape, so only those sizes can be compiled; any other batch size runs the plain
+signature as it comes, unpadded (padding a batch of 5 to 8 would spend what XLA gains).
 """
 
 from __future__ import annotations
@@ -97,9 +98,9 @@ class LoadedModel:
     It satisfies `servable.Model`; `load` is the factory the manager calls on its loader thread.
     """
 
-    def __init__(self, path: str, name: str, version: int, *, xla: bool = False) -> None:
+    def __init__(self, path: str, name: str, version: int, *, xla_sizes: Sequence[int] = ()) -> None:
         self.metadata = read_metadata(path, name, version)
-        self.xla = xla
+        self.xla_sizes = sorted(set(xla_sizes))
         # Batch size -> the XLA-compiled signature: every compiled size, and those served (faster).
         self._built: dict[int, Callable[[tf.Tensor], tf.Tensor]] = {}
         self._compiled: dict[int, Callable[[tf.Tensor], tf.Tensor]] = {}
@@ -166,15 +167,15 @@ class LoadedModel:
     def warm_up(self, batch_sizes: Sequence[int]) -> None:
         """Run every batch size and every preprocessing path once, so the first request is not slow."""
         h, w = self.metadata.input_height, self.metadata.input_width
-        for size in batch_sizes:
+        for size in sorted({*batch_sizes, *self.xla_sizes}):
             out = self.predict(np.zeros((size, h, w, 3), np.uint8))
             if out.shape != (size, self.num_classes):
                 raise ValueError(
                     f"signature returned shape {out.shape} for a batch of {size}; expected "
                     f"({size}, {self.num_classes}) from {self.num_classes} labels"
                 )
-        if self.xla:
-            self._compile(batch_sizes)
+        if self.xla_sizes:
+            self._compile(self.xla_sizes)
         sample = np.full((3, 5, 3), 128, np.uint8)
         self.decode(tf.io.encode_png(sample).numpy())
         self.decode(tf.io.encode_jpeg(sample).numpy())
@@ -230,9 +231,9 @@ class LoadedModel:
         self._loaded = None
 
 
-def load(path: str, name: str, version: int, *, xla: bool = False) -> LoadedModel:
+def load(path: str, name: str, version: int, *, xla_sizes: Sequence[int] = ()) -> LoadedModel:
     """Load one version folder (blocking: the manager calls it on its loader thread)."""
-    return LoadedModel(path, name, version, xla=xla)
+    return LoadedModel(path, name, version, xla_sizes=xla_sizes)
 
 
 def _best_time(call: Callable[[object], object], arg: object) -> float:
