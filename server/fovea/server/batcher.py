@@ -11,16 +11,15 @@ free, except right after a batch finished, when the batcher may wait a moment fo
 just answered. In a closed loop (each caller sends its next request once answered) they come back
 within a round trip, and starting without them would split the load into alternating small batches
 (1/3 at 4 callers, 8/8 at 16) that run below the model's speed at the full size. So when a batch
-finishes, the target of the next one is what is queued plus the rows just answered times the share
-that came back within the wait window last times (learned, so open-loop traffic, whose arrivals do
-not follow completions, does not wait). The wait starts when the slot frees and lasts at most
-`wait_fraction` of the learned compute time of the target size; it ends as soon as the target is
-queued, and it happens only if the bigger batch would pay for the whole window in throughput (by
-the learned compute times), so near saturation nothing waits. A lone caller (concurrency 1) is
-never held: the target is what it alone sends. Compute
-time per batch size is learned from the batcher's own timings (an EWMA), `expected_compute_s`.
-A positive `batch_timeout_s` replaces all this with the classic rule: wait for a full batch at most
-that long after the first queued item.
+finishes, the next one aims at what is queued plus the rows just answered, provided that after
+earlier batches most answered rows came back within the window (learned: open-loop traffic, whose
+arrivals do not follow answers, does not wait). The wait starts when the slot frees, lasts at most
+`wait_fraction` of the learned compute time of the target size, ends as soon as the target is
+queued, and happens only if the bigger batch would pay for the whole window in throughput (by the
+learned compute times). A lone caller (concurrency 1) is never held: the target is what it alone
+sends. Compute time per batch size is learned from the batcher's own timings (an EWMA), see
+`expected_compute_s`. A positive `batch_timeout_s` replaces all this with the classic rule: wait for
+a full batch at most that long after the first queued item.
 """
 
 from __future__ import annotations
@@ -63,6 +62,10 @@ _EWMA = 0.3  # weight of the newest sample in the learned compute times and retu
 # running, runs on the event loop itself: the hop to a worker thread and back (a submit, a
 # self-pipe write, two context switches) costs about as much as a tiny model's whole call.
 INLINE_BELOW_S = 0.001
+# The share of just-answered rows that must come back within the window (on average) before the
+# batcher waits for them. A closed loop brings back nearly all; in an open loop the share is the
+# arrivals the window happens to catch over the batch size, which Poisson bursts push up now and then.
+CLOSED_LOOP_SHARE = 0.8
 
 
 def warmup_sizes(max_batch_size: int, allowed_batch_sizes: Sequence[int]) -> list[int]:
@@ -299,8 +302,9 @@ class Batcher:
         """Rows worth waiting for, and until when (see the module docstring)."""
         if self._done_at is None or self.wait_fraction <= 0:
             return 0, float("-inf")
-        returning = round(self._return_share * self._answered)
-        target = min(self.max_batch_size, self._queued_at_done + returning)
+        if self._return_share < CLOSED_LOOP_SHARE:
+            return 0, float("-inf")  # arrivals do not follow answers: an open loop, nothing to wait for
+        target = min(self.max_batch_size, self._queued_at_done + self._answered)
         # Wait only if the bigger batch pays for the idle time, even if it took the whole window:
         # near saturation of an open loop a few more arrivals are not worth a tenth of a batch.
         queued = max(self._queued_rows, 1)
