@@ -657,7 +657,10 @@ def write_docs(result: dict, out: Path, docs: Path) -> None:
     for server, peer_rows in peers.items():
         by_level = {str(r["level"]): r["throughput"] for r in peer_rows if r["model"] == s["model"]}
         table.append(
-            line(PEER_NAMES.get(server, server), [f"{by_level.get(c, float('nan')):.1f}" for c in levels])
+            line(
+                PEER_NAMES.get(server, server),
+                [f"{by_level[c]:.1f}" if c in by_level else "-" for c in levels],
+            )
         )
     table.append(
         line("fovea ÷ the faster raw at that batch", [f"{per_c[c]['served_over_raw']:.2f}" for c in levels])
