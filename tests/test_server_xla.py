@@ -26,6 +26,7 @@ def published(tmp_path_factory) -> Path:
 def test_compiled_sizes_agree_with_the_signature(published: Path) -> None:
     model = loader.load(str(published), "tiny", 1, xla_sizes=(1, 4))
     model.warm_up([1, 8])
+    assert model.wait_compiled(120)
     assert sorted(model.xla_timings) == [1, 4]  # both compiled, checked and timed
     assert set(model.compiled_sizes) <= {1, 4}
     rng = np.random.default_rng(7)
@@ -46,6 +47,7 @@ def test_compiled_sizes_agree_with_the_signature(published: Path) -> None:
 def test_without_xla_nothing_is_compiled(published: Path) -> None:
     model = loader.load(str(published), "tiny", 1)
     model.warm_up([1, 2])
+    assert model.wait_compiled(0)  # nothing to compile: done at once
     assert model.compiled_sizes == [] and model.xla_timings == {}
     model.release()
 
@@ -60,6 +62,7 @@ def test_server_with_xla_compiles_powers_of_two_and_answers_like_without(publish
             with client(srv.port) as c:
                 wait_serving(c)
                 (served,) = srv.manager.loaded()
+                assert served.model.wait_compiled(120)
                 assert sorted(served.model.xla_timings) == ([1, 2, 4] if xla else [])
                 result = c.predict(list(images), return_probabilities=True)
             answers.append(np.array([p.probabilities for p in result]))

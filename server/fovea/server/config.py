@@ -55,11 +55,11 @@ class Settings:
     )
     xla: bool = _setting(
         True,
-        "At warm-up, compile the image signature with XLA (tf.function(jit_compile=True)) for the "
-        "batch sizes --allowed-batch-sizes lists, else the powers of two up to --max-batch-size; "
-        "check each agrees with the plain signature within 1e-4, time both, and serve each of those "
-        "sizes with the faster one. Other batch sizes run the plain signature, unpadded. Skipped "
-        "without --warmup; --no-xla serves the signature exactly as exported.",
+        "After warm-up, compile the image signature with XLA (tf.function(jit_compile=True)) for the "
+        "batch sizes --allowed-batch-sizes lists, else the powers of two up to --max-batch-size, on a "
+        "background thread while the plain signature serves; check each agrees with the plain one "
+        "within 1e-4, time both, and switch each size to the faster. Other batch sizes run the plain "
+        "signature, unpadded. Skipped without --warmup; --no-xla serves the signature as exported.",
     )
     max_in_flight_batches: int = _setting(
         1,
