@@ -130,8 +130,9 @@ def main() -> int:
     import tensorflow as tf
     from fovea.server import loader
 
-    model = loader.load(args.model, "tiny", 1, xla=True)
+    model = loader.load(args.model, "tiny", 1, xla_sizes=(1,))
     model.warm_up([1])
+    model.wait_compiled()
     h, w = model.metadata.input_height, model.metadata.input_width
     image = np.random.default_rng(0).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
     batch = image[None]
