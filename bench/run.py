@@ -460,6 +460,9 @@ def write_outputs(result: dict, out: Path) -> None:
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    # Everything the report is made of, so that --render-docs can redo docs/benchmarks.md (after
+    # bench/NOTES.md changed) without measuring again.
+    (out / "run.json").write_text(json.dumps(result) + "\n")
     plot(rows, summary, out)
 
 
@@ -632,7 +635,13 @@ def main() -> int:
     parser.add_argument(
         "--no-peers", dest="peers", action="store_false", help="leave out --out/peers.json (bench/peers.py)"
     )
+    parser.add_argument(
+        "--render-docs", action="store_true", help="only rewrite --docs from --out/run.json (no measuring)"
+    )
     args = parser.parse_args()
+    if args.render_docs:
+        write_docs(json.loads((args.out / "run.json").read_text()), args.out, args.docs)
+        return 0
     result = run(args)
     write_outputs(result, args.out)
     print_ratios(result["summary"])
