@@ -69,7 +69,7 @@ ENV PATH=/opt/fovea/bin:$PATH \
 USER 10001:10001
 WORKDIR /tmp
 # gRPC (fovea serve --port) and Prometheus metrics (--metrics-port).
-EXPOSE 8500 9090
+EXPOSE 8500 8080 9090
 # Kubernetes probes the gRPC health service natively; this covers `docker run` only.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 \
   CMD ["fovea", "health", "--target", "localhost:8500", "--timeout", "5"]

@@ -25,23 +25,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
-sys.path[:0] = [str(ROOT / d) for d in ("client", "server", "trainer")]
+sys.path[:0] = [str(ROOT / d) for d in ("client", "server", "trainer", "devtools")]
 
-from fovea.demo import prom_text  # noqa: E402
-from fovea.demo.server_process import ServerProcess, ServerStartError  # noqa: E402
+from fovea.devtools import prom_text  # noqa: E402
+from fovea.devtools.environment import subprocess_env  # noqa: E402
+from fovea.devtools.server_process import ServerProcess, ServerStartError  # noqa: E402
 
 BATCH_SIZE_METRIC = "fovea_batch_size_images"
 PEER_NAMES = {
     "pytriton": "PyTriton 0.7 (dynamic batcher, delay 0)",
     "mlserver": "MLServer 1.7 (adaptive batching, 2 ms)",
 }
-
-
-def env() -> dict[str, str]:
-    out = dict(os.environ)
-    out["PYTHONPATH"] = os.pathsep.join(str(ROOT / d) for d in ("client", "server", "trainer"))
-    out.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    return out
 
 
 def log(msg: str) -> None:
@@ -69,7 +63,7 @@ class Server(ServerProcess):
 
 
 def start_server(models: Path, extra: list[str], timeout: float = 300.0) -> Server:
-    server = Server(models, extra, env=env())
+    server = Server(models, extra, env=subprocess_env())
     try:
         return server.start(timeout)
     except ServerStartError as exc:
@@ -108,7 +102,7 @@ def raw_ceiling(version_dir: Path, batch_sizes: list[int], seconds: float) -> di
             "--seconds",
             str(seconds),
         ],
-        env=env(),
+        env=subprocess_env(),
         check=True,
         capture_output=True,
         text=True,
@@ -150,7 +144,7 @@ def load_point(
         str(duration),
     ]
     argv += ["--concurrency", str(int(level))] if mode == "closed" else ["--rate", str(level)]
-    out = subprocess.run(argv, env=env(), check=True, capture_output=True, text=True)
+    out = subprocess.run(argv, env=subprocess_env(), check=True, capture_output=True, text=True)
     wall = time.monotonic() - t0
     result = json.loads(out.stdout)
     mean_batch, seen = batch_histogram(before, server.metrics())
@@ -170,7 +164,7 @@ def load_point(
 def make_models(models: Path, which: list[str]) -> None:
     subprocess.run(
         [sys.executable, str(BENCH / "make_models.py"), "--out", str(models), "--which", ",".join(which)],
-        env=env(),
+        env=subprocess_env(),
         check=True,
         capture_output=True,
         text=True,

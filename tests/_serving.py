@@ -7,10 +7,11 @@ to the servers from their own thread with blocking gRPC calls.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ def run(coro, timeout: float = 120.0) -> Any:
 
 
 def start_server(models_dir: Path, **overrides: Any):
-    """A real fovea server on 127.0.0.1 with gRPC and metrics on port 0; returns the started Server."""
+    """A real fovea server on 127.0.0.1 with gRPC, metrics and REST on port 0; returns the started Server."""
     from fovea.server.app import Server
     from fovea.server.config import Settings
 
@@ -44,6 +45,7 @@ def start_server(models_dir: Path, **overrides: Any):
         "host": "127.0.0.1",
         "port": 0,
         "metrics_port": 0,
+        "http_port": 0,
         "poll_interval": 0.2,
         "xla": False,  # compiling every batch size costs seconds per server; test_server_xla.py covers it
     }
@@ -59,6 +61,18 @@ def start_server(models_dir: Path, **overrides: Any):
 
 def stop_server(server, grace: float = 5.0) -> None:
     run(server.stop(grace), timeout=grace + 60)
+
+
+@contextlib.contextmanager
+def serving(models_dir: Path, **overrides: Any) -> Iterator[Any]:
+    """start_server, wait until it is SERVING (a model loaded and warm), and stop it afterwards."""
+    server = start_server(models_dir, **overrides)
+    try:
+        with client(server.port) as c:
+            wait_serving(c)
+        yield server
+    finally:
+        stop_server(server)
 
 
 def wait_until(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -11,15 +10,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
-    """os.environ plus PYTHONPATH on this tree's client/server/trainer and a quiet TensorFlow."""
-    env = dict(os.environ)
-    paths = [str(ROOT / part) for part in ("client", "server", "trainer")]
-    if env.get("PYTHONPATH"):
-        paths.append(env["PYTHONPATH"])
-    env["PYTHONPATH"] = os.pathsep.join(paths)
-    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    env.update(extra)
-    return env
+    """fovea.devtools' environment for a child that runs this tree's code (imported late: the devtools
+    need the extras, and a test module that skips without them must still load)."""
+    from fovea.devtools.environment import subprocess_env as env
+
+    return env(**extra)
 
 
 @pytest.fixture

@@ -7,9 +7,12 @@ each image, so a test can tell both what arrived and which answer belongs to whi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import io
 import json
+import re
+import socket
 import subprocess
 import sys
 import threading
@@ -57,6 +60,14 @@ class FakeClassifier(classifier_pb2_grpc.ClassifierServiceServicer):
         self.metadata_unimplemented = False
         self.in_flight = 0
         self.max_in_flight = 0  # the most Predict calls the fake was serving at once
+        # Versions, as a server with the `latest` policy: `latest` answers version 0, `loaded` may be
+        # named. A hot reload is scripted as {n: version}: before the n-th Predict call (from 1) that
+        # version becomes the latest, and the old one stays loaded only if `keep_old`.
+        self.latest = FAKE_VERSION
+        self.loaded = {6, FAKE_VERSION}
+        self.reloads: dict[int, int] = {}
+        self.reload_before_named_calls = False  # a reload before every call that names a version
+        self.keep_old = False
 
     async def Predict(self, request, context):
         self.in_flight += 1
@@ -69,6 +80,10 @@ class FakeClassifier(classifier_pb2_grpc.ClassifierServiceServicer):
     async def _predict(self, request, context):
         self.predict_calls += 1
         self.requests.append(request)
+        if self.predict_calls in self.reloads:
+            self._reload(self.reloads[self.predict_calls])
+        elif self.reload_before_named_calls and request.model_spec.version != 0:
+            self._reload(self.latest + 1)
         if self.delay:
             await asyncio.sleep(self.delay)
         if self.fail_first:
@@ -82,7 +97,9 @@ class FakeClassifier(classifier_pb2_grpc.ClassifierServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"top_k must be 1..{len(LABELS)}")
         k = request.top_k or len(LABELS)
         response = classifier_pb2.PredictResponse(
-            model_spec=classifier_pb2.ModelSpec(name=FAKE_MODEL, version=FAKE_VERSION)
+            model_spec=classifier_pb2.ModelSpec(
+                name=FAKE_MODEL, version=request.model_spec.version or self.latest
+            )
         )
         for image in request.images:
             probs = fake_probabilities(image)
@@ -116,9 +133,12 @@ class FakeClassifier(classifier_pb2_grpc.ClassifierServiceServicer):
             models=[classifier_pb2.ModelStatus(name=FAKE_MODEL, versions=[6, 7], ready=True)]
         )
 
-    @staticmethod
-    async def _check_model(spec: classifier_pb2.ModelSpec, context) -> None:
-        if spec.name not in ("", FAKE_MODEL) or spec.version not in (0, 6, FAKE_VERSION):
+    def _reload(self, version: int) -> None:
+        self.loaded = {*self.loaded, version} if self.keep_old else {version}
+        self.latest = version
+
+    async def _check_model(self, spec: classifier_pb2.ModelSpec, context) -> None:
+        if spec.name not in ("", FAKE_MODEL) or spec.version not in (0, *self.loaded):
             await context.abort(
                 grpc.StatusCode.NOT_FOUND, f"model {spec.name!r} version {spec.version} is not served"
             )
@@ -130,12 +150,12 @@ class FakeServer:
     Its own thread, so that blocking Client calls in a test do not stall the loop serving them.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.servicer = FakeClassifier()
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="fake-fovea-server", daemon=True)
         self._ready = threading.Event()
-        self.port = 0
+        self.port = port  # 0: the OS chooses
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -154,7 +174,7 @@ class FakeServer:
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("fovea.v1.ClassifierService", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("draining", health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.port = self.server.add_insecure_port(f"127.0.0.1:{self.port}")
         await self.server.start()
 
     def start(self) -> FakeServer:
@@ -342,11 +362,8 @@ def _distinct_arrays(n: int, side: int = 40) -> list[np.ndarray]:
     return [rng.integers(0, 256, (side, side, 3), dtype=np.uint8) for _ in range(n)]
 
 
-def _assert_in_order(fake: FakeClassifier, arrays: list[np.ndarray], results: list[Prediction]) -> None:
-    # The aio client sends sub-requests concurrently, so they may arrive in any order.
-    received = [image.raw.data for request in fake.requests for image in request.images]
-    assert sorted(received) == sorted(a.tobytes() for a in arrays)
-    assert [r.source for r in results] == [f"<array {i}>" for i in range(len(arrays))]
+def _assert_answers(arrays: list[np.ndarray], results: list[Prediction]) -> None:
+    """Each result carries the fake's probabilities for the array at its position."""
     for array, result in zip(arrays, results, strict=True):
         image = classifier_pb2.Image(
             raw=classifier_pb2.RawImage(
@@ -354,6 +371,14 @@ def _assert_in_order(fake: FakeClassifier, arrays: list[np.ndarray], results: li
             )
         )
         np.testing.assert_allclose(result.probabilities, fake_probabilities(image), rtol=1e-6)
+
+
+def _assert_in_order(fake: FakeClassifier, arrays: list[np.ndarray], results: list[Prediction]) -> None:
+    # The aio client sends sub-requests concurrently, so they may arrive in any order.
+    received = [image.raw.data for request in fake.requests for image in request.images]
+    assert sorted(received) == sorted(a.tobytes() for a in arrays)
+    assert [r.source for r in results] == [f"<array {i}>" for i in range(len(arrays))]
+    _assert_answers(arrays, results)
 
 
 def test_split_by_message_size_keeps_order(kind, server, fake) -> None:
@@ -399,13 +424,58 @@ async def test_async_client_sends_sub_requests_concurrently(server, fake) -> Non
     assert fake.max_in_flight >= 2  # the sub-requests overlapped on the server
     received = {im.raw.data for r in fake.requests for im in r.images}
     assert received == {a.tobytes() for a in arrays}
-    for array, result in zip(arrays, results, strict=True):
-        image = classifier_pb2.Image(
-            raw=classifier_pb2.RawImage(
-                dtype=classifier_pb2.DATA_TYPE_UINT8, shape=array.shape, data=array.tobytes()
-            )
-        )
-        np.testing.assert_allclose(result.probabilities, fake_probabilities(image), rtol=1e-6)
+    _assert_answers(arrays, results)
+
+
+# -- a call split into several requests is answered by one model version ---------------------------------
+
+
+IN_TWOS = {"max_images_per_request": 2}  # client arguments that split a call into parts of two images
+
+
+def _pinned_versions(fake: FakeClassifier) -> list[int]:
+    """The versions the requests of the last start of a call named (0: none, the first part)."""
+    versions = [r.model_spec.version for r in fake.requests]
+    return versions[len(versions) - 1 - versions[::-1].index(0) :]
+
+
+@pytest.mark.parametrize("keep_old", [True, False], ids=["old-version-kept", "old-version-retired"])
+def test_split_call_is_answered_by_one_version_across_a_hot_reload(kind, server, fake, keep_old) -> None:
+    fake.latest, fake.loaded, fake.keep_old = 6, {6}, keep_old
+    fake.reloads = {2: 7}  # version 7 replaces 6 as soon as the first part has been answered
+    arrays = _distinct_arrays(6, side=4)
+    results = call(kind, server.target, "predict", arrays, return_probabilities=True, client_kwargs=IN_TWOS)
+    assert [r.source for r in results] == [f"<array {i}>" for i in range(6)]
+    if keep_old:
+        # The parts after the first asked for version 6, which still answers.
+        assert {r.model_version for r in results} == {6}
+        assert [r.model_spec.version for r in fake.requests] == [0, 6, 6]
+    else:
+        # Version 6 was retired before the other parts were answered: the call started over on 7.
+        assert {r.model_version for r in results} == {7}
+        assert fake.requests[0].model_spec.version == 0
+        assert _pinned_versions(fake) == [0, 7, 7]
+        assert sum(r.model_spec.version == 0 for r in fake.requests) == 2
+    _assert_answers(arrays, results)
+
+
+def test_split_call_stops_when_every_start_meets_a_reload(kind, server, fake) -> None:
+    fake.reload_before_named_calls = True  # each pinned part finds its version just retired
+    err, _ = expect_error(
+        lambda: call(kind, server.target, "predict", _distinct_arrays(4, side=4), client_kwargs=IN_TWOS)
+    )
+    assert err.code == grpc.StatusCode.ABORTED
+    assert "retired before the other parts" in err.details and "NOT_FOUND" in err.details
+    assert sum(r.model_spec.version == 0 for r in fake.requests) == 3  # three starts, then it stops
+
+
+def test_a_named_version_is_not_pinned_again(kind, server, fake) -> None:
+    fake.reloads = {2: 8}
+    fake.keep_old = True
+    arrays = _distinct_arrays(4, side=4)
+    results = call(kind, server.target, "predict", arrays, version=6, client_kwargs=IN_TWOS)
+    assert {r.model_version for r in results} == {6}
+    assert [r.model_spec.version for r in fake.requests] == [6, 6]
 
 
 def test_an_image_larger_than_one_message_fails_before_sending(kind, server, fake) -> None:
@@ -472,10 +542,49 @@ def test_other_errors_are_not_retried(kind, server, fake) -> None:
     assert err.code == grpc.StatusCode.INTERNAL and fake.predict_calls == 1
 
 
-def test_unreachable_server_ends_at_the_deadline(kind) -> None:
+def test_unreachable_server_is_retried_until_the_deadline(kind) -> None:
     err, elapsed = expect_error(lambda: call(kind, "127.0.0.1:1", "list_models", timeout=0.6))
-    assert err.code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
+    assert err.code == grpc.StatusCode.DEADLINE_EXCEEDED, err
+    attempts = re.search(r"after (\d+) attempt\(s\); last error: UNAVAILABLE", err.details)
+    assert attempts and int(attempts.group(1)) >= 2, err.details
     assert elapsed < 3.0
+
+
+@dataclasses.dataclass(frozen=True)
+class _StartServerOnFirstRetry(RetryPolicy):
+    """FAST_RETRIES that starts `late` when the first attempt has failed, and counts the retries."""
+
+    late: Any = None
+    retries: list = dataclasses.field(default_factory=list)
+
+    def backoff(self, retry: int, rng=None) -> float:
+        if not self.retries:
+            self.late.start()
+        self.retries.append(retry)
+        return super().backoff(retry, rng)
+
+
+def test_a_server_that_starts_after_the_first_attempt_is_reached_by_retrying(kind) -> None:
+    with socket.socket() as probe:  # a port nothing listens on until the first attempt has failed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    late = FakeServer(port)
+    policy = _StartServerOnFirstRetry(initial_backoff=0.02, max_backoff=0.2, late=late)
+    try:
+        (result,) = call(
+            kind,
+            f"127.0.0.1:{port}",
+            "predict",
+            b"GIF89a" + bytes(8),
+            timeout=20,
+            client_kwargs={"retry_policy": policy},
+        )
+    finally:
+        if late._ready.is_set():
+            late.stop()
+    assert result.model_name == FAKE_MODEL
+    assert len(policy.retries) >= 1  # the first attempt failed: nothing listened yet
+    assert late.servicer.predict_calls == 1  # and a retry, not the first attempt, reached the server
 
 
 # -- status codes, metadata, models, health --------------------------------------------------------------
@@ -617,7 +726,7 @@ def test_cli_server_error_is_one_line(server, fake, fovea_env, images_dir: Path)
 def test_cli_predict_does_not_import_tensorflow(fovea_env) -> None:
     code = (
         "import sys; from fovea.cli import build_parser; build_parser('predict'); "
-        "import fovea.client.cli; print('tensorflow' in sys.modules)"
+        "import fovea.client.client_commands; print('tensorflow' in sys.modules)"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=fovea_env, timeout=60

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # What a `pip install .` reads; copied so the build never writes into the source tree.
 _PROJECT_FILES = ["pyproject.toml", "README.md", "LICENSE", "setup.cfg", "MANIFEST.in"]
-_PROJECT_DIRS = ["client", "server", "trainer", "proto"]
+_PROJECT_DIRS = ["client", "server", "trainer", "devtools", "proto"]
 
 
 def _pypi_reachable() -> str | None:
@@ -74,14 +74,23 @@ def test_pip_install_is_the_thin_client_without_tensorflow(tmp_path: Path) -> No
     assert not {n for n in names if n.startswith(("tensorflow", "tf-keras", "keras"))}, names
     assert "grpcio-health-checking" not in names  # the client's health check does without it
 
-    check = "import sys, fovea.client, fovea.contract; print(sorted(m for m in ('tensorflow', 'PIL') if m in sys.modules))"
+    check = "import sys, fovea.client, fovea.contract, fovea.inference.grpc_service_pb2; print(sorted(m for m in ('tensorflow', 'PIL') if m in sys.modules))"
     proc = subprocess.run([str(python), "-c", check], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
 
-    for command in ("predict", "health"):
+    for command in ("predict", "health", "perf-data"):
         proc = subprocess.run(
             [str(bin_dir / "fovea"), command, "--help"], capture_output=True, text=True, cwd=tmp_path, env=env
         )
         assert proc.returncode == 0, proc.stderr
         assert f"usage: fovea {command}" in proc.stdout
+
+    # What needs the extras says so in one line instead of half-working.
+    for command, extra in (("serve", "server"), ("train", "trainer"), ("demo", "server,trainer")):
+        proc = subprocess.run(
+            [str(bin_dir / "fovea"), command, "--help"], capture_output=True, text=True, cwd=tmp_path, env=env
+        )
+        assert proc.returncode == 1
+        assert proc.stderr.strip().endswith(f"pip install 'fovea[{extra}]'"), proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

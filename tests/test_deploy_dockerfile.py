@@ -124,4 +124,4 @@ def test_dockerignore_sends_only_the_package_sources():
     ]
     assert lines[0] == "*", "ignore everything, then allow what the build needs"
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
-    assert {"pyproject.toml", "README.md", "client", "server", "trainer"} <= allowed
+    assert {"pyproject.toml", "README.md", "client", "server", "trainer", "devtools"} <= allowed

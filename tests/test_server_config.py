@@ -73,7 +73,7 @@ def test_every_field_is_a_documented_flag() -> None:
         "--max-queue-size", "--poll-interval", "--grace-period", "--log-format", "--no-reflection",
         "--allowed-batch-sizes", "--max-in-flight-batches", "--version-policy", "--max-images-per-request",
         "--max-pixels", "--max-message-mb", "--gpu-memory-limit-mb", "--tls-cert", "--tls-key",
-        "--tls-client-ca", "--warmup", "--no-warmup",
+        "--tls-client-ca", "--warmup", "--no-warmup", "--http-port",
     ):  # fmt: skip
         assert flag in text, flag
     assert "FOVEA_MAX_BATCH_SIZE" in text

@@ -184,6 +184,13 @@ def test_half_written_versions_are_never_listed(tmp_path) -> None:
         (base / name).mkdir()
     (base / "file.txt").write_text("")
     assert ModelSource(str(base), GFileStorage()).model_names() == ["a", "b"]
+    # --model-name: the base folder is one model's root (KServe's /mnt/models).
+    single = ModelSource(str(tmp_path), GFileStorage(), "isvc")
+    assert (single.model_names(), single.versions("isvc"), single.root("isvc")) == (
+        ["isvc"],
+        [1, 10],
+        str(tmp_path),
+    )
 
 
 def test_every_model_under_the_base_folder_is_served(tmp_path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import signal
 import subprocess
 import threading
@@ -15,12 +14,22 @@ import pytest
 
 pytest.importorskip("tensorflow", reason="the server tests need the server extra")
 
-from _serving import client, export_slow, serve_command, subprocess_env, wait_serving
+from _serving import (
+    client,
+    export_slow,
+    sample,
+    serve_command,
+    start_server,
+    stop_server,
+    subprocess_env,
+    wait_serving,
+    wait_until,
+)
 from fovea.client import FoveaError
+from fovea.server.ports_line import parse_ports_line
 
 DELAY = 0.4
 GRACE = 15.0
-PORTS = re.compile(r"grpc_port=(\d+) metrics_port=(\d+)")
 
 
 @pytest.fixture
@@ -37,6 +46,8 @@ def serve_process(tmp_path: Path):
             "--port",
             "0",
             "--metrics-port",
+            "0",
+            "--http-port",
             "0",
             "--max-in-flight-batches",
             "1",
@@ -63,9 +74,9 @@ def serve_process(tmp_path: Path):
 def test_sigterm_finishes_in_flight_requests_and_exits_zero(serve_process) -> None:
     proc, stderr = serve_process
     line = proc.stdout.readline()
-    match = PORTS.search(line)
-    assert match, f"no port line on stdout: {line!r}; stderr: {''.join(stderr)[-2000:]}"
-    port = int(match.group(1))
+    ports = parse_ports_line(line)
+    assert ports, f"no port line on stdout: {line!r}; stderr: {''.join(stderr)[-2000:]}"
+    port = ports.grpc
     with client(port, max_images_per_request=8) as fovea:
         wait_serving(fovea)
         done = []
@@ -118,10 +129,38 @@ def test_a_taken_port_is_a_one_line_error(tmp_path: Path) -> None:
         taken.listen()
         port = str(taken.getsockname()[1])
         for flags, expected in (
-            (["--port", port, "--metrics-port", "0"], f"cannot listen for gRPC on 127.0.0.1:{port}"),
-            (["--port", "0", "--metrics-port", port], f"cannot serve metrics on 127.0.0.1:{port}"),
+            (
+                ["--port", port, "--metrics-port", "0", "--http-port", "0"],
+                f"cannot listen for gRPC on 127.0.0.1:{port}",
+            ),
+            (
+                ["--port", "0", "--metrics-port", port, "--http-port", "0"],
+                f"cannot serve metrics on 127.0.0.1:{port}",
+            ),
+            (
+                ["--port", "0", "--metrics-port", "0", "--http-port", port],
+                f"cannot serve HTTP on 127.0.0.1:{port}",
+            ),
         ):
             args = serve_command("--model-dir", str(tmp_path), "--host", "127.0.0.1", *flags)
             result = subprocess.run(args, env=subprocess_env(), capture_output=True, text=True, timeout=120)
             assert result.returncode == 1, result.stderr
             assert expected in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_drain_that_outlasts_the_grace_period_still_stops(tmp_path: Path, caplog) -> None:
+    # The drain's timeout must end the drain, not the shutdown (on 3.10 asyncio.wait_for raises
+    # asyncio.TimeoutError, which the builtin TimeoutError does not catch there).
+    export_slow(tmp_path, "slow", delay_s=3.0)
+    server = start_server(tmp_path, max_batch_size=1, batch_timeout_ms=0)
+    with client(server.port) as fovea, ThreadPoolExecutor(1) as pool:
+        wait_serving(fovea)
+        # 24 px: resized on the way in, so the preprocess metric tells when it has passed that step.
+        pool.submit(lambda: fovea.predict(np.zeros((24, 24, 3), np.uint8), timeout=60))
+        wait_until(
+            lambda: sample(server, "fovea_preprocess_duration_seconds_count", model="slow") >= 1,
+            what="the request to reach the model",
+        )
+        with caplog.at_level("WARNING", logger="fovea.server.app"):
+            stop_server(server, grace=0.2)
+    assert "ended with requests still running" in caplog.text

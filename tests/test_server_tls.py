@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import http.client
 import shutil
+import ssl
 import subprocess
 from pathlib import Path
 
@@ -45,6 +47,8 @@ def test_tls_and_mtls(certs: Path, tmp_path: Path) -> None:
             assert fovea.list_models() == []
         with client(srv.port, host="localhost") as plaintext, pytest.raises(FoveaError):
             plaintext.list_models(timeout=5)
+        # The v2 REST port takes the same certificate.
+        assert _https_status(srv.http_port, ca) == 200
     finally:
         stop_server(srv)
 
@@ -59,5 +63,21 @@ def test_tls_and_mtls(certs: Path, tmp_path: Path) -> None:
         ):
             no_cert.list_models(timeout=5)
         assert info.value.code == grpc.StatusCode.UNAVAILABLE
+        assert _https_status(srv.http_port, ca, certs / "client.pem", certs / "client.key") == 200
+        # No client certificate: refused in the handshake (TLS 1.2) or right after it (TLS 1.3).
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            _https_status(srv.http_port, ca)
     finally:
         stop_server(srv)
+
+
+def _https_status(port: int, ca: Path, cert: Path | None = None, key: Path | None = None) -> int:
+    context = ssl.create_default_context(cafile=str(ca))
+    if cert is not None:
+        context.load_cert_chain(str(cert), str(key))
+    connection = http.client.HTTPSConnection("localhost", port, context=context, timeout=10)
+    try:
+        connection.request("GET", "/v2/health/live")
+        return connection.getresponse().status
+    finally:
+        connection.close()

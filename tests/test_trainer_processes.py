@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -15,19 +14,8 @@ import pytest
 
 pytest.importorskip("tensorflow", reason="the trainer tests need the trainer extra")
 
+from conftest import subprocess_env
 from fovea.trainer.demo_data import generate
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(str(ROOT / p) for p in ("client", "server", "trainer"))
-    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    env["PYTHONUNBUFFERED"] = "1"
-    env.pop("TF_CONFIG", None)
-    env.update(extra)
-    return env
 
 
 def _train_cmd(data: Path, models: Path, *extra: str) -> list[str]:
@@ -40,7 +28,9 @@ def _train_cmd(data: Path, models: Path, *extra: str) -> list[str]:
 
 def _run_until(cmd: list[str], marker: str | None, timeout: float = 300) -> tuple[list[str], int | None]:
     """Run cmd; SIGKILL it as soon as a line starting with `marker` appears. Returns (lines, exit code)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env()
+    )
     lines: list[str] = []
     deadline = time.monotonic() + timeout
     assert proc.stdout is not None
@@ -117,7 +107,7 @@ def test_two_workers_with_tf_config_train_and_publish_exactly_one_version(tmp_pa
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 text=True,
-                env=_env(TF_CONFIG=tf_config),
+                env=subprocess_env(TF_CONFIG=tf_config),
                 cwd=tmp_path,
             )
         )

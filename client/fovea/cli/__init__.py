@@ -13,14 +13,18 @@ from collections.abc import Sequence
 
 # name -> (module that defines `add_arguments(parser)` and `run(args) -> int`, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "predict": ("fovea.client.cli", "classify images with a running server"),
-    "health": ("fovea.client.cli", "ask a server whether it is serving"),
-    "metadata": ("fovea.client.cli", "show a served model's labels, input size and metrics"),
-    "models": ("fovea.client.cli", "list the models a server has loaded"),
+    "predict": ("fovea.client.client_commands", "classify images with a running server"),
+    "health": ("fovea.client.client_commands", "ask a server whether it is serving"),
+    "metadata": ("fovea.client.client_commands", "show a served model's labels, input size and metrics"),
+    "models": ("fovea.client.client_commands", "list the models a server has loaded"),
+    "perf-data": ("fovea.client.perf_data", "write perf_analyzer's --input-data JSON from image files"),
     "train": ("fovea.trainer.cli", "fine-tune a backbone on a folder of images and publish a SavedModel"),
     "demo-data": ("fovea.trainer.cli", "generate a small labelled image set for demos and tests"),
-    "serve": ("fovea.server.serve_command", "serve published models over gRPC"),
-    "demo": ("fovea.demo", "generate data, train, serve and classify, end to end"),
+    "serve": (
+        "fovea.server.serve_command",
+        "serve published models: fovea.v1, KServe v2 (gRPC and REST), TF Serving",
+    ),
+    "demo": ("fovea.devtools.demo_command", "generate data, train, serve and classify, end to end"),
 }
 
 
@@ -52,7 +56,7 @@ def _import_subcommand(module_name: str):
     try:
         return importlib.import_module(module_name)
     except ImportError as exc:
-        # fovea.server / fovea.trainer raise a one-line hint that names the extra to install.
+        # fovea.server / fovea.trainer / fovea.devtools raise a one-line hint that names the extras to install.
         raise CLIError(str(exc)) from None
 
 

@@ -115,6 +115,11 @@ class AsyncClient:
 
         Raises:
             FoveaError: as `Client.predict`. When one sub-request fails, the others are cancelled.
+
+        Sub-requests run concurrently (at most ``max_concurrent_requests``), except that when
+        ``version`` is not given the first one is answered before the others are sent, pinned to
+        the version that answered it, so that one call never mixes model versions (see
+        `Client.predict`).
         """
         deadline = Deadline(resolve_timeout(timeout, self.default_timeout))
         spec = _common.model_spec(model, version)
@@ -129,20 +134,7 @@ class AsyncClient:
             max_message_bytes=self.max_message_bytes,
             max_images_per_request=max_images,
         )
-        stub = self._stub()
-        limit = asyncio.Semaphore(self.max_concurrent_requests)
-
-        async def send(request: classifier_pb2.PredictRequest) -> classifier_pb2.PredictResponse:
-            async with limit:
-                return await self._call(stub.Predict, request, deadline)
-
-        tasks = [asyncio.ensure_future(send(request)) for request in plan.requests]
-        try:
-            responses = await asyncio.gather(*tasks)
-        finally:
-            for task in tasks:
-                task.cancel()
-        return plan.assemble(list(responses))
+        return plan.assemble(await self._send(plan, deadline))
 
     async def metadata(
         self, model: str | None = None, version: int | None = None, timeout: float | None = None
@@ -240,6 +232,40 @@ class AsyncClient:
         if self._closed:
             raise FoveaError(grpc.StatusCode.FAILED_PRECONDITION, "the client is closed")
         return await call_with_retry_async(lambda t: method(request, timeout=t), deadline, self.retry_policy)
+
+    async def _send(
+        self, plan: _common.PredictPlan, deadline: Deadline
+    ) -> list[classifier_pb2.PredictResponse]:
+        stub = self._stub()
+        if not plan.pins_version:
+            return await self._gather(stub, plan.requests, deadline)
+        attempt = 0
+        while True:
+            first = await self._call(stub.Predict, plan.requests[0], deadline)
+            try:
+                return [first, *await self._gather(stub, plan.pinned(first), deadline)]
+            except FoveaError as err:
+                if not plan.version_retired(err, first, attempt):
+                    raise
+            attempt += 1
+
+    async def _gather(
+        self, stub, requests: list[classifier_pb2.PredictRequest], deadline: Deadline
+    ) -> list[classifier_pb2.PredictResponse]:
+        """Send requests concurrently, at most `max_concurrent_requests` at once; the first failure
+        cancels the rest."""
+        limit = asyncio.Semaphore(self.max_concurrent_requests)
+
+        async def send(request: classifier_pb2.PredictRequest) -> classifier_pb2.PredictResponse:
+            async with limit:
+                return await self._call(stub.Predict, request, deadline)
+
+        tasks = [asyncio.ensure_future(send(request)) for request in requests]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:
+                task.cancel()
 
     async def _max_images(self, spec: classifier_pb2.ModelSpec | None, count: int, deadline: Deadline) -> int:
         if self.max_images_per_request is not None:

@@ -26,6 +26,10 @@ ROUND_ROBIN_SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin":
 
 PathOrBytes = bytes | str | os.PathLike | None
 
+# How many times a split call starts over when the version its first part pinned is retired before
+# the other parts are answered (a hot reload); each start costs one request, all within the deadline.
+VERSION_PIN_ATTEMPTS = 3
+
 
 def channel_options(max_message_bytes: int, extra: list[tuple[str, Any]] | None) -> list[tuple[str, Any]]:
     if not isinstance(max_message_bytes, int) or max_message_bytes <= 0:
@@ -75,12 +79,49 @@ def model_spec(model: str | None, version: int | None) -> classifier_pb2.ModelSp
 
 @dataclass
 class PredictPlan:
-    """A predict call, encoded and split into requests, ready to send in any order."""
+    """A predict call, encoded and split into requests.
+
+    A call split into several requests must not mix model versions when the server swaps versions
+    mid-call. Unless the caller named a version, the first request is sent alone and the others are
+    sent `pinned` to the model and version that answered it; if that version is retired before they
+    are answered (NOT_FOUND), the whole call starts over (`version_retired`).
+    """
 
     sources: list[str]
     requests: list[classifier_pb2.PredictRequest]
     ranges: list[range]
     return_probabilities: bool
+
+    @property
+    def pins_version(self) -> bool:
+        spec = self.requests[0].model_spec
+        return len(self.requests) > 1 and spec.version == 0
+
+    def pinned(self, first: classifier_pb2.PredictResponse) -> list[classifier_pb2.PredictRequest]:
+        """The requests after the first, each naming the model and version that answered the first."""
+        rest = []
+        for request in self.requests[1:]:
+            copy = classifier_pb2.PredictRequest()
+            copy.CopyFrom(request)
+            copy.model_spec.CopyFrom(first.model_spec)
+            rest.append(copy)
+        return rest
+
+    @staticmethod
+    def version_retired(err: FoveaError, first: classifier_pb2.PredictResponse, attempt: int) -> bool:
+        """Whether a pinned part failed because its version went away, and the call may start over;
+        raises ABORTED once the version changed under the call `VERSION_PIN_ATTEMPTS` times."""
+        if err.code != grpc.StatusCode.NOT_FOUND:
+            return False
+        if attempt + 1 < VERSION_PIN_ATTEMPTS:
+            return True
+        spec = first.model_spec
+        raise FoveaError(
+            grpc.StatusCode.ABORTED,
+            f"version {spec.version} of model {spec.name!r} was retired before the other parts of the "
+            f"call were answered, {VERSION_PIN_ATTEMPTS} times in a row (hot reloads); the parts of one "
+            f"call must come from one version. Last error: {err}",
+        ) from err
 
     def assemble(self, responses: list[classifier_pb2.PredictResponse]) -> list[Prediction]:
         out: list[Prediction] = []

@@ -133,7 +133,10 @@ class Client:
 
         Inputs too large for one message are split into several requests (each within
         ``max_message_bytes`` and the per-request image limit) that are sent one after another; a
-        single image larger than one message raises INVALID_ARGUMENT.
+        single image larger than one message raises INVALID_ARGUMENT. All parts are answered by one
+        model version: unless ``version`` is given, the version that answered the first part is
+        asked for the rest, and if a hot reload retires it meanwhile the call starts over (ABORTED
+        after 3 such starts).
         """
         deadline = Deadline(resolve_timeout(timeout, self.default_timeout))
         spec = _common.model_spec(model, version)
@@ -148,8 +151,7 @@ class Client:
             max_message_bytes=self.max_message_bytes,
             max_images_per_request=max_images,
         )
-        responses = [self._call(self._stub.Predict, request, deadline) for request in plan.requests]
-        return plan.assemble(responses)
+        return plan.assemble(self._send(plan, deadline))
 
     def metadata(
         self, model: str | None = None, version: int | None = None, timeout: float | None = None
@@ -228,6 +230,19 @@ class Client:
         if self._closed:
             raise FoveaError(grpc.StatusCode.FAILED_PRECONDITION, "the client is closed")
         return call_with_retry(lambda t: method(request, timeout=t), deadline, self.retry_policy)
+
+    def _send(self, plan: _common.PredictPlan, deadline: Deadline) -> list[classifier_pb2.PredictResponse]:
+        if not plan.pins_version:
+            return [self._call(self._stub.Predict, request, deadline) for request in plan.requests]
+        attempt = 0
+        while True:
+            first = self._call(self._stub.Predict, plan.requests[0], deadline)
+            try:
+                return [first] + [self._call(self._stub.Predict, r, deadline) for r in plan.pinned(first)]
+            except FoveaError as err:
+                if not plan.version_retired(err, first, attempt):
+                    raise
+            attempt += 1
 
     def _max_images(self, spec: classifier_pb2.ModelSpec | None, count: int, deadline: Deadline) -> int:
         if self.max_images_per_request is not None:

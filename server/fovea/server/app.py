@@ -7,27 +7,40 @@ import dataclasses
 import functools
 import logging
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
-from fovea.server import loader
+from aiohttp import web
+from fovea.inference import _pool as inference_pool
+from fovea.inference import grpc_service_pb2_grpc
+from fovea.server import loader, tfserving, v2, v2_grpc, v2_http
 from fovea.server.batcher import warmup_sizes
 from fovea.server.config import Settings
 from fovea.server.core import Core
 from fovea.server.manager import ModelManager
 from fovea.server.metrics import Metrics
+from fovea.server.ports_line import format_ports_line
 from fovea.server.servicer import SERVICE_NAME, ClassifierServicer
 from fovea.server.source import ModelSource
 from fovea.v1 import classifier_pb2_grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-HEALTH_SERVICES = ("", SERVICE_NAME)
+HEALTH_SERVICES = (
+    "",
+    SERVICE_NAME,
+    v2_grpc.SERVICE_NAME,
+    tfserving.PREDICTION_SERVICE,
+    tfserving.MODEL_SERVICE,
+)
 
 
 def grpc_options(s: Settings) -> list[tuple[str, int]]:
@@ -50,6 +63,40 @@ def grpc_options(s: Settings) -> list[tuple[str, int]]:
             ("grpc.max_connection_age_grace_ms", int(s.max_connection_age_grace_s * 1000)),
         ]
     return options
+
+
+class _ReflectionPool:
+    """Reflection over the vendored `inference.*` protos (a private pool) and everything else (default).
+
+    The private pool is asked first: in a process that also loaded tritonclient, the default pool holds
+    Triton's copy of the same files, without OIP's ModelMetadataResponse.properties.
+    """
+
+    def __init__(self) -> None:
+        self._pools = (inference_pool.POOL, descriptor_pool.Default())
+
+    def _first(self, method: str, *args):
+        for pool in self._pools:
+            try:
+                return getattr(pool, method)(*args)
+            except KeyError:
+                continue
+        raise KeyError(args[0] if args else method)
+
+    def FindFileByName(self, name: str):
+        return self._first("FindFileByName", name)
+
+    def FindFileContainingSymbol(self, symbol: str):
+        return self._first("FindFileContainingSymbol", symbol)
+
+    def FindMessageTypeByName(self, name: str):
+        return self._first("FindMessageTypeByName", name)
+
+    def FindExtensionByNumber(self, message, number: int):
+        return self._first("FindExtensionByNumber", message, number)
+
+    def FindAllExtensions(self, message):
+        return self._first("FindAllExtensions", message)
 
 
 class StartupError(Exception):
@@ -87,11 +134,14 @@ class Server:
         self.settings = settings
         self.metrics = Metrics()
         self.health = health.aio.HealthServicer()
-        source = ModelSource(settings.model_dir, loader.GFileStorage())
+        source = ModelSource(settings.model_dir, loader.GFileStorage(), settings.model_name)
         self.manager = ModelManager(settings, self.metrics, source, load, self._on_ready_change)
         self.core = Core(settings, self.manager, self.metrics)
+        self.v2 = v2.V2(self.core)
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
+        self._http: web.AppRunner | None = None
         self._server: grpc.aio.Server | None = None
         self._draining = False
         self._health_tasks: set[asyncio.Task] = set()
@@ -102,16 +152,28 @@ class Server:
         classifier_pb2_grpc.add_ClassifierServiceServicer_to_server(
             ClassifierServicer(self.core, self.metrics), server
         )
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            v2_grpc.InferenceServicer(self.v2, self.metrics), server
+        )
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+            tfserving.PredictionServicer(self.core, self.metrics), server
+        )
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(
+            tfserving.ModelServicer(self.core, self.metrics), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         for service in HEALTH_SERVICES:
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         if s.reflection:
             names = (
                 SERVICE_NAME,
+                v2_grpc.SERVICE_NAME,
+                tfserving.PREDICTION_SERVICE,
+                tfserving.MODEL_SERVICE,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             )
-            reflection.enable_server_reflection(names, server)
+            reflection.enable_server_reflection(names, server, pool=_ReflectionPool())
         address = f"{s.host}:{s.port}"
         try:
             if s.tls_cert:
@@ -140,19 +202,46 @@ class Server:
                 raise StartupError(
                     f"cannot serve metrics on {metrics_address}: {exc.strerror or exc}"
                 ) from None
+        if s.http_port >= 0:
+            try:
+                await self._start_http()
+            except (OSError, ssl.SSLError) as exc:
+                await server.stop(None)
+                self.metrics.close()
+                if self._http is not None:
+                    await self._http.cleanup()
+                raise StartupError(
+                    f"cannot serve HTTP on {s.host}:{s.http_port}: {getattr(exc, 'strerror', None) or exc}"
+                ) from None
         await server.start()
         self._server = server
         tls = " (mTLS)" if s.tls_client_ca else " (TLS)" if s.tls_cert else ""
         log.info(
-            "serving %s on %s, grpc port %d%s, metrics port %s; models from %s",
+            "serving %s and %s on %s, grpc port %d%s, http port %s, metrics port %s; models from %s",
             SERVICE_NAME,
+            v2_grpc.SERVICE_NAME,
             s.host,
             self.port,
             tls,
+            self.http_port,
             self.metrics_port,
             s.model_dir,
         )
         self.manager.start()
+
+    async def _start_http(self) -> None:
+        """The v2 REST routes on the same event loop as gRPC, so both share the core and its batchers."""
+        s = self.settings
+        routes = v2_http.V2Http(self.v2, self.metrics, s.max_message_mb * 1024 * 1024)
+        # By cleanup time the core has drained, so what is still open is idle or nearly done.
+        self._http = web.AppRunner(
+            routes.app(), access_log=None, handle_signals=False, shutdown_timeout=min(5.0, s.grace_period)
+        )
+        await self._http.setup()
+        context = v2_http.ssl_context(s.tls_cert, s.tls_key, s.tls_client_ca) if s.tls_cert else None
+        site = web.TCPSite(self._http, s.host, s.http_port, ssl_context=context, reuse_port=False)
+        await site.start()
+        self.http_port = int(self._http.addresses[0][1])
 
     def _on_ready_change(self, ready: bool) -> None:
         if self._draining:
@@ -181,6 +270,8 @@ class Server:
             log.warning("grace period of %gs ended with requests still running; cancelling them", grace)
         if self._server is not None:
             await self._server.stop(max(0.0, grace - (time.monotonic() - start)))
+        if self._http is not None:
+            await self._http.cleanup()
         await self.manager.close()
         self.metrics.close()
         log.info("stopped")
@@ -196,7 +287,7 @@ async def serve(settings: Settings) -> int:
     server = Server(settings)
     await server.start()
     # The one stdout line tests and scripts read to find the bound ports.
-    print(f"fovea serve: grpc_port={server.port} metrics_port={server.metrics_port}", flush=True)
+    print(format_ports_line(server.port, server.metrics_port, server.http_port), flush=True)
     await stop.wait()
     # The handlers stay installed: a repeated signal during the drain must not kill the process.
     log.info("signal received")

@@ -27,10 +27,20 @@ class Settings:
     model_dir: str = _setting(
         "", "Base folder of published models (<name>/<version>/), any tf.io.gfile path."
     )
+    model_name: str = _setting(
+        "",
+        "Serve --model-dir as the root of one model (its <version>/ folders) under this name, as "
+        "KServe's storage initializer lays out /mnt/models. Empty: --model-dir holds <name>/<version>/.",
+    )
     host: str = _setting("0.0.0.0", "Address the gRPC server binds to.")
     port: int = _setting(8500, "gRPC port; 0 picks a free one (the bound port is logged).")
     metrics_port: int = _setting(9090, "Prometheus /metrics HTTP port; 0 picks a free one, -1 turns it off.")
     metrics_host: str = _setting("", "Address the metrics server binds to; empty means the same as --host.")
+    http_port: int = _setting(
+        8080,
+        "KServe v2 / Open Inference Protocol REST port (/v2/..., KServe's default 8080), on --host; "
+        "0 picks a free one, -1 turns it off. gRPC clients of every protocol use --port.",
+    )
     max_batch_size: int = _setting(32, "Most images in one model call.")
     batch_timeout_ms: float = _setting(
         0.0,
@@ -111,6 +121,8 @@ class Settings:
         problems = []
         if self.max_batch_size < 1:
             problems.append("--max-batch-size must be at least 1")
+        if "/" in self.model_name or self.model_name.startswith("."):
+            problems.append("--model-name must be a folder-like name: no '/', not starting with '.'")
         if any(b < 1 for b in self.allowed_batch_sizes):
             problems.append("--allowed-batch-sizes must be positive")
         if self.allowed_batch_sizes and max(self.allowed_batch_sizes) < self.max_batch_size:

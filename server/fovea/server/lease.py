@@ -55,5 +55,5 @@ class Gate:
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
             return True
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             return False

@@ -175,7 +175,7 @@ class ModelManager:
             self._models.pop(name, None)
 
     async def _load(self, name: str, version: int) -> ServedVersion | None:
-        path = posixpath.join(self._source.base, name, str(version))
+        path = posixpath.join(self._source.root(name), str(version))
         loop = asyncio.get_running_loop()
         s = self._settings
         sizes = warmup_sizes(s.max_batch_size, s.allowed_batch_sizes)

@@ -1,6 +1,8 @@
 """The source: which models and versions the model folder holds (TF Serving's "source").
 
-`<base>/<name>/<version>/` folders; which version folders count is fovea.contract's rule. The
+`<base>/<name>/<version>/` folders, or, given a model name, `<base>/<version>/` as that one model's
+root (what KServe's storage initializer puts at /mnt/models); which version folders count is
+fovea.contract's rule. The
 folder is read through a `Storage` (loader.GFileStorage in the server, so any tf.io.gfile path works)
 so this module needs no TensorFlow.
 """
@@ -24,20 +26,26 @@ class Storage(Protocol):
 
 
 class ModelSource:
-    def __init__(self, base: str, storage: Storage) -> None:
+    def __init__(self, base: str, storage: Storage, model_name: str = "") -> None:
         self.base = base
         self._storage = storage
+        self._single = model_name  # the base folder is this one model's root
+
+    def root(self, name: str) -> str:
+        """The folder holding one model's version folders."""
+        return self.base if self._single else posixpath.join(self.base, name)
 
     def model_names(self) -> list[str]:
-        """Model folders under the base folder (hidden ones skipped), sorted."""
+        """Model folders under the base folder (hidden ones skipped), sorted; or the one model."""
+        if self._single:
+            return [self._single]
         s = self._storage
         names = (n for n in s.listdir(self.base) if n and not n.startswith("."))
         return sorted(n for n in names if s.isdir(posixpath.join(self.base, n)))
 
     def versions(self, name: str) -> list[int]:
         """The complete published versions of one model, ascending (the contract's rule)."""
-        root = posixpath.join(self.base, name)
-        return contract.published_versions(root, self._storage.listdir, self._storage.exists)
+        return contract.published_versions(self.root(name), self._storage.listdir, self._storage.exists)
 
     def scan(self) -> dict[str, list[int]]:
         """Every model folder and its published versions (blocking: run it off the event loop)."""

@@ -2,7 +2,8 @@
 
 The demo drives the real commands in subprocesses (`fovea demo-data`, `fovea train`, `fovea serve`)
 and talks to the server only through the thin client and /metrics, exactly as a user would. It needs
-the `server` and `trainer` extras for those subprocesses; this module itself imports neither.
+the `server` and `trainer` extras for those subprocesses (fovea.devtools says so on import); this module
+itself imports no TensorFlow.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from pathlib import Path
 
 from fovea import contract
 from fovea.cli import CLIError
-from fovea.demo import prom_text
-from fovea.demo.server_process import ServerProcess, ServerStartError
+from fovea.devtools import prom_text
+from fovea.devtools.server_process import ServerProcess, ServerStartError
 
 STEPS = (
     "generate demo data",
@@ -289,7 +290,7 @@ def _stop_server(server: ServerProcess) -> int:
         raise CLIError(str(exc)) from None
 
 
-# Keep `python -m fovea.demo` working for people who prefer it.
+# `python -m fovea.devtools.demo_command` is `fovea demo`.
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from fovea.cli import main

@@ -1,18 +1,13 @@
-"""A small reader of the Prometheus text format, enough to summarise fovea's own /metrics.
-
-The demo runs with the thin client's dependencies only, so it does not use prometheus-client's parser.
-"""
+"""Summaries of fovea's own /metrics for the demo and the benchmarks, parsed by prometheus-client."""
 
 from __future__ import annotations
 
 import math
-import re
 import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})?\s+(\S+)")
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+from prometheus_client.parser import text_string_to_metric_families
 
 
 @dataclass(frozen=True)
@@ -23,16 +18,11 @@ class Sample:
 
 
 def parse(text: str) -> list[Sample]:
-    samples = []
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        match = _LINE.match(line)
-        if not match:
-            continue
-        name, _, labels, value = match.groups()
-        samples.append(Sample(name, dict(_LABEL.findall(labels or "")), float(value)))
-    return samples
+    return [
+        Sample(s.name, dict(s.labels), float(s.value))
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    ]
 
 
 def scrape(url: str, timeout: float = 5.0) -> list[Sample]:

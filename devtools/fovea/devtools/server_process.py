@@ -6,7 +6,6 @@ back from the line the server prints, then readiness taken from grpc.health.v1 t
 
 from __future__ import annotations
 
-import re
 import signal
 import subprocess
 import sys
@@ -15,8 +14,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-# What `fovea serve` prints once both ports are bound.
-READY_LINE = re.compile(r"grpc_port[=: ]+(\d+).*metrics_port[=: ]+(\d+)")
+from fovea.server.ports_line import parse_ports_line
 
 
 class ServerStartError(RuntimeError):
@@ -35,13 +33,14 @@ class ServerProcess:
     ) -> None:
         self.argv = [
             sys.executable, "-m", "fovea.cli", "serve", "--model-dir", str(models_dir),
-            "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *extra,
+            "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--http-port", "0", *extra,
         ]  # fmt: skip
         self.env = dict(env) if env is not None else None
         self.echo = echo
         self.output: list[str] = []
         self.grpc_port = 0
         self.metrics_port = 0
+        self.http_port: int | None = None
         self.process: subprocess.Popen | None = None
 
     @property
@@ -66,9 +65,9 @@ class ServerProcess:
                 self.output.append(line)
                 if self.echo:
                     self.echo(line)
-                match = READY_LINE.search(line)
-                if match and not ports_seen.is_set():
-                    self.grpc_port, self.metrics_port = int(match.group(1)), int(match.group(2))
+                ports = parse_ports_line(line)
+                if ports and not ports_seen.is_set():
+                    self.grpc_port, self.metrics_port, self.http_port = ports
                     ports_seen.set()
 
         threading.Thread(target=pump, daemon=True).start()

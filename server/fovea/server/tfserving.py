@@ -1,0 +1,297 @@
+"""TF Serving's API (tensorflow.serving.PredictionService and ModelService) over grpc.aio.
+
+A thin translation between the real tensorflow-serving-api messages and the core. The served
+signatures are the export contract's: `serving_default` takes uint8 `images [N, H, W, 3]` and
+`serving_bytes` takes encoded `image_bytes [N]`; both return float32 `probabilities [N, classes]`.
+As a convenience, Predict accepts either input under either signature, named `images` or
+`image_bytes`, its dtype saying which it is: many TF Serving clients send encoded bytes to
+`serving_default`.
+
+The messages import TensorFlow's framework protos (tensorflow.core.framework), the same modules
+TensorFlow itself registers, so there is nothing to clash; this module uses them only through the
+tensorflow_serving messages and runs no TensorFlow code.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from fovea.contract import INPUT_BYTES, INPUT_IMAGES, OUTPUT, SIGNATURE_BYTES, SIGNATURE_IMAGES, ModelMetadata
+from fovea.server import core
+from fovea.server.errors import InvalidArgument
+from fovea.server.metrics import Metrics
+from fovea.server.rpc import RpcHandler, deadline
+from google.protobuf import any_pb2
+from tensorflow_serving.apis import (
+    classification_pb2,
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
+
+PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
+MODEL_SERVICE = "tensorflow.serving.ModelService"
+PROTOCOL = "tf-serving"  # the `protocol` label of the request metrics
+PREDICT_METHOD = "tensorflow/serving/predict"
+# TensorFlow's DataType enum, read from the messages' descriptors: tensorflow-serving-api's modules
+# import TensorFlow's framework protos, but fovea's rule is that only loader.py imports tensorflow.
+_TENSOR = predict_pb2.PredictRequest.DESCRIPTOR.fields_by_name["inputs"].message_type.fields_by_name["value"]
+_DATA_TYPE = _TENSOR.message_type.fields_by_name["dtype"].enum_type
+DT_FLOAT = _DATA_TYPE.values_by_name["DT_FLOAT"].number
+DT_UINT8 = _DATA_TYPE.values_by_name["DT_UINT8"].number
+DT_STRING = _DATA_TYPE.values_by_name["DT_STRING"].number
+
+
+def _cut(text: str, limit: int = 64) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _version(spec: model_pb2.ModelSpec) -> int:
+    """ModelSpec.version or version_label -> the core's version (0: the newest loaded)."""
+    if spec.HasField("version"):
+        if spec.version.value < 1:
+            raise InvalidArgument(
+                f"model_spec.version is {spec.version.value}; versions are positive integers"
+            )
+        return spec.version.value
+    label = spec.version_label
+    if label in ("", "latest"):
+        return 0
+    if label.isdigit() and int(label) > 0:
+        return int(label)  # fovea has no label table; a numeric label names that version
+    raise InvalidArgument(
+        f"model_spec.version_label {_cut(label)!r} is unknown; fovea knows 'latest' or a version number"
+    )
+
+
+def _echo(name: str, version: int, signature: str = "") -> model_pb2.ModelSpec:
+    spec = model_pb2.ModelSpec(name=name, signature_name=signature)
+    spec.version.value = version
+    return spec
+
+
+def _shape(tensor) -> list[int]:
+    return [d.size for d in tensor.tensor_shape.dim]
+
+
+def _describe(key: str, tensor) -> str:
+    value = _DATA_TYPE.values_by_number.get(tensor.dtype)
+    dtype = value.name if value is not None else str(tensor.dtype)
+    return f"{_cut(key)!r} {dtype} {_shape(tensor)}"
+
+
+class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
+    def __init__(self, core_: core.Core, metrics: Metrics) -> None:
+        self._core = core_
+        self._rpc = RpcHandler(metrics, PROTOCOL, ("Predict", "Classify", "GetModelMetadata"))
+
+    async def Predict(self, request: predict_pb2.PredictRequest, context) -> predict_pb2.PredictResponse:
+        return await self._rpc.handle("Predict", self._predict, request, context)
+
+    async def Classify(
+        self, request: classification_pb2.ClassificationRequest, context
+    ) -> classification_pb2.ClassificationResponse:
+        return await self._rpc.handle("Classify", self._classify, request, context)
+
+    async def GetModelMetadata(
+        self, request: get_model_metadata_pb2.GetModelMetadataRequest, context
+    ) -> get_model_metadata_pb2.GetModelMetadataResponse:
+        return await self._rpc.handle("GetModelMetadata", self._metadata, request, context)
+
+    async def _predict(self, request: predict_pb2.PredictRequest, context) -> predict_pb2.PredictResponse:
+        spec = request.model_spec
+        signature = spec.signature_name or SIGNATURE_IMAGES
+        if signature not in (SIGNATURE_IMAGES, SIGNATURE_BYTES):
+            raise InvalidArgument(
+                f"signature_name {_cut(signature)!r} is not served; use {SIGNATURE_IMAGES!r} (uint8 images) or "
+                f"{SIGNATURE_BYTES!r} (encoded image bytes)"
+            )
+        unknown = [o for o in request.output_filter if o != OUTPUT]
+        if unknown:
+            raise InvalidArgument(f"output_filter names {_cut(unknown[0])!r}; the only output is {OUTPUT!r}")
+        meta = self._core.metadata(spec.name, _version(spec)).metadata
+        result = await self._core.predict(
+            core.PredictRequest(
+                images=_predict_images(request, meta),
+                model_name=meta.name,
+                model_version=meta.version,
+                return_probabilities=True,
+                deadline=deadline(context),
+            )
+        )
+        probs = np.stack([p.probabilities for p in result.predictions]).astype(np.float32)
+        response = predict_pb2.PredictResponse(
+            model_spec=_echo(result.model_name, result.model_version, signature)
+        )
+        out = response.outputs[OUTPUT]
+        out.dtype = DT_FLOAT
+        _set_shape(out.tensor_shape, probs.shape)
+        out.float_val.extend(probs.reshape(-1).tolist())
+        return response
+
+    async def _classify(
+        self, request: classification_pb2.ClassificationRequest, context
+    ) -> classification_pb2.ClassificationResponse:
+        spec = request.model_spec
+        meta = self._core.metadata(spec.name, _version(spec)).metadata
+        result = await self._core.predict(
+            core.PredictRequest(
+                images=[core.EncodedImage(b) for b in _example_images(request.input)],
+                model_name=meta.name,
+                model_version=meta.version,
+                deadline=deadline(context),
+            )
+        )
+        response = classification_pb2.ClassificationResponse(
+            model_spec=_echo(result.model_name, result.model_version, spec.signature_name)
+        )
+        for prediction in result.predictions:
+            classes = response.result.classifications.add()
+            for _, label, score in prediction.top:
+                classes.classes.add(label=label, score=score)
+        return response
+
+    async def _metadata(
+        self, request: get_model_metadata_pb2.GetModelMetadataRequest, context
+    ) -> get_model_metadata_pb2.GetModelMetadataResponse:
+        fields = list(request.metadata_field)
+        if fields != ["signature_def"]:
+            raise InvalidArgument(
+                f"metadata_field is {[_cut(f) for f in fields]}; fovea answers ['signature_def']"
+            )
+        spec = request.model_spec
+        meta = self._core.metadata(spec.name, _version(spec)).metadata
+        packed = any_pb2.Any()
+        packed.Pack(_signature_defs(meta))
+        response = get_model_metadata_pb2.GetModelMetadataResponse(
+            model_spec=_echo(meta.name, meta.version, spec.signature_name)
+        )
+        response.metadata["signature_def"].CopyFrom(packed)
+        return response
+
+
+class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
+    def __init__(self, core_: core.Core, metrics: Metrics) -> None:
+        self._core = core_
+        self._rpc = RpcHandler(metrics, PROTOCOL, ("GetModelStatus",))
+
+    async def GetModelStatus(
+        self, request: get_model_status_pb2.GetModelStatusRequest, context
+    ) -> get_model_status_pb2.GetModelStatusResponse:
+        return await self._rpc.handle("GetModelStatus", self._status, request, context)
+
+    async def _status(
+        self, request: get_model_status_pb2.GetModelStatusRequest, context
+    ) -> get_model_status_pb2.GetModelStatusResponse:
+        spec = request.model_spec
+        version = _version(spec)
+        described = self._core.metadata(spec.name, version)
+        versions = [version] if version else described.loaded_versions
+        available = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+        return get_model_status_pb2.GetModelStatusResponse(
+            model_version_status=[
+                get_model_status_pb2.ModelVersionStatus(version=v, state=available) for v in versions
+            ]
+        )
+
+
+def _set_shape(proto, shape) -> None:
+    """Fill a TensorShapeProto in place."""
+    for size in shape:
+        proto.dim.add(size=size)
+
+
+def _predict_images(request: predict_pb2.PredictRequest, meta: ModelMetadata) -> list:
+    h, w = meta.input_height, meta.input_width
+    expected = f"{INPUT_IMAGES!r} DT_UINT8 [-1, {h}, {w}, 3] or {INPUT_BYTES!r} DT_STRING [-1]"
+    received = ", ".join(_describe(k, t) for k, t in sorted(request.inputs.items())) or "none"
+    if len(request.inputs) != 1:
+        raise InvalidArgument(f"model {meta.name!r} expects one input, {expected}; received {received}")
+    ((key, tensor),) = request.inputs.items()
+    shape = _shape(tensor)
+    if key not in (INPUT_IMAGES, INPUT_BYTES):
+        raise InvalidArgument(f"model {meta.name!r} expects one input, {expected}; received {received}")
+    if tensor.dtype == DT_STRING:
+        if (
+            len(shape) not in (1, 2)
+            or (len(shape) == 2 and shape[1] != 1)
+            or len(tensor.string_val) != shape[0]
+        ):
+            raise InvalidArgument(
+                f"input {_describe(key, tensor)} with {len(tensor.string_val)} string_val; expected "
+                "DT_STRING [-1] with one string_val (an encoded image) per image"
+            )
+        return [core.EncodedImage(b) for b in tensor.string_val]
+    if tensor.dtype == DT_UINT8:
+        if len(shape) != 4 or shape[0] < 1 or shape[1:] != [h, w, 3]:
+            raise InvalidArgument(
+                f"model {meta.name!r} expects DT_UINT8 [-1, {h}, {w}, 3]; received "
+                f"{_describe(key, tensor)} (send images resized to {h}x{w} RGB, or encoded bytes as {INPUT_BYTES!r})"
+            )
+        size = h * w * 3
+        if tensor.tensor_content:
+            data = memoryview(tensor.tensor_content)
+        else:
+            # int_val carries each uint8 in an int32; TF Serving keeps the low byte.
+            data = memoryview((np.asarray(tensor.int_val, dtype=np.int64) & 0xFF).astype(np.uint8).tobytes())
+        if len(data) != shape[0] * size:
+            raise InvalidArgument(
+                f"input {_describe(key, tensor)} carries {len(data)} bytes; its shape needs {shape[0] * size}"
+            )
+        return [core.RawImage("uint8", (h, w, 3), data[i * size : (i + 1) * size]) for i in range(shape[0])]
+    raise InvalidArgument(f"model {meta.name!r} expects one input, {expected}; received {received}")
+
+
+def _example_images(data) -> list[bytes]:
+    """The encoded image of each tf.Example: the `image_bytes` feature, else the only bytes feature."""
+    kind = data.WhichOneof("kind")
+    if kind == "example_list":
+        examples, context = list(data.example_list.examples), None
+    elif kind == "example_list_with_context":
+        examples, context = (
+            list(data.example_list_with_context.examples),
+            data.example_list_with_context.context,
+        )
+    else:
+        raise InvalidArgument("input has no examples; send input.example_list with one tf.Example per image")
+    images = []
+    for i, example in enumerate(examples):
+        features = dict(example.features.feature)
+        if context is not None:
+            features = {**dict(context.features.feature), **features}
+        candidates = [
+            k for k, f in features.items() if f.WhichOneof("kind") == "bytes_list" and f.bytes_list.value
+        ]
+        key = INPUT_BYTES if INPUT_BYTES in candidates else (candidates[0] if len(candidates) == 1 else None)
+        if key is None:
+            raise InvalidArgument(
+                f"examples[{i}] has bytes features {sorted(_cut(c) for c in candidates)}; put the encoded image in "
+                f"a bytes feature named {INPUT_BYTES!r}"
+            )
+        values = features[key].bytes_list.value
+        if len(values) != 1:
+            raise InvalidArgument(
+                f"examples[{i}].{_cut(key)} holds {len(values)} values; send one image per example"
+            )
+        images.append(values[0])
+    return images
+
+
+def _signature_defs(meta: ModelMetadata) -> get_model_metadata_pb2.SignatureDefMap:
+    defs = get_model_metadata_pb2.SignatureDefMap()
+    h, w, classes = meta.input_height, meta.input_width, len(meta.labels)
+    for signature, key, dtype, shape in (
+        (SIGNATURE_IMAGES, INPUT_IMAGES, DT_UINT8, (-1, h, w, 3)),
+        (SIGNATURE_BYTES, INPUT_BYTES, DT_STRING, (-1,)),
+    ):
+        sig = defs.signature_def[signature]
+        sig.method_name = PREDICT_METHOD
+        inp = sig.inputs[key]
+        inp.name, inp.dtype = f"{signature}_{key}:0", dtype
+        _set_shape(inp.tensor_shape, shape)
+        out = sig.outputs[OUTPUT]
+        out.name, out.dtype = "StatefulPartitionedCall:0", DT_FLOAT
+        _set_shape(out.tensor_shape, (-1, classes))
+    return defs
