@@ -197,7 +197,7 @@ def run(args: argparse.Namespace) -> dict:
     main_model = "tiny" if quick else "resnet50"
     main_size = 32 if quick else 96
     payloads = make_payloads(work, main_size)
-    ceiling_sizes = [1, 4, 32] if quick else [1, 2, 4, 8, 16, 32]
+    ceiling_sizes = [1, 4, 32] if quick else [1, 4, 16, 32] if args.lean else [1, 2, 4, 8, 16, 32]
     ceilings: list[dict] = []
 
     def measure_ceiling(when: str) -> None:
@@ -232,6 +232,8 @@ def run(args: argparse.Namespace) -> dict:
     }
     if quick:
         setups = {"batched": setups["batched"]}
+    elif args.lean:
+        setups = {"batched": ([], ["uint8"]), "previous": setups["previous"]}
     open_rates: list[float] = []
     peak_rss = 0.0
     model_dir = work / f"serve-{main_model}"
@@ -628,6 +630,11 @@ def main() -> int:
     )
     parser.add_argument(
         "--no-peers", dest="peers", action="store_false", help="leave out --out/peers.json (bench/peers.py)"
+    )
+    parser.add_argument(
+        "--lean",
+        action="store_true",
+        help="a full run without JPEG, max-batch-1 and the odd ceiling sizes (about half the time)",
     )
     parser.add_argument(
         "--render-docs", action="store_true", help="only rewrite --docs from --out/run.json (no measuring)"
