@@ -192,6 +192,8 @@ def run(args: argparse.Namespace) -> dict:
     make_models(models, which)
     rows: list[dict] = []
     summary: dict = {"quick": quick, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    # Whatever else runs on the machine shows here: the 1-minute load average, sampled per point.
+    load_samples = [os.getloadavg()[0]]
     warmup, duration = (0.5, 2.0) if quick else (3.0, args.seconds)
 
     main_model = "tiny" if quick else "resnet50"
@@ -254,6 +256,7 @@ def run(args: argparse.Namespace) -> dict:
             for encoding in encodings:
                 for c in concurrencies:
                     r = load_point(server, payloads[encoding], "closed", c, warmup, duration)
+                    load_samples.append(os.getloadavg()[0])
                     log(
                         f"{setup} {encoding} closed c={c}: {r['throughput']:.1f} req/s p50 {r['p50_ms']:.1f} ms "
                         f"mean batch {r['mean_batch']:.1f}, server {r['server_cpu_cores']:.2f} cores, "
@@ -297,6 +300,12 @@ def run(args: argparse.Namespace) -> dict:
             stop_server(server)
 
     measure_ceiling("after")
+    load_samples.append(os.getloadavg()[0])
+    summary["load_average_1min"] = {
+        "min": min(load_samples),
+        "max": max(load_samples),
+        "samples": len(load_samples),
+    }
 
     def best(batch: int, key: str) -> float:
         return max(r[key] for r in ceilings if r["batch_size"] == batch)
@@ -652,6 +661,19 @@ def main() -> int:
     return 0
 
 
+def load_note(s: dict) -> str:
+    load = s.get("load_average_1min")
+    if not load:
+        return ""
+    note = f"The machine's 1-minute load average during the run: {load['min']:.1f} to {load['max']:.1f}"
+    if load["max"] > 2.5:
+        note += (
+            " (2 cores: other jobs were running and took CPU from the servers; the raw ceiling is the "
+            "better of two measurements, so served ÷ raw ratios suffer more than the ceiling does)"
+        )
+    return note + "."
+
+
 def write_docs(result: dict, out: Path, docs: Path) -> None:
     s = result["summary"]
     rel = os.path.relpath(out, docs.parent)
@@ -730,6 +752,7 @@ Machine: {machine()}.
 
 Every request carries one image. The load generator is a separate process using raw grpc.aio stubs;
 its CPU use is in the table (`loadgen_cpu_cores`), so you can see it was not the bottleneck.
+{load_note(s)}
 
 ## Against the model's own speed, and the peers (ResNet50 at 96 px, uint8, closed loop)
 
@@ -748,7 +771,7 @@ Open loop (Poisson arrivals at fractions of the defaults' closed-loop best, {s["
 
 Cold start of the defaults: {s["cold_start_s"]:.1f} s from process start to SERVING (plain signature
 loaded and warm); the XLA sizes were compiled in the background {s.get("xla_compiled_s", float("nan")):.1f} s
-after process start. The server's report: `{s.get("xla_log", "-").split(" - ")[-1].split("] ")[-1]}`
+after process start. The server's report: `XLA: {s.get("xla_log", "-").split("XLA: ", 1)[-1]}`
 
 ## Key ratios
 
