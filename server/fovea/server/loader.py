@@ -222,9 +222,17 @@ class LoadedModel:
     def _compile_logged(self) -> None:
         try:
             self._compile(self.xla_sizes)
-        except Exception:
-            # Serving goes on with the plain signature; a compile failure costs speed, not answers.
-            log.exception("XLA compile failed; serving the plain signature")
+        except Exception as exc:
+            # Serving goes on with the plain signature; a compile failure costs speed, not answers. A
+            # model with ops XLA lacks is an expected case, so one line (first line of TF's message),
+            # not a traceback that reads like a crash.
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            log.warning(
+                "%s version %d: XLA compile failed, serving the plain signature: %s",
+                self.metadata.name,
+                self.metadata.version,
+                first,
+            )
         finally:
             self._compile_done.set()
 
