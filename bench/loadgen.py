@@ -1,8 +1,11 @@
 """Load generator for one benchmark point: a separate process, so its CPU is measured on its own.
 
-Sends single-image Predict requests with raw grpc.aio stubs (the least client overhead there is) in a
-closed loop (N callers, each sending the next request as soon as the last returns) or an open loop
-(requests started at a fixed rate, whatever the server does). Prints one JSON object on stdout.
+Sends single-image requests with raw grpc.aio stubs (the least client overhead there is) in a closed
+loop (N callers, each sending the next request as soon as the last returns) or an open loop (Poisson
+arrivals at a given mean rate, whatever the server does). `--protocol fovea` sends fovea.v1 Predict;
+`--protocol kserve` sends KServe v2 ModelInfer (uint8 [1, H, W, 3] in raw_input_contents, through
+tritonclient's generated stubs), which is how bench/peers.py drives PyTriton and MLServer.
+Prints one JSON object on stdout.
 
 The open loop also counts answers by status code, and with --probe-threshold-ms measures recovery:
 once sending stops, one probe request after another until one answers within the threshold.
@@ -22,6 +25,24 @@ from pathlib import Path
 import grpc
 import numpy as np
 from fovea.v1 import classifier_pb2, classifier_pb2_grpc
+
+
+def _kserve(payload: Path, model: str):
+    """A KServe v2 ModelInfer request for one uint8 image, and the stub method that sends it."""
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    array = np.load(payload)
+    request = service_pb2.ModelInferRequest(
+        model_name=model,
+        inputs=[
+            service_pb2.ModelInferRequest.InferInputTensor(
+                name="images", datatype="UINT8", shape=[1, *array.shape]
+            )
+        ],
+        outputs=[service_pb2.ModelInferRequest.InferRequestedOutputTensor(name="probabilities")],
+        raw_input_contents=[array.tobytes()],
+    )
+    return request, lambda channel: service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer
 
 
 def _request(payload: Path) -> classifier_pb2.PredictRequest:
@@ -50,7 +71,7 @@ async def _closed(stub, request, concurrency: int, warmup: float, duration: floa
             if t0 >= stop_at:
                 return
             try:
-                await stub.Predict(request, timeout=30)
+                await stub(request, timeout=30)
             except grpc.aio.AioRpcError:
                 errors += t0 >= measure_from
                 continue
@@ -68,14 +89,16 @@ async def _open(
     codes: Counter = Counter()
     errors = 0
     start = time.perf_counter()
-    measure_from = start + warmup
-    total = int(rate * (warmup + duration))
+    measure_from, stop_at = start + warmup, start + warmup + duration
+    # Poisson arrivals (exponential gaps, a fixed seed so runs compare): the bursts real traffic has,
+    # which a fixed rate would hide.
+    rng = np.random.default_rng(0)
     tasks = []
 
     async def one(t0: float) -> None:
         nonlocal errors
         try:
-            await stub.Predict(request, timeout=deadline)
+            await stub(request, timeout=deadline)
         except grpc.aio.AioRpcError as exc:
             if t0 >= measure_from:
                 errors += 1
@@ -85,21 +108,24 @@ async def _open(
             codes["OK"] += 1
             latencies.append(time.perf_counter() - t0)
 
-    for i in range(total):
-        due = start + i / rate
+    due = start
+    while True:
+        due += rng.exponential(1.0 / rate)
+        if due >= stop_at:
+            break
         delay = due - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
         # Latency is counted from when the request was due, so a late sender does not hide queueing.
         tasks.append(asyncio.create_task(one(due)))
     sending_ended = time.perf_counter()
-    extra = {"codes": dict(codes), "late_s": sending_ended - (start + total / rate)}
+    extra = {"codes": dict(codes), "late_s": max(0.0, sending_ended - stop_at)}
     if probe_threshold_ms > 0:
         # Recovery: how long after the overload ends until a lone request is fast again.
         while True:
             t0 = time.perf_counter()
             try:
-                await stub.Predict(request, timeout=deadline)
+                await stub(request, timeout=deadline)
                 ok = (time.perf_counter() - t0) * 1000 <= probe_threshold_ms
             except grpc.aio.AioRpcError:
                 ok = False
@@ -112,12 +138,29 @@ async def _open(
     return latencies, errors, extra
 
 
+async def _first_call(stub, request, ready_timeout: float) -> None:
+    """One call that succeeds, retried while the server is still starting (peers have no health)."""
+    give_up = time.monotonic() + ready_timeout
+    while True:
+        try:
+            await stub(request, timeout=60)
+            return
+        except grpc.aio.AioRpcError:
+            if time.monotonic() > give_up:
+                raise
+            await asyncio.sleep(0.5)
+
+
 async def main_async(args: argparse.Namespace) -> dict:
     options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
     async with grpc.aio.insecure_channel(args.target, options=options) as channel:
-        stub = classifier_pb2_grpc.ClassifierServiceStub(channel)
-        request = _request(args.payload)
-        await stub.Predict(request, timeout=60)  # connect before the clock starts
+        if args.protocol == "kserve":
+            request, method = _kserve(args.payload, args.model)
+            stub = method(channel)
+        else:
+            stub = classifier_pb2_grpc.ClassifierServiceStub(channel).Predict
+            request = _request(args.payload)
+        await _first_call(stub, request, args.ready_timeout)  # connect before the clock starts
         t0 = time.perf_counter()
         extra: dict = {}
         if args.mode == "closed":
@@ -146,9 +189,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", required=True)
     parser.add_argument("--payload", type=Path, required=True, help=".npy (uint8 pixels) or an encoded image")
+    parser.add_argument("--protocol", choices=["fovea", "kserve"], default="fovea")
+    parser.add_argument("--model", default="", help="model name (kserve)")
+    parser.add_argument("--ready-timeout", type=float, default=0.0, help="retry the first call this long")
     parser.add_argument("--mode", choices=["closed", "open"], default="closed")
     parser.add_argument("--concurrency", type=int, default=1)
-    parser.add_argument("--rate", type=float, default=10.0, help="requests per second (open loop)")
+    parser.add_argument(
+        "--rate", type=float, default=10.0, help="mean requests per second (open loop, Poisson)"
+    )
     parser.add_argument("--deadline", type=float, default=30.0, help="seconds, per request (open loop)")
     parser.add_argument(
         "--probe-threshold-ms", type=float, default=0.0, help="measure recovery after an open loop (0: off)"

@@ -1,7 +1,9 @@
 """The ceiling: in-process throughput of the served SavedModel signature at each batch size.
 
-Runs in its own process so the server benchmark that follows gets the whole machine.
-Prints one JSON object on stdout.
+Runs in its own process so the server benchmark that follows gets the whole machine. Each batch size
+is measured twice: the signature as exported, and XLA-compiled (`tf.function(jit_compile=True)`
+around it, as the server's loader serves it where faster), alternating in short rounds so that
+anything else on the machine slows both alike. Prints one JSON object on stdout.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a published version folder")
     parser.add_argument("--batch-sizes", default="1,2,4,8,16,32")
-    parser.add_argument("--seconds", type=float, default=5.0, help="measuring time per batch size")
+    parser.add_argument("--seconds", type=float, default=5.0, help="measuring time per batch size and kind")
+    parser.add_argument("--no-xla", action="store_true", help="only the signature as exported")
     args = parser.parse_args()
 
     import numpy as np
@@ -28,26 +31,38 @@ def main() -> int:
     loaded = tf.saved_model.load(args.model)
     fn = loaded.signatures["serving_default"]
     height, width = fn.structured_input_signature[1]["images"].shape[1:3]
+    compiled = tf.function(lambda images: fn(images=images)["probabilities"], jit_compile=True)
     rng = np.random.default_rng(0)
     rows = []
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         images = tf.constant(rng.integers(0, 256, size=(batch, height, width, 3), dtype=np.uint8))
-        fn(images=images)  # first call of a new shape pays one-off costs
-        times = []
+        calls = {"plain": lambda images=images: fn(images=images)["probabilities"].numpy()}
+        if not args.no_xla:
+            xla = compiled.get_concrete_function(tf.TensorSpec([batch, height, width, 3], tf.uint8))
+            calls["xla"] = lambda xla=xla, images=images: xla(images).numpy()
+        times: dict[str, list[float]] = {k: [] for k in calls}
+        for call in calls.values():
+            call()  # first call of a new shape pays one-off costs (XLA compiles here)
+            call()
         start = time.perf_counter()
-        while time.perf_counter() - start < args.seconds or len(times) < 3:
-            t0 = time.perf_counter()
-            fn(images=images)["probabilities"].numpy()
-            times.append(time.perf_counter() - t0)
-        rows.append(
-            {
-                "batch_size": batch,
-                "calls": len(times),
-                "images_per_s": batch * len(times) / sum(times),
-                "p50_ms": float(np.percentile(np.array(times) * 1000, 50)),
-            }
+        while time.perf_counter() - start < args.seconds * len(calls) or min(map(len, times.values())) < 3:
+            for kind, call in calls.items():  # alternate, so both see the same machine
+                t0 = time.perf_counter()
+                call()
+                times[kind].append(time.perf_counter() - t0)
+        row = {"batch_size": batch}
+        for kind, ts in times.items():
+            prefix = "" if kind == "plain" else "xla_"
+            row[f"{prefix}calls"] = len(ts)
+            row[f"{prefix}images_per_s"] = batch * len(ts) / sum(ts)
+            row[f"{prefix}p50_ms"] = float(np.percentile(np.array(ts) * 1000, 50))
+        rows.append(row)
+        print(
+            f"raw batch {batch:>3}: {row['images_per_s']:.1f} img/s"
+            + (f", XLA {row['xla_images_per_s']:.1f} img/s" if "xla_images_per_s" in row else ""),
+            file=sys.stderr,
+            flush=True,
         )
-        print(f"raw batch {batch:>3}: {rows[-1]['images_per_s']:.1f} img/s", file=sys.stderr, flush=True)
     json.dump({"height": int(height), "width": int(width), "rows": rows}, sys.stdout)
     print()
     return 0

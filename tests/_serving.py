@@ -47,6 +47,7 @@ def start_server(models_dir: Path, **overrides: Any):
         "metrics_port": 0,
         "http_port": 0,
         "poll_interval": 0.2,
+        "xla": False,  # compiling every batch size costs seconds per server; test_server_xla.py covers it
     }
     values.update(overrides)
 

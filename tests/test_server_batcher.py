@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 import time
 
@@ -320,3 +321,156 @@ async def test_expected_wait_is_learned_and_sheds_before_any_work() -> None:
     gate.set()
     assert values(await running) == [10, 20]
     await b.close()
+
+
+class TimedModel:
+    """A model whose compute time is fake: each call moves `clock` on by `cost(batch size)` seconds.
+
+    The clock is the real monotonic clock plus the fake compute, so the batcher's waits (real sleeps)
+    stay short while the times it learns are exact.
+    """
+
+    def __init__(self, cost) -> None:
+        self.cost = cost
+        self.offset = 0.0
+        self.sizes: list[int] = []
+
+    def clock(self) -> float:
+        return time.monotonic() + self.offset
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.offset += self.cost(len(batch))
+        self.sizes.append(len(batch))
+        return batch * 10
+
+
+async def test_compute_time_is_learned_per_size() -> None:
+    model = TimedModel(lambda n: 10.0 + n)
+    b = Batcher(model, max_batch_size=16, clock=model.clock)
+    assert b.expected_compute_s(4) == 0.0  # nothing learned yet
+    await b.submit(rows(*range(4)))
+    assert b.expected_compute_s(2) == pytest.approx(7.0, abs=0.5)  # below the smallest seen: per row
+    await b.close()
+    model = TimedModel(lambda n: 10.0 + n)
+    b = Batcher(model, max_batch_size=16, clock=model.clock)
+    await b.submit(rows(1))
+    await b.submit(rows(*range(8)))
+    assert model.sizes == [1, 8]
+    assert b.expected_compute_s(1) == pytest.approx(11.0, abs=0.5)
+    assert b.expected_compute_s(8) == pytest.approx(18.0, abs=0.5)
+    assert b.expected_compute_s(4) == pytest.approx(11.0 + 7.0 * 3 / 7, abs=0.5)  # interpolated
+    assert b.expected_compute_s(16) == pytest.approx(26.0, abs=0.5)  # the slope of the largest two
+    model.cost = lambda n: 28.0
+    await b.submit(rows(*range(8)))
+    assert b.expected_compute_s(8) == pytest.approx(18.0 + 0.3 * 10.0, abs=0.5)  # an EWMA
+    await b.close()
+
+
+class InlineExecutor(concurrent.futures.Executor):
+    """Runs each call at once in the caller's thread: with it the order of events, and so every
+    batch, is the same on every run."""
+
+    def submit(self, fn, /, *args, **kwargs) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
+
+
+async def _closed_loop(b: Batcher, callers: int, rounds: int) -> None:
+    """`callers` clients, each sending its next request a "round trip" after its answer. The round
+    trips are event-loop turns, not time (caller i takes i + 1 turns), so the callers come back one
+    by one while the fake clock stands still."""
+
+    async def caller(i: int) -> None:
+        for r in range(rounds):
+            assert values(await b.submit(rows(i * 1000 + r))) == [10 * (i * 1000 + r)]
+            for _ in range(i + 1):
+                await asyncio.sleep(0)
+
+    await asyncio.gather(*(caller(i) for i in range(callers)))
+
+
+@pytest.mark.parametrize("callers", [4, 16])
+async def test_closed_loop_batches_carry_every_caller(callers: int) -> None:
+    # Compute takes 1 (fake) second, so the batcher may wait 0.1 s for the callers it answered.
+    model = TimedModel(lambda n: 1.0)
+    b = Batcher(model, max_batch_size=32, clock=model.clock, executor=InlineExecutor())
+    await _closed_loop(b, callers=callers, rounds=12)
+    # After a ramp (a lone first caller teaches the batcher what a small batch costs) and before the
+    # tail (callers finish a round apart), batches carry every caller: at least half of them do.
+    # Without the wait the sizes alternate (1/3/1/3 for four callers) and almost none do.
+    assert model.sizes.count(callers) >= len(model.sizes) // 2, model.sizes
+    assert b.formation_waits > 0
+    await b.close()
+
+
+async def test_closed_loop_never_waits_past_max_batch_size() -> None:
+    model = TimedModel(lambda n: 1.0)
+    b = Batcher(model, max_batch_size=4, clock=model.clock, executor=InlineExecutor())
+    await _closed_loop(b, callers=8, rounds=8)
+    assert max(model.sizes) == 4 and sum(model.sizes) == 64
+    await b.close()
+
+
+async def test_no_wait_when_a_bigger_batch_does_not_pay() -> None:
+    # Compute grows in proportion to the batch (no fixed cost to share): waiting for the callers
+    # would only add idle time, so the batcher never waits.
+    model = TimedModel(lambda n: 1.0 * n)
+    b = Batcher(model, max_batch_size=32, clock=model.clock, executor=InlineExecutor())
+    await _closed_loop(b, callers=4, rounds=8)
+    assert b.formation_waits == 0
+    await b.close()
+
+
+async def test_a_lone_caller_is_never_held() -> None:
+    model = TimedModel(lambda n: 1.0)
+    b = Batcher(model, max_batch_size=32, clock=model.clock)
+    await _closed_loop(b, callers=1, rounds=10)
+    assert model.sizes == [1] * 10
+    assert b.formation_waits == 0
+    await b.close()
+
+
+async def test_arrivals_that_do_not_follow_completions_are_not_waited_for() -> None:
+    # Open loop: requests arrive every 20 ms whatever the server does; compute takes 0.05 fake
+    # seconds, so the window after a batch (5 ms) rarely sees an arrival and nothing waits.
+    model = TimedModel(lambda n: 0.05)
+    b = Batcher(model, max_batch_size=32, clock=model.clock)
+    tasks = []
+    for i in range(10):
+        tasks.append(asyncio.ensure_future(b.submit(rows(i))))
+        await asyncio.sleep(0.02)
+    assert [values(await t) for t in tasks] == [[10 * i] for i in range(10)]
+    assert b.formation_waits == 0
+    await b.close()
+
+
+async def test_zero_wait_fraction_turns_the_wait_off() -> None:
+    # Without the wait, callers that come back one by one split into alternating small batches:
+    # the pattern the wait exists to prevent.
+    model = TimedModel(lambda n: 1.0)
+    b = Batcher(model, max_batch_size=32, wait_fraction=0.0, clock=model.clock, executor=InlineExecutor())
+    await _closed_loop(b, callers=4, rounds=6)
+    assert b.formation_waits == 0
+    assert sum(model.sizes) == 24 and 1 in model.sizes
+    await b.close()
+
+
+async def test_tiny_batches_with_nothing_behind_them_run_on_the_loop() -> None:
+    # The bound is generous here: the learned time includes the hop to the worker thread, which a
+    # loaded test machine can stretch.
+    model = TimedModel(lambda n: 0.0)
+    b = Batcher(model, max_batch_size=8, clock=model.clock, inline_below_s=0.5)
+    for i in range(5):
+        assert values(await b.submit(rows(i))) == [10 * i]
+    assert b.inline_batches == 4  # the first batch of a size runs on the worker: nothing learned yet
+    slow = TimedModel(lambda n: 1.0)
+    b2 = Batcher(slow, max_batch_size=8, clock=slow.clock, inline_below_s=0.5)
+    for i in range(3):
+        await b2.submit(rows(i))
+    assert b2.inline_batches == 0  # a model slower than the bound always runs on the worker
+    await b.close()
+    await b2.close()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import signal
 import ssl
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -16,6 +18,7 @@ from aiohttp import web
 from fovea.inference import _pool as inference_pool
 from fovea.inference import grpc_service_pb2_grpc
 from fovea.server import loader, rpc, tfserving, tracing, v2, v2_grpc, v2_http
+from fovea.server.batcher import warmup_sizes
 from fovea.server.config import Settings
 from fovea.server.core import Core
 from fovea.server.manager import ModelManager
@@ -116,13 +119,22 @@ def default_gpu_batch_sizes(max_batch_size: int) -> tuple[int, ...]:
 class Server:
     """One fovea server: start(), then stop(grace) drains it. Several can run in one process."""
 
-    def __init__(self, settings: Settings, load=loader.load) -> None:
+    def __init__(self, settings: Settings, load=None) -> None:
         self.device = loader.configure_device(settings.gpu_memory_limit_mb)
         if self.device == "GPU" and not settings.allowed_batch_sizes:
             # On a GPU every new batch shape costs autotuning, so batches are padded to a few sizes.
             sizes = default_gpu_batch_sizes(settings.max_batch_size)
             log.info("GPU: padding batches to sizes %s (set --allowed-batch-sizes to change)", sizes)
             settings = dataclasses.replace(settings, allowed_batch_sizes=sizes)
+        if load is None:
+            # XLA compiles per shape: the allowed sizes, else powers of two (what a steady closed
+            # loop of that many callers forms); other sizes run the plain signature.
+            xla_sizes: Sequence[int] = ()
+            if settings.xla and settings.warmup and settings.allowed_batch_sizes:
+                xla_sizes = warmup_sizes(settings.max_batch_size, settings.allowed_batch_sizes)
+            elif settings.xla and settings.warmup:
+                xla_sizes = default_gpu_batch_sizes(settings.max_batch_size)
+            load = functools.partial(loader.load, xla_sizes=xla_sizes)
         self.settings = settings
         self.metrics = Metrics()
         self.metrics.queue_capacity.set(settings.max_queue_size)

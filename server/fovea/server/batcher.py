@@ -10,6 +10,20 @@ The queue is bounded in count (max_queue_size) and in time: `admit` refuses a re
 wait (the rows ahead of it times the per-row compute time learned from recent batches) exceeds
 max_queue_wait_s or its deadline, before the caller spends anything decoding it, as Triton's queue
 policy does. Admitted rows count as ahead of later requests while they are still being decoded.
+How a batch forms (the default, `batch_timeout_s=0`): a batch starts as soon as a compute slot is
+free, except right after a batch finished, when the batcher may wait a moment for the callers it
+just answered. In a closed loop (each caller sends its next request once answered) they come back
+within a round trip, and starting without them would split the load into alternating small batches
+(1/3 at 4 callers, 8/8 at 16) that run below the model's speed at the full size. So when a batch
+finishes, the next one aims at what is queued plus the rows just answered, provided that after
+earlier batches most answered rows came back within the window (learned: open-loop traffic, whose
+arrivals do not follow answers, does not wait). The wait starts when the slot frees, lasts at most
+`wait_fraction` of the learned compute time of the target size, ends as soon as the target is
+queued, and happens only if the bigger batch would pay for the whole window in throughput (by the
+learned compute times). A lone caller (concurrency 1) is never held: the target is what it alone
+sends. Compute time per batch size is learned from the batcher's own timings (an EWMA), see
+`expected_compute_s`. A positive `batch_timeout_s` replaces all this with the classic rule: wait for
+a full batch at most that long after the first queued item.
 """
 
 from __future__ import annotations
@@ -74,6 +88,17 @@ class Place:
             self._batcher = None
 
 
+_EWMA = 0.3  # weight of the newest sample in the learned compute times and return share
+# A batch expected to compute faster than this, with nothing queued behind it and no other batch
+# running, runs on the event loop itself: the hop to a worker thread and back (a submit, a
+# self-pipe write, two context switches) costs about as much as a tiny model's whole call.
+INLINE_BELOW_S = 0.001
+# The share of just-answered rows that must come back within the window (on average) before the
+# batcher waits for them. A closed loop brings back nearly all; in an open loop the share is the
+# arrivals the window happens to catch over the batch size, which Poisson bursts push up now and then.
+CLOSED_LOOP_SHARE = 0.8
+
+
 def warmup_sizes(max_batch_size: int, allowed_batch_sizes: Sequence[int]) -> list[int]:
     """Every batch size the batcher can hand to the model."""
     if not allowed_batch_sizes:
@@ -101,6 +126,9 @@ class Batcher:
         max_in_flight: int = 1,
         max_queue_size: int = 256,
         max_queue_wait_s: float = 0.0,
+        wait_fraction: float = 0.1,
+        inline_below_s: float = INLINE_BELOW_S,
+        executor: concurrent.futures.Executor | None = None,
         stats: BatcherStats | None = None,
         clock: Callable[[], float] = time.monotonic,
         name: str = "batcher",
@@ -114,6 +142,10 @@ class Batcher:
         self.max_in_flight = max_in_flight
         self.max_queue_size = max_queue_size
         self.max_queue_wait_s = max_queue_wait_s
+        self.wait_fraction = wait_fraction
+        self.inline_below_s = inline_below_s
+        self._running = 0  # batches computing now
+        self.inline_batches = 0  # batches computed on the event loop (tests read it)
         self._stats = stats or BatcherStats()
         self._clock = clock
         self.name = name
@@ -122,13 +154,29 @@ class Batcher:
         self._admitted_rows = 0  # admitted by `admit`, not yet submitted (being decoded)
         self._admitted_chunks = 0
         self._computing_rows = 0
-        self._row_s: float | None = None  # learned compute seconds per (padded) row
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(max_in_flight)
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_in_flight, thread_name_prefix=name)
+        # Where batches compute (tests may pass one that runs them in the calling thread).
+        self._executor = executor or concurrent.futures.ThreadPoolExecutor(
+            max_in_flight, thread_name_prefix=name
+        )
         self._tasks: set[asyncio.Task] = set()
         self._closing = False
         self._loop_task: asyncio.Task | None = None
+        # Learned compute seconds per padded batch size (EWMA of this batcher's own timings).
+        self._compute_s: dict[int, float] = {}
+        # The last finished batch: when, how many rows it answered, what was queued then, and the
+        # window after it in which arrivals are counted (they are the callers coming back).
+        self._done_at: float | None = None
+        self._answered = 0
+        self._queued_at_done = 0
+        self._window_end = float("-inf")
+        self._window_rows = 0
+        self._window_answered = 0  # rows answered by the batch whose window is counting
+        # EWMA of (rows arrived in the window) / (rows answered), 0..1; it starts by assuming that
+        # callers come back (a closed loop), which costs an open loop one short wait at most.
+        self._return_share = 1.0
+        self.formation_waits = 0  # batches that waited for callers to come back (tests read it)
 
     # -- public ---------------------------------------------------------------------------------
 
@@ -142,10 +190,13 @@ class Batcher:
         Every row ahead (queued, admitted and still being decoded, or in a running batch) costs the
         per-row compute time of recent batches; slots compute in parallel.
         """
-        if self._row_s is None:
-            return 0.0  # nothing measured yet: warm-up already ran every batch size, so admit
         ahead = self._queued_rows + self._admitted_rows + self._computing_rows + rows
-        return ahead * self._row_s / self.max_in_flight
+        if not self._compute_s or not ahead:
+            return 0.0  # nothing measured yet: warm-up already ran every batch size, so admit
+        # Full batches, then the rest, each at the compute time learned for its size.
+        full, rest = divmod(ahead, self.max_batch_size)
+        seconds = full * self.expected_compute_s(self.max_batch_size) + self.expected_compute_s(rest)
+        return seconds / self.max_in_flight
 
     @contextlib.contextmanager
     def admit(self, rows: int, deadline: float | None = None, before: float = 0.0) -> Iterator[Place]:
@@ -193,6 +244,31 @@ class Batcher:
         """Re-read the clock now: a waiting batch runs if its timeout passed (tests with a fake clock)."""
         self._wakeup.set()
 
+    def expected_compute_s(self, size: int) -> float:
+        """Learned seconds the model takes for a batch of `size` rows (after padding); 0.0 until a
+        batch has run. Sizes not yet seen are interpolated between the nearest seen sizes, extended
+        along the slope of the two largest above them, and scaled by rows below the smallest."""
+        if not self._compute_s or size < 1:
+            return 0.0
+        size = self._padded_size(min(size, self.max_batch_size)) if self._allowed else size
+        known = sorted(self._compute_s)
+        if size in self._compute_s:
+            return self._compute_s[size]
+        if size < known[0]:
+            return self._compute_s[known[0]] * size / known[0]  # a lower bound, as if no fixed cost
+        if size > known[-1]:
+            # The slope of the two largest sizes seen; with one size only, time per row (an upper
+            # bound: a batch also has a fixed cost that does not grow with it).
+            top = self._compute_s[known[-1]]
+            if len(known) == 1:
+                return top * size / known[-1]
+            slope = max(0.0, (top - self._compute_s[known[-2]]) / (known[-1] - known[-2]))
+            return top + slope * (size - known[-1])
+        hi = bisect.bisect_left(known, size)
+        a, b = known[hi - 1], known[hi]
+        ta, tb = self._compute_s[a], self._compute_s[b]
+        return ta + (tb - ta) * (size - a) / (b - a)
+
     def start(self) -> None:
         if self._loop_task is None:
             self._loop_task = asyncio.get_running_loop().create_task(self._run(), name=self.name)
@@ -228,6 +304,8 @@ class Batcher:
             )
         loop = asyncio.get_running_loop()
         now = self._clock()
+        if now <= self._window_end:
+            self._window_rows += len(rows)
         futures = []
         for chunk in chunks:
             fut = loop.create_future()
@@ -291,7 +369,13 @@ class Batcher:
             if batch is None:
                 self._slots.release()
                 return
-            task = asyncio.get_running_loop().create_task(self._execute(batch))
+            size = self._padded_size(sum(len(item.rows) for item in batch))
+            if self._inline(size):
+                # Computed on the loop anyway: run it here rather than in a task of its own, which
+                # saves the event-loop turn that would start that task.
+                await self._execute(batch, inline=True)
+                continue
+            task = asyncio.get_running_loop().create_task(self._execute(batch, inline=False))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -302,20 +386,63 @@ class Batcher:
                     return None
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            # A free slot waits for the batch to fill, at most batch_timeout_s after the first item
-            # was queued; under load the queue filled while the slot was busy and this is a no-op.
-            while self._queue and self._queued_rows < self.max_batch_size and not self._closing:
-                remaining = self._queue[0].enqueued + self.batch_timeout_s - self._clock()
+            if self.batch_timeout_s > 0:
+                # The classic rule: wait for a full batch, at most batch_timeout_s after the first
+                # item was queued; under load the queue filled while the slot was busy: a no-op.
+                target, deadline = self.max_batch_size, self._queue[0].enqueued + self.batch_timeout_s
+            else:
+                target, deadline = self._target()
+            waited = False
+            while self._queue and self._queued_rows < target and not self._closing:
+                remaining = deadline - self._clock()
                 if remaining <= 0:
                     break
+                waited = True
                 self._wakeup.clear()
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
                 except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                     break
+            self.formation_waits += waited
             batch = self._take()
             if batch:
+                self._done_at = None  # the finished batch's callers have had their chance
                 return batch
+
+    def _target(self) -> tuple[int, float]:
+        """Rows worth waiting for, and until when (see the module docstring)."""
+        if self._done_at is None or self.wait_fraction <= 0:
+            return 0, float("-inf")
+        if self._return_share < CLOSED_LOOP_SHARE:
+            return 0, float("-inf")  # arrivals do not follow answers: an open loop, nothing to wait for
+        target = min(self.max_batch_size, self._queued_at_done + self._answered)
+        # Wait only if the bigger batch pays for the idle time, even if it took the whole window:
+        # near saturation of an open loop a few more arrivals are not worth a tenth of a batch.
+        queued = max(self._queued_rows, 1)
+        if target <= queued:
+            return 0, float("-inf")
+        now = self._clock()
+        wait = max(0.0, self._window_end - now)
+        now_s, later_s = self.expected_compute_s(queued), wait + self.expected_compute_s(target)
+        if now_s <= 0 or target * now_s <= queued * later_s:
+            return 0, float("-inf")
+        return target, self._window_end
+
+    def _finished(self, rows: int, size: int, compute_s: float) -> None:
+        """Learn from a finished batch and open the window in which its callers may come back."""
+        old = self._compute_s.get(size)
+        self._compute_s[size] = compute_s if old is None else old + _EWMA * (compute_s - old)
+        if self._window_answered:
+            share = min(1.0, self._window_rows / self._window_answered)
+            self._return_share += _EWMA * (share - self._return_share)
+        now = self._clock()
+        self._done_at = now
+        self._answered = rows
+        self._queued_at_done = self._queued_rows
+        expected = self.expected_compute_s(min(self.max_batch_size, self._queued_rows + rows))
+        self._window_end = now + self.wait_fraction * expected
+        self._window_rows = 0
+        self._window_answered = rows
 
     def _take(self) -> list[_Item]:
         now = self._clock()
@@ -349,6 +476,12 @@ class Batcher:
         self._stats.queue_depth(len(self._queue))
         return batch
 
+    def _inline(self, size: int) -> bool:
+        """Whether to compute on the loop: a known-tiny batch with nothing else to do meanwhile."""
+        if self._running or self._queue or size not in self._compute_s:
+            return False
+        return self._compute_s[size] < self.inline_below_s
+
     def _compute(self, rows: list[np.ndarray], size: int) -> Sequence:
         first = rows[0]
         if size == 1 and isinstance(first, np.ndarray):
@@ -358,7 +491,7 @@ class Batcher:
             stacked[i] = row
         return self._infer(stacked)
 
-    async def _execute(self, batch: list[_Item]) -> None:
+    async def _execute(self, batch: list[_Item], inline: bool) -> None:
         computing = sum(len(item.rows) for item in batch)
         self._computing_rows += computing
         try:
@@ -366,16 +499,22 @@ class Batcher:
             size = self._padded_size(len(rows))
             start = self._clock()
             waits = [start - item.enqueued for item in batch]
-            outputs = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._compute, rows, size
-            )
+            self._running += 1
+            try:
+                if inline:
+                    self.inline_batches += 1
+                    outputs = self._compute(rows, size)
+                else:
+                    outputs = await asyncio.get_running_loop().run_in_executor(
+                        self._executor, self._compute, rows, size
+                    )
+            finally:
+                self._running -= 1
             compute_s = self._clock() - start
-            # A moving average over recent batches: the per-row cost the expected wait is built on.
-            row_s = compute_s / max(size, 1)
-            self._row_s = row_s if self._row_s is None else 0.8 * self._row_s + 0.2 * row_s
             if len(outputs) != size:
                 raise RuntimeError(f"the model returned {len(outputs)} rows for a batch of {size}")
             self._stats.batch(len(rows), size - len(rows), waits, compute_s)
+            self._finished(len(rows), size, compute_s)
             offset = 0
             for item in batch:
                 if item.timing is not None:

@@ -46,8 +46,17 @@ class Settings:
     max_batch_size: int = _setting(32, "Most images in one model call.")
     batch_timeout_ms: float = _setting(
         0.0,
-        "Longest a queued image waits for a batch to fill, counted from the first queued image. "
-        "0 runs whatever is queued as soon as a model slot is free (batches still form under load).",
+        "Longest a queued image waits for a full batch, counted from the first queued image (a fixed "
+        "delay, as Triton's max_queue_delay). 0, the default, lets batches follow the load instead: "
+        "see --batch-wait-fraction.",
+    )
+    batch_wait_fraction: float = _setting(
+        0.1,
+        "With --batch-timeout-ms 0: when a batch finishes, the next one waits for the callers it just "
+        "answered (in a closed loop they come back within a round trip) at most this fraction of the "
+        "learned compute time of the batch they would make, and starts as soon as they are queued. A "
+        "lone caller never waits, and traffic whose arrivals do not follow answers learns not to wait. "
+        "0 starts whatever is queued at once (batches then alternate in size under steady load).",
     )
     allowed_batch_sizes: tuple[int, ...] = _setting(
         (),
@@ -55,6 +64,14 @@ class Settings:
         "Empty: any size (the default on CPU); on a GPU the default is powers of two up to "
         "--max-batch-size, because every new shape costs autotuning there.",
         flag_type="int_list",
+    )
+    xla: bool = _setting(
+        True,
+        "After warm-up, compile the image signature with XLA (tf.function(jit_compile=True)) for the "
+        "batch sizes --allowed-batch-sizes lists, else the powers of two up to --max-batch-size, on a "
+        "background thread while the plain signature serves; check each agrees with the plain one "
+        "within 1e-4, time both, and switch each size to the faster. Other batch sizes run the plain "
+        "signature, unpadded. Skipped without --warmup; --no-xla serves the signature as exported.",
     )
     max_in_flight_batches: int = _setting(
         1,
@@ -150,6 +167,8 @@ class Settings:
             )
         if self.batch_timeout_ms < 0:
             problems.append("--batch-timeout-ms must not be negative")
+        if not 0 <= self.batch_wait_fraction <= 1:
+            problems.append("--batch-wait-fraction must be between 0 and 1")
         if self.poll_interval <= 0:
             problems.append("--poll-interval must be positive")
         if self.max_images_per_request < 1 or self.max_pixels < 1 or self.max_message_mb < 1:

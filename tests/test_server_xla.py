@@ -1,0 +1,71 @@
+"""XLA-compiled serving (loader.py): compiled sizes agree with the exported signature within 1e-4,
+each is served by whichever function was faster at warm-up, other sizes run plain, and --no-xla
+turns it all off."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow", reason="the XLA tests need the server extra")
+
+from _models import LABELS, export_tiny  # noqa: E402
+from _serving import client, start_server, stop_server, wait_serving  # noqa: E402
+from fovea.server import loader  # noqa: E402
+
+SIZE = 24
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory) -> Path:
+    return export_tiny(tmp_path_factory.mktemp("models"), "tiny", SIZE, seed=3)
+
+
+def test_compiled_sizes_agree_with_the_signature(published: Path) -> None:
+    model = loader.load(str(published), "tiny", 1, xla_sizes=(1, 4))
+    model.warm_up([1, 8])
+    assert model.wait_compiled(120)
+    assert sorted(model.xla_timings) == [1, 4]  # both compiled, checked and timed
+    assert set(model.compiled_sizes) <= {1, 4}
+    rng = np.random.default_rng(7)
+    for size in (1, 4):
+        images = rng.integers(0, 256, size=(size, SIZE, SIZE, 3), dtype=np.uint8)
+        plain = model.predict_plain(images)
+        compiled = model.predict_compiled(images)
+        assert compiled.shape == plain.shape == (size, len(LABELS))
+        np.testing.assert_allclose(compiled, plain, rtol=0, atol=loader.XLA_TOLERANCE)
+        served = model.predict(images)
+        expected = compiled if size in model.compiled_sizes else plain
+        np.testing.assert_array_equal(served, expected)
+    with pytest.raises(KeyError):
+        model.predict_compiled(np.zeros((3, SIZE, SIZE, 3), np.uint8))  # never compiled: no such size
+    model.release()
+
+
+def test_without_xla_nothing_is_compiled(published: Path) -> None:
+    model = loader.load(str(published), "tiny", 1)
+    model.warm_up([1, 2])
+    assert model.wait_compiled(0)  # nothing to compile: done at once
+    assert model.compiled_sizes == [] and model.xla_timings == {}
+    model.release()
+
+
+def test_server_with_xla_compiles_powers_of_two_and_answers_like_without(published: Path) -> None:
+    images = np.random.default_rng(1).integers(0, 256, size=(3, SIZE, SIZE, 3), dtype=np.uint8)
+    answers = []
+    for xla in (True, False):
+        srv = start_server(published.parents[1], max_batch_size=4, xla=xla)
+        try:
+            assert srv.settings.allowed_batch_sizes == ()  # compiled sizes are not padded to
+            with client(srv.port) as c:
+                wait_serving(c)
+                (served,) = srv.manager.loaded()
+                assert served.model.wait_compiled(120)
+                assert sorted(served.model.xla_timings) == ([1, 2, 4] if xla else [])
+                result = c.predict(list(images), return_probabilities=True)
+            answers.append(np.array([p.probabilities for p in result]))
+        finally:
+            stop_server(srv)
+    np.testing.assert_allclose(answers[0], answers[1], rtol=0, atol=loader.XLA_TOLERANCE)
