@@ -29,7 +29,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 # run.py puts client/, server/ and trainer/ on sys.path when imported.
-from run import log, make_models, start_server, stop_server, subprocess_env  # noqa: E402
+from run import log, make_models, run_loadgen, start_server, stop_server  # noqa: E402
 
 TARGETS = {"goodput_share": 0.90, "accepted_p99_s": 1.0}
 
@@ -51,17 +51,7 @@ def payloads(folder: Path) -> dict[str, Path]:
 
 
 def loadgen(server, payload: Path, *args: str) -> dict:
-    argv = [
-        sys.executable,
-        str(BENCH / "loadgen.py"),
-        "--target",
-        server.target,
-        "--payload",
-        str(payload),
-        *args,
-    ]
-    out = subprocess.run(argv, env=subprocess_env(), check=True, capture_output=True, text=True)
-    return json.loads(out.stdout)
+    return run_loadgen(server.target, payload, *args)
 
 
 def machine_load() -> str:

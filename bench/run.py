@@ -125,28 +125,22 @@ def batch_histogram(before: list, after: list) -> tuple[float, str]:
     return (summed / total if total else float("nan")), seen
 
 
+def run_loadgen(target: str, payload: Path, *args: str) -> dict:
+    """One bench/loadgen.py run in its own process (so its CPU is its own); its JSON result."""
+    argv = [sys.executable, str(BENCH / "loadgen.py"), "--target", target, "--payload", str(payload), *args]
+    out = subprocess.run(argv, env=subprocess_env(), check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)
+
+
 def load_point(
     server: Server, payload: Path, mode: str, level: float, warmup: float, duration: float
 ) -> dict:
     before, cpu0, t0 = server.metrics(), server.cpu_seconds(), time.monotonic()
-    argv = [
-        sys.executable,
-        str(BENCH / "loadgen.py"),
-        "--target",
-        server.target,
-        "--payload",
-        str(payload),
-        "--mode",
-        mode,
-        "--warmup",
-        str(warmup),
-        "--duration",
-        str(duration),
-    ]
-    argv += ["--concurrency", str(int(level))] if mode == "closed" else ["--rate", str(level)]
-    out = subprocess.run(argv, env=subprocess_env(), check=True, capture_output=True, text=True)
+    load = ["--concurrency", str(int(level))] if mode == "closed" else ["--rate", str(level)]
+    result = run_loadgen(
+        server.target, payload, "--mode", mode, "--warmup", str(warmup), "--duration", str(duration), *load
+    )
     wall = time.monotonic() - t0
-    result = json.loads(out.stdout)
     mean_batch, seen = batch_histogram(before, server.metrics())
     result.update(
         mean_batch=mean_batch,
