@@ -27,16 +27,17 @@ def main() -> int:
 
     import numpy as np
     import tensorflow as tf
+    from fovea import contract
 
     loaded = tf.saved_model.load(args.model)
-    fn = loaded.signatures["serving_default"]
-    height, width = fn.structured_input_signature[1]["images"].shape[1:3]
-    compiled = tf.function(lambda images: fn(images=images)["probabilities"], jit_compile=True)
+    fn = loaded.signatures[contract.SIGNATURE_IMAGES]
+    height, width = fn.structured_input_signature[1][contract.INPUT_IMAGES].shape[1:3]
+    compiled = tf.function(lambda images: fn(images=images)[contract.OUTPUT], jit_compile=True)
     rng = np.random.default_rng(0)
     rows = []
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         images = tf.constant(rng.integers(0, 256, size=(batch, height, width, 3), dtype=np.uint8))
-        calls = {"plain": lambda images=images: fn(images=images)["probabilities"].numpy()}
+        calls = {"plain": lambda images=images: fn(images=images)[contract.OUTPUT].numpy()}
         if not args.no_xla:
             xla = compiled.get_concrete_function(tf.TensorSpec([batch, height, width, 3], tf.uint8))
             calls["xla"] = lambda xla=xla, images=images: xla(images).numpy()

@@ -55,9 +55,9 @@ class ModelSource:
         """Why a scan found no version, and the layout it expects (one log line, blocking I/O)."""
         base, s = self.base, self._storage
         if self._single:
-            layout = posixpath.join(base, "<version>", "saved_model.pb")
+            layout = posixpath.join(base, "<version>", contract.SAVED_MODEL_FILE)
         else:
-            layout = posixpath.join(base, "<model name>", "<version>", "saved_model.pb")
+            layout = posixpath.join(base, "<model name>", "<version>", contract.SAVED_MODEL_FILE)
         if not s.isdir(base):
             return f"--model-dir {base} does not exist; waiting for it (expected {layout})"
         names = sorted(n for n in s.listdir(base) if n and not n.startswith("."))
@@ -68,7 +68,7 @@ class ModelSource:
             return f"--model-dir {base} holds no complete version of {self._single} in {', '.join(names)}; waiting (expected {layout})"
         if contract.published_versions(base, s.listdir, s.exists):
             return f"--model-dir {base} is one model's folder (versions {', '.join(names)}): use its parent, {parent}"
-        if posixpath.basename(base.rstrip("/")).isdigit() and contract.published_versions(
+        if contract.version_of(posixpath.basename(base.rstrip("/"))) and contract.published_versions(
             parent, s.listdir, s.exists
         ):
             return f"--model-dir {base} is a version folder: use the folder above its model, {posixpath.dirname(parent)}"

@@ -15,6 +15,7 @@ tensorflow_serving messages and runs no TensorFlow code.
 from __future__ import annotations
 
 import numpy as np
+from fovea import contract
 from fovea.contract import INPUT_BYTES, INPUT_IMAGES, OUTPUT, SIGNATURE_BYTES, SIGNATURE_IMAGES, ModelMetadata
 from fovea.server import core
 from fovea.server.errors import InvalidArgument, clip
@@ -59,8 +60,9 @@ def _version(spec: model_pb2.ModelSpec) -> int:
     label = spec.version_label
     if label in ("", "latest"):
         return 0
-    if label.isdigit() and int(label) > 0:
-        return int(label)  # fovea has no label table; a numeric label names that version
+    version = contract.version_of(label)
+    if version is not None:
+        return version  # fovea has no label table; a numeric label names that version
     raise InvalidArgument(
         f"model_spec.version_label {_cut(label)!r} is unknown; fovea knows 'latest' or a version number"
     )

@@ -20,6 +20,7 @@ from importlib import metadata as _pkg_metadata
 from typing import Any
 
 import numpy as np
+from fovea import contract
 from fovea.contract import INPUT_BYTES, INPUT_IMAGES, OUTPUT, ModelMetadata
 from fovea.server import core
 from fovea.server.errors import InvalidArgument, NotFound, ServingError, clip
@@ -147,8 +148,9 @@ def parse_version(version: str) -> int:
     """'' means the newest loaded version (0 for the core); otherwise a positive integer."""
     if version == "":
         return 0
-    if version.isdigit() and int(version) > 0:
-        return int(version)
+    number = contract.version_of(version)
+    if number is not None:
+        return number
     raise InvalidArgument(
         f"model version {_cut(version)!r} is not a positive integer; leave it empty for the newest"
     )
