@@ -223,15 +223,19 @@ class LoadedModel:
         try:
             self._compile(self.xla_sizes)
         except Exception as exc:
+            if self._signature is None:
+                return  # the version was released (a reload or shutdown) while it compiled
             # Serving goes on with the plain signature; a compile failure costs speed, not answers. A
-            # model with ops XLA lacks is an expected case, so one line (first line of TF's message),
-            # not a traceback that reads like a crash.
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            # model with ops XLA lacks is an expected case, so one line of TF's message (its first
+            # telling line: TF often opens with "in user code:"), not a traceback that reads like a crash.
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            telling = [line for line in lines if not line.startswith(("in user code", "File "))]
+            reason = (telling or lines or [type(exc).__name__])[0][:300]
             log.warning(
                 "%s version %d: XLA compile failed, serving the plain signature: %s",
                 self.metadata.name,
                 self.metadata.version,
-                first,
+                reason,
             )
         finally:
             self._compile_done.set()
