@@ -149,9 +149,9 @@ class V2Http:
 
     async def _infer(self, request: web.Request) -> web.Response:
         body = await request.read()
-        header, binary = _split_body(body, request.headers.get(HEADER_LENGTH))
-        parsed = _json_body(header)
-        infer_request, binary_outputs = _infer_request(request, parsed, binary)
+        # Parsing a JSON tensor is pure-Python work proportional to the body (up to the message limit):
+        # off the event loop, so one large request does not stall every other call and health check.
+        infer_request, binary_outputs = await asyncio.to_thread(_parse_infer, request, body)
         result = await self._v2.infer(infer_request, None)
         response = _infer_response(result, binary_outputs)
         if "Accept-Encoding" in request.headers:
@@ -178,6 +178,11 @@ def _model(request: web.Request) -> tuple[str, str]:
 
 def _spec(t: v2.TensorSpec) -> dict[str, Any]:
     return {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
+
+
+def _parse_infer(request: web.Request, body: bytes) -> tuple[v2.InferRequest, bool | set[str]]:
+    header, binary = _split_body(body, request.headers.get(HEADER_LENGTH))
+    return _infer_request(request, _json_body(header), binary)
 
 
 def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
