@@ -139,7 +139,7 @@ async def test_zero_timeout_runs_at_once_and_batches_under_load() -> None:
 async def test_queue_bound_sheds() -> None:
     model, stats = FakeModel(), Stats()
     model.gate = threading.Event()
-    b = Batcher(model, max_batch_size=1, max_queue_size=1, max_in_flight=1, stats=stats)
+    b = Batcher(model, max_batch_size=2, max_queue_size=1, max_in_flight=1, stats=stats)
     running = asyncio.ensure_future(b.submit(rows(1)))  # taken by the worker, blocked on the gate
     await until(lambda: model.calls == 1)
     queued = asyncio.ensure_future(b.submit(rows(2)))  # waits in the queue
@@ -152,20 +152,25 @@ async def test_queue_bound_sheds() -> None:
     await b.close()
 
 
-async def test_deadline_expired_in_queue_is_never_computed() -> None:
+@pytest.mark.parametrize("ahead", [False, True], ids=["queued", "formed-ahead"])
+async def test_row_whose_deadline_passes_before_compute_is_never_computed(ahead: bool) -> None:
     model, stats = FakeModel(), Stats()
     model.gate = threading.Event()
     clock = FakeClock()
-    b = Batcher(model, max_batch_size=1, max_in_flight=1, stats=stats, clock=clock)
+    b = Batcher(model, max_batch_size=2, max_in_flight=1, stats=stats, clock=clock)
     running = asyncio.ensure_future(b.submit(rows(1)))
     await until(lambda: model.calls == 1)
     late = asyncio.ensure_future(b.submit(rows(2), deadline=10.0))
-    await until(lambda: b.queue_depth == 1)
-    clock.now = 10.0  # the deadline passes while it is queued
+    # A second row fills the batch, which is then formed ahead of the running one, out of the queue.
+    kept = asyncio.ensure_future(b.submit(rows(3))) if ahead else None
+    await until(lambda: b.batches_in_flight == 2 if ahead else b.queue_depth == 1)
+    clock.now = 10.0  # the deadline passes while it waits
     model.gate.set()
-    await running
+    assert values(await running) == [10]
     with pytest.raises(DeadlineExceeded):
         await late
+    if kept is not None:
+        assert values(await kept) == [30]
     assert stats.expired_n == 1
     assert all(2 not in x for x in model.batches)
     await b.close()
@@ -174,7 +179,7 @@ async def test_deadline_expired_in_queue_is_never_computed() -> None:
 async def test_cancelled_request_is_dropped_before_compute() -> None:
     model, stats = FakeModel(), Stats()
     model.gate = threading.Event()
-    b = Batcher(model, max_batch_size=1, max_in_flight=1, stats=stats)
+    b = Batcher(model, max_batch_size=4, max_in_flight=1, stats=stats)
     running = asyncio.ensure_future(b.submit(rows(1)))
     await until(lambda: model.calls == 1)
     doomed = asyncio.ensure_future(b.submit(rows(2)))
@@ -185,6 +190,47 @@ async def test_cancelled_request_is_dropped_before_compute() -> None:
     assert values(await running) == [10] and values(await kept) == [30]
     assert stats.cancelled_n == 1
     assert all(2 not in x for x in model.batches)
+    await b.close()
+
+
+async def test_full_batch_formed_ahead_starts_without_the_event_loop() -> None:
+    # Under overload the loop is busy answering and refusing requests; the model must not sit idle
+    # until the loop sees the running batch finish. A full batch waits at the executor instead.
+    model = FakeModel()
+    model.gate = threading.Event()
+    second = threading.Event()
+    inner = model.__call__
+
+    def infer(batch: np.ndarray) -> np.ndarray:
+        if model.calls == 1:
+            second.set()  # the second model call has begun
+        return inner(batch)
+
+    b = Batcher(infer, max_batch_size=2, max_in_flight=1)
+    running = asyncio.ensure_future(b.submit(rows(1)))
+    await until(lambda: model.calls == 1)
+    ahead = [asyncio.ensure_future(b.submit(rows(v))) for v in (2, 3)]
+    await until(lambda: b.batches_in_flight == 2)  # the full batch left the queue for the executor
+    model.gate.set()
+    # Block the event loop: only the worker thread can start the next batch now.
+    assert second.wait(5), "the full batch did not start until the event loop was free"
+    assert values(await running) == [10]
+    assert [values(await f) for f in ahead] == [[20], [30]]
+    await b.close()
+
+
+async def test_partial_batch_waits_in_the_queue_while_one_computes() -> None:
+    model = FakeModel()
+    model.gate = threading.Event()
+    b = Batcher(model, max_batch_size=4, max_in_flight=1)
+    running = asyncio.ensure_future(b.submit(rows(1)))
+    await until(lambda: model.calls == 1)
+    queued = [asyncio.ensure_future(b.submit(rows(v))) for v in (2, 3, 4)]
+    await until(lambda: b.queue_depth == 3)  # not full: it may still grow, so it stays queued
+    model.gate.set()
+    assert values(await running) == [10]
+    assert [values(await f) for f in queued] == [[20], [30], [40]]
+    assert [len(x) for x in model.batches] == [1, 3]
     await b.close()
 
 
@@ -245,7 +291,7 @@ async def test_close_drains_queue_then_refuses() -> None:
 async def test_close_without_drain_fails_queued() -> None:
     model = FakeModel()
     model.gate = threading.Event()
-    b = Batcher(model, max_batch_size=1, max_in_flight=1)
+    b = Batcher(model, max_batch_size=2, max_in_flight=1)
     running = asyncio.ensure_future(b.submit(rows(1)))
     await until(lambda: model.calls == 1)
     queued = asyncio.ensure_future(b.submit(rows(2)))
@@ -318,6 +364,11 @@ async def test_expected_wait_is_learned_and_sheds_before_any_work() -> None:
     with b.admit(1, deadline=clock.now + 7.0):  # admitted: its place counts for those behind it
         assert b.expected_wait() == 6.0
     assert stats.shed_n == 2
+    # A running batch costs what remains of it, not all of it: 1.5 s into its expected 4 s.
+    clock.now += 1.5
+    assert b.expected_wait() == 2.5
+    with b.admit(1):
+        assert b.expected_wait() == 4.5
     gate.set()
     assert values(await running) == [10, 20]
     await b.close()

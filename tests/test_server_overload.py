@@ -28,8 +28,10 @@ def models_dir(tmp_path_factory) -> Path:
 
 
 def slow_server(models_dir: Path, **overrides):
-    # max_queue_wait_ms 0: the count bound alone (the time bound has its own test below).
-    settings = {"max_batch_size": 1, "max_queue_size": 1, "max_in_flight_batches": 1, "batch_timeout_ms": 0}
+    # max_queue_wait_ms 0: the count bound alone (the time bound has its own test below). Batches of
+    # up to 2: one queued image is not a full batch, so it waits in the queue (a full batch would
+    # be formed ahead of the running one, out of the queue).
+    settings = {"max_batch_size": 2, "max_queue_size": 1, "max_in_flight_batches": 1, "batch_timeout_ms": 0}
     srv = start_server(models_dir, **{**settings, "max_queue_wait_ms": 0, **overrides})
     wait_until(lambda: srv.manager.ready, what="the slow model to load")
     return srv

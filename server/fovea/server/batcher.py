@@ -7,9 +7,12 @@ dropped before a batch runs; a result is set only `if not fut.done()`; the numbe
 checked against the batch.
 
 The queue is bounded in count (max_queue_size) and in time: `admit` refuses a request whose expected
-wait (the rows ahead of it times the per-row compute time learned from recent batches) exceeds
-max_queue_wait_s or its deadline, before the caller spends anything decoding it, as Triton's queue
-policy does. Admitted rows count as ahead of later requests while they are still being decoded.
+wait (what remains of the running batch, then the rows ahead of it in full batches, at the compute
+times learned per batch size) exceeds max_queue_wait_s or its deadline, before the caller spends
+anything decoding it, as Triton's queue policy does. Admitted rows count as ahead of later requests
+while they are still being decoded. At most max_in_flight batches compute at once; when all slots
+are busy and a full batch is queued, it is formed ahead and handed to the executor, where it starts
+in the worker thread the moment a slot frees, without waiting for the event loop.
 How a batch forms (the default, `batch_timeout_s=0`): a batch starts as soon as a compute slot is
 free, except right after a batch finished, when the batcher may wait a moment for the callers it
 just answered. In a closed loop (each caller sends its next request once answered) they come back
@@ -72,6 +75,15 @@ class _Item:
     deadline: float | None
     enqueued: float
     timing: BatchTiming | None = None
+
+
+@dataclass(eq=False)
+class _InFlight:
+    """A batch handed to the executor: its padded size, and when the model started on it (set by
+    the worker thread; None while it waits ahead of a free slot)."""
+
+    size: int
+    started: float | None = None
 
 
 class Place:
@@ -144,7 +156,7 @@ class Batcher:
         self.max_queue_wait_s = max_queue_wait_s
         self.wait_fraction = wait_fraction
         self.inline_below_s = inline_below_s
-        self._running = 0  # batches computing now
+        self._running = 0  # batches handed to the executor and not finished (computing or ahead)
         self.inline_batches = 0  # batches computed on the event loop (tests read it)
         self._stats = stats or BatcherStats()
         self._clock = clock
@@ -154,8 +166,11 @@ class Batcher:
         self._admitted_rows = 0  # admitted by `admit`, not yet submitted (being decoded)
         self._admitted_chunks = 0
         self._computing_rows = 0
+        self._in_flight: list[_InFlight] = []  # batches handed to the executor, oldest first
         self._wakeup = asyncio.Event()
-        self._slots = asyncio.Semaphore(max_in_flight)
+        # One batch more than max_in_flight may be formed: a full one, handed to the executor to start
+        # the moment a compute slot frees (see `_may_form`).
+        self._slots = asyncio.Semaphore(max_in_flight + 1)
         # Where batches compute (tests may pass one that runs them in the calling thread).
         self._executor = executor or concurrent.futures.ThreadPoolExecutor(
             max_in_flight, thread_name_prefix=name
@@ -184,18 +199,30 @@ class Batcher:
     def queue_depth(self) -> int:
         return len(self._queue)
 
+    @property
+    def batches_in_flight(self) -> int:
+        """Batches handed to the model and not finished: computing, or formed ahead of a free slot."""
+        return self._running
+
     def expected_wait(self, rows: int = 0) -> float:
         """Seconds a request of `rows` rows arriving now would wait before its compute ends (estimate).
 
-        Every row ahead (queued, admitted and still being decoded, or in a running batch) costs the
-        per-row compute time of recent batches; slots compute in parallel.
+        The batches handed to the model cost what remains of their learned compute time (all of it
+        for one formed ahead, not started); the rows queued, admitted and still being decoded, and
+        the request's own, cost full batches and then the rest, at the times learned per size; slots
+        compute in parallel. Counting a running batch in full would overstate the wait by half a
+        batch on average: under overload the queue then never held a full batch, batches stayed
+        at about half the maximum, and goodput fell to 55-60% of capacity.
         """
-        ahead = self._queued_rows + self._admitted_rows + self._computing_rows + rows
-        if not self._compute_s or not ahead:
+        if not self._compute_s:
             return 0.0  # nothing measured yet: warm-up already ran every batch size, so admit
-        # Full batches, then the rest, each at the compute time learned for its size.
-        full, rest = divmod(ahead, self.max_batch_size)
-        seconds = full * self.expected_compute_s(self.max_batch_size) + self.expected_compute_s(rest)
+        now = self._clock()
+        seconds = 0.0
+        for batch in self._in_flight:
+            expected = self.expected_compute_s(batch.size)
+            seconds += expected if batch.started is None else max(0.0, expected - (now - batch.started))
+        full, rest = divmod(self._queued_rows + self._admitted_rows + rows, self.max_batch_size)
+        seconds += full * self.expected_compute_s(self.max_batch_size) + self.expected_compute_s(rest)
         return seconds / self.max_in_flight
 
     @contextlib.contextmanager
@@ -370,19 +397,25 @@ class Batcher:
                 self._slots.release()
                 return
             size = self._padded_size(sum(len(item.rows) for item in batch))
-            if self._inline(size):
+            inline = self._inline(size)
+            # Counted now, not when its task first runs: `_may_form` reads these for the next batch.
+            self._running += 1
+            self._computing_rows += sum(len(item.rows) for item in batch)
+            record = _InFlight(size)
+            self._in_flight.append(record)
+            if inline:
                 # Computed on the loop anyway: run it here rather than in a task of its own, which
                 # saves the event-loop turn that would start that task.
-                await self._execute(batch, inline=True)
+                await self._execute(batch, record, inline=True)
                 continue
-            task = asyncio.get_running_loop().create_task(self._execute(batch, inline=False))
+            task = asyncio.get_running_loop().create_task(self._execute(batch, record, inline=False))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
     async def _next_batch(self) -> list[_Item] | None:
         while True:
-            while not self._queue:
-                if self._closing:
+            while not self._queue or not self._may_form():
+                if self._closing and not self._queue:
                     return None
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -408,6 +441,18 @@ class Batcher:
             if batch:
                 self._done_at = None  # the finished batch's callers have had their chance
                 return batch
+
+    def _may_form(self) -> bool:
+        """A batch forms when a compute slot is free, or ahead of one when a full batch is queued.
+
+        A full batch cannot grow by waiting, so it goes to the executor at once and starts in the
+        worker thread as soon as the running batch ends. Otherwise the next batch would start only
+        after the event loop has seen the last one finish and formed this one: under overload the
+        loop is busy answering and refusing requests, and the model sat idle for that long (at 4x
+        capacity it ran at three quarters of its speed). Rows ahead can no longer expire or be
+        dropped when their callers leave; they wait one batch at most.
+        """
+        return self._running < self.max_in_flight or self._queued_rows >= self.max_batch_size
 
     def _target(self) -> tuple[int, float]:
         """Rows worth waiting for, and until when (see the module docstring)."""
@@ -482,44 +527,66 @@ class Batcher:
             return False
         return self._compute_s[size] < self.inline_below_s
 
-    def _compute(self, rows: list[np.ndarray], size: int) -> Sequence:
+    def _compute(self, batch: list[_Item], record: _InFlight) -> tuple[list[_Item], Sequence, float, float]:
+        """Run the model on the batch's live items; return them, the output rows, and when the
+        model started and ended, timed where it runs (a batch formed ahead waits in the executor
+        first, and the loop may see the end late).
+
+        Items whose deadline passed or whose caller left meanwhile are left out (a batch formed ahead
+        may wait a whole batch): reading `future.done()` off the loop is a plain attribute read, and
+        at worst computes a row that is dropped later.
+        """
+        start = record.started = self._clock()
+        live = [
+            item
+            for item in batch
+            if not item.future.done() and (item.deadline is None or start < item.deadline)
+        ]
+        if not live:
+            return live, [], start, start
+        rows = [row for item in live for row in item.rows]
+        size = self._padded_size(len(rows))
         first = rows[0]
         if size == 1 and isinstance(first, np.ndarray):
-            return self._infer(first[None])  # a view: no copy for the lone request of a quiet server
+            # A view: no copy for the lone request of a quiet server.
+            return live, self._infer(first[None]), start, self._clock()
         stacked = np.zeros((size, *first.shape), dtype=first.dtype)
         for i, row in enumerate(rows):
             stacked[i] = row
-        return self._infer(stacked)
+        return live, self._infer(stacked), start, self._clock()
 
-    async def _execute(self, batch: list[_Item], inline: bool) -> None:
+    async def _execute(self, batch: list[_Item], record: _InFlight, inline: bool) -> None:
+        """Compute a batch that `_run` counted in `_running` and `_computing_rows`, and answer it."""
         computing = sum(len(item.rows) for item in batch)
-        self._computing_rows += computing
         try:
-            rows = [row for item in batch for row in item.rows]
-            size = self._padded_size(len(rows))
-            start = self._clock()
-            waits = [start - item.enqueued for item in batch]
-            self._running += 1
             try:
                 if inline:
                     self.inline_batches += 1
-                    outputs = self._compute(rows, size)
+                    live, outputs, start, end = self._compute(batch, record)
                 else:
-                    outputs = await asyncio.get_running_loop().run_in_executor(
-                        self._executor, self._compute, rows, size
+                    live, outputs, start, end = await asyncio.get_running_loop().run_in_executor(
+                        self._executor, self._compute, batch, record
                     )
             finally:
                 self._running -= 1
-            compute_s = self._clock() - start
+                self._in_flight.remove(record)
+                self._wakeup.set()  # a slot is free: a batch may form
+            if len(live) < len(batch):
+                self._drop_late(batch, live, start)
+            if not live:
+                return
+            rows = sum(len(item.rows) for item in live)
+            size = self._padded_size(rows)
+            compute_s = end - start
             if len(outputs) != size:
                 raise RuntimeError(f"the model returned {len(outputs)} rows for a batch of {size}")
-            self._stats.batch(len(rows), size - len(rows), waits, compute_s)
-            self._finished(len(rows), size, compute_s)
+            self._stats.batch(rows, size - rows, [start - item.enqueued for item in live], compute_s)
+            self._finished(rows, size, compute_s)
             offset = 0
-            for item in batch:
+            for item in live:
                 if item.timing is not None:
-                    item.timing.started, item.timing.finished = start, start + compute_s
-                    item.timing.batch_images = len(rows)
+                    item.timing.started, item.timing.finished = start, end
+                    item.timing.batch_images = rows
                 n = len(item.rows)
                 if not item.future.done():
                     item.future.set_result(outputs[offset : offset + n])
@@ -537,3 +604,21 @@ class Batcher:
         finally:
             self._computing_rows -= computing
             self._slots.release()
+
+    def _drop_late(self, batch: list[_Item], live: list[_Item], now: float) -> None:
+        """Answer and count the items `_compute` left out: expired, or their callers left."""
+        expired = cancelled = 0
+        for item in batch:
+            if item in live:
+                continue
+            if item.future.done():
+                cancelled += 1
+            else:
+                expired += 1
+                item.future.set_exception(
+                    DeadlineExceeded("the deadline passed while the request was queued")
+                )
+        if expired:
+            self._stats.expired(expired)
+        if cancelled:
+            self._stats.cancelled(cancelled)
