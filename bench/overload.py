@@ -29,7 +29,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 # run.py puts client/, server/ and trainer/ on sys.path when imported.
-from run import log, make_models, run_loadgen, start_server, stop_server  # noqa: E402
+from run import log, make_models, run_loadgen, start_server, stop_server, wait_for_xla  # noqa: E402
 
 TARGETS = {"goodput_share": 0.90, "accepted_p99_s": 1.0}
 
@@ -48,6 +48,19 @@ def payloads(folder: Path) -> dict[str, Path]:
     Image.fromarray(small).save(out["small"])
     Image.fromarray(large).save(out["large"], quality=90)
     return out
+
+
+def serve(models: Path, flags: list[str]):
+    """A started server whose background XLA compile is over: the compiler takes both cores for
+    tens of seconds, and a measurement beside it would see a slower model (and learn its times)."""
+    server = start_server(models, flags)
+    if "--no-xla" not in flags:
+        try:
+            wait_for_xla(server)
+        except BaseException:
+            stop_server(server)
+            raise
+    return server
 
 
 def loadgen(server, payload: Path, *args: str) -> dict:
@@ -80,7 +93,7 @@ def capacity(models: Path, payload: Path, flags: list[str]) -> tuple[dict, dict]
     Measured without the queue's time bound (--max-queue-wait-ms 0), so no request of the
     measurement is shed: the capacity is what the model and decoding sustain.
     """
-    server = start_server(models, [*flags, "--max-queue-wait-ms", "0"])
+    server = serve(models, [*flags, "--max-queue-wait-ms", "0"])
     try:
         idle = loadgen(
             server, payload, "--mode", "closed", "--concurrency", "1", "--warmup", "1", "--duration", "4"
@@ -105,7 +118,7 @@ def overload_point(models: Path, name: str, payload: Path, args: argparse.Namesp
         f"{name}: capacity {saturated['throughput']:.1f} req/s, idle p50 {idle['p50_ms']:.1f} ms; "
         f"sending {rate:.1f} req/s for {args.seconds:.0f} s"
     )
-    server = start_server(models, flags)
+    server = serve(models, flags)
     try:
         warm_mb = server.peak_rss_mb()  # warm and idle: the formula's first term
         load_before = machine_load()
