@@ -485,6 +485,24 @@ async def test_a_lone_caller_is_never_held() -> None:
     await b.close()
 
 
+async def test_next_batch_waits_for_rows_being_decoded() -> None:
+    # Rows admitted and still being decoded arrive soon; computing a small batch meanwhile would take
+    # the CPU their decoding needs. Without the wait the batches here are 1, 1, 2.
+    model = TimedModel(lambda n: 1.0)
+    b = Batcher(model, max_batch_size=8, clock=model.clock, executor=InlineExecutor())
+    await b.submit(rows(0))  # learns the compute time; the next batch forms right after it
+    with b.admit(2) as place:  # two rows being decoded
+        first = asyncio.ensure_future(b.submit(rows(1)))
+        for _ in range(5):  # event-loop turns, not time: the batcher sees the queued row
+            await asyncio.sleep(0)
+        assert not first.done()
+        rest = await b.submit(rows(2, 3), place=place)
+    assert values(await first) == [10] and values(rest) == [20, 30]
+    assert model.sizes == [1, 3]
+    assert b.formation_waits == 1
+    await b.close()
+
+
 async def test_arrivals_that_do_not_follow_completions_are_not_waited_for() -> None:
     # Open loop: requests arrive every 20 ms whatever the server does; compute takes 0.05 fake
     # seconds, so the window after a batch (5 ms) rarely sees an arrival and nothing waits.

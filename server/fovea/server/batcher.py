@@ -25,7 +25,8 @@ arrivals do not follow answers, does not wait). The wait starts when the slot fr
 queued, and happens only if the bigger batch would pay for the whole window in throughput (by the
 learned compute times). A lone caller (concurrency 1) is never held: the target is what it alone
 sends. Compute time per batch size is learned from the batcher's own timings (an EWMA), see
-`expected_compute_s`. A positive `batch_timeout_s` replaces all this with the classic rule: wait for
+`expected_compute_s`. Likewise, right after a batch, the next one waits a little for rows admitted and still being
+decoded (see DECODE_WAIT_FRACTION). A positive `batch_timeout_s` replaces all this with the classic rule: wait for
 a full batch at most that long after the first queued item.
 """
 
@@ -109,6 +110,13 @@ INLINE_BELOW_S = 0.001
 # batcher waits for them. A closed loop brings back nearly all; in an open loop the share is the
 # arrivals the window happens to catch over the batch size, which Poisson bursts push up now and then.
 CLOSED_LOOP_SHARE = 0.8
+# After a batch, the next one waits for rows already admitted and still being decoded, at most this
+# fraction of the learned compute time of the batch they would make. While they decode, a small batch
+# computing beside them takes the CPU they need: with 2000x2000 JPEGs at 4x capacity on 2 cores, the
+# model ran batches of 5 and left the decoders 0.7 cores (goodput 60-82% of capacity); waiting a
+# quarter of a batch made batches of 14 and goodput 95%, accepted p99 0.85 s. 0.5 reached 100% with
+# p99 1.02 s.
+DECODE_WAIT_FRACTION = 0.25
 
 
 def warmup_sizes(max_batch_size: int, allowed_batch_sizes: Sequence[int]) -> list[int]:
@@ -456,6 +464,19 @@ class Batcher:
 
     def _target(self) -> tuple[int, float]:
         """Rows worth waiting for, and until when (see the module docstring)."""
+        closed = self._closed_loop_target()
+        if self._done_at is None or self.wait_fraction <= 0 or not self._admitted_rows:
+            return closed
+        # Rows admitted and still being decoded will be queued soon (see DECODE_WAIT_FRACTION).
+        queued = self._queued_rows
+        target = min(self.max_batch_size, queued + self._admitted_rows)
+        if target <= max(queued, 1):
+            return closed
+        decoding = (target, self._clock() + DECODE_WAIT_FRACTION * self.expected_compute_s(target))
+        return max(closed, decoding)
+
+    def _closed_loop_target(self) -> tuple[int, float]:
+        """The callers the last batch answered, if they come back (a closed loop) and it pays."""
         if self._done_at is None or self.wait_fraction <= 0:
             return 0, float("-inf")
         if self._return_share < CLOSED_LOOP_SHARE:

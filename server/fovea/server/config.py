@@ -56,7 +56,8 @@ class Settings:
         "answered (in a closed loop they come back within a round trip) at most this fraction of the "
         "learned compute time of the batch they would make, and starts as soon as they are queued. A "
         "lone caller never waits, and traffic whose arrivals do not follow answers learns not to wait. "
-        "0 starts whatever is queued at once (batches then alternate in size under steady load).",
+        "It also waits (at most a quarter of that compute time) for images admitted and still being "
+        "decoded. 0 starts whatever is queued at once (batches then alternate in size under steady load).",
     )
     allowed_batch_sizes: tuple[int, ...] = _setting(
         (),
