@@ -164,7 +164,7 @@ async def main_async(args: argparse.Namespace) -> dict:
         else:
             message, path = _request(args.payload), PREDICT
         # No serializers: the request goes as these bytes, the answer comes back as bytes.
-        stub = channel.unary_unary(path)
+        stub = channel.unary_unary(path, _registered_method=True)  # as generated stubs do: faster calls
         request = message.SerializeToString()
         await _first_call(stub, request, args.ready_timeout)  # connect before the clock starts
         t0 = time.perf_counter()
