@@ -87,6 +87,14 @@ class _InFlight:
     started: float | None = None
 
 
+def _live(item: _Item, now: float) -> bool:
+    """Whether a queued item still needs computing: its caller waits and its deadline is ahead.
+
+    Also read off the loop (by `_compute`): `future.done()` is a plain attribute read there, and at
+    worst a row is computed whose answer is dropped later."""
+    return not item.future.done() and (item.deadline is None or now < item.deadline)
+
+
 class Place:
     """Rows admitted to a batcher and not yet queued (being decoded); released once, when queued."""
 
@@ -164,7 +172,6 @@ class Batcher:
         self.max_queue_wait_s = max_queue_wait_s
         self.wait_fraction = wait_fraction
         self.inline_below_s = inline_below_s
-        self._running = 0  # batches handed to the executor and not finished (computing or ahead)
         self.inline_batches = 0  # batches computed on the event loop (tests read it)
         self._stats = stats or BatcherStats()
         self._clock = clock
@@ -173,8 +180,8 @@ class Batcher:
         self._queued_rows = 0
         self._admitted_rows = 0  # admitted by `admit`, not yet submitted (being decoded)
         self._admitted_chunks = 0
-        self._computing_rows = 0
-        self._in_flight: list[_InFlight] = []  # batches handed to the executor, oldest first
+        # Batches handed to the executor and not finished (computing, or formed ahead), oldest first.
+        self._in_flight: list[_InFlight] = []
         self._wakeup = asyncio.Event()
         # One batch more than max_in_flight may be formed: a full one, handed to the executor to start
         # the moment a compute slot frees (see `_may_form`).
@@ -210,7 +217,7 @@ class Batcher:
     @property
     def batches_in_flight(self) -> int:
         """Batches handed to the model and not finished: computing, or formed ahead of a free slot."""
-        return self._running
+        return len(self._in_flight)
 
     def expected_wait(self, rows: int = 0) -> float:
         """Seconds a request of `rows` rows arriving now would wait before its compute ends (estimate).
@@ -254,7 +261,7 @@ class Batcher:
             )
         wait = before + self.expected_wait(rows)
         limit = self.max_queue_wait_s
-        if limit > 0 and (waiting or self._computing_rows or before):  # limit 0: no time bound at all
+        if limit > 0 and (waiting or self._in_flight or before):  # limit 0: no time bound at all
             if wait > limit:
                 self._stats.shed()
                 raise ResourceExhausted(
@@ -406,9 +413,7 @@ class Batcher:
                 return
             size = self._padded_size(sum(len(item.rows) for item in batch))
             inline = self._inline(size)
-            # Counted now, not when its task first runs: `_may_form` reads these for the next batch.
-            self._running += 1
-            self._computing_rows += sum(len(item.rows) for item in batch)
+            # Counted now, not when its task first runs: `_may_form` reads it for the next batch.
             record = _InFlight(size)
             self._in_flight.append(record)
             if inline:
@@ -460,12 +465,14 @@ class Batcher:
         capacity it ran at three quarters of its speed). Rows ahead can no longer expire or be
         dropped when their callers leave; they wait one batch at most.
         """
-        return self._running < self.max_in_flight or self._queued_rows >= self.max_batch_size
+        return len(self._in_flight) < self.max_in_flight or self._queued_rows >= self.max_batch_size
 
     def _target(self) -> tuple[int, float]:
         """Rows worth waiting for, and until when (see the module docstring)."""
+        if self._done_at is None or self.wait_fraction <= 0:
+            return 0, float("-inf")
         closed = self._closed_loop_target()
-        if self._done_at is None or self.wait_fraction <= 0 or not self._admitted_rows:
+        if not self._admitted_rows:
             return closed
         # Rows admitted and still being decoded will be queued soon (see DECODE_WAIT_FRACTION).
         queued = self._queued_rows
@@ -477,8 +484,6 @@ class Batcher:
 
     def _closed_loop_target(self) -> tuple[int, float]:
         """The callers the last batch answered, if they come back (a closed loop) and it pays."""
-        if self._done_at is None or self.wait_fraction <= 0:
-            return 0, float("-inf")
         if self._return_share < CLOSED_LOOP_SHARE:
             return 0, float("-inf")  # arrivals do not follow answers: an open loop, nothing to wait for
         target = min(self.max_batch_size, self._queued_at_done + self._answered)
@@ -513,21 +518,14 @@ class Batcher:
     def _take(self) -> list[_Item]:
         now = self._clock()
         batch: list[_Item] = []
-        rows = expired = cancelled = 0
+        dropped: list[_Item] = []
+        rows = 0
         while self._queue:
             item = self._queue[0]
-            late = item.deadline is not None and now >= item.deadline
-            if item.future.done() or late:
+            if not _live(item, now):
                 self._queue.popleft()
                 self._queued_rows -= len(item.rows)
-                if late:
-                    expired += 1
-                    if not item.future.done():
-                        item.future.set_exception(
-                            DeadlineExceeded("the deadline passed while the request was queued")
-                        )
-                else:
-                    cancelled += 1
+                dropped.append(item)
                 continue
             if rows + len(item.rows) > self.max_batch_size:
                 break
@@ -535,16 +533,29 @@ class Batcher:
             self._queued_rows -= len(item.rows)
             batch.append(item)
             rows += len(item.rows)
+        self._drop(dropped)
+        self._stats.queue_depth(len(self._queue))
+        return batch
+
+    def _drop(self, items: list[_Item]) -> None:
+        """Answer and count items left out of a batch: their callers left, or their deadline passed."""
+        expired = cancelled = 0
+        for item in items:
+            if item.future.done():
+                cancelled += 1
+            else:
+                expired += 1
+                item.future.set_exception(
+                    DeadlineExceeded("the deadline passed while the request was queued")
+                )
         if expired:
             self._stats.expired(expired)
         if cancelled:
             self._stats.cancelled(cancelled)
-        self._stats.queue_depth(len(self._queue))
-        return batch
 
     def _inline(self, size: int) -> bool:
         """Whether to compute on the loop: a known-tiny batch with nothing else to do meanwhile."""
-        if self._running or self._queue or size not in self._compute_s:
+        if self._in_flight or self._queue or size not in self._compute_s:
             return False
         return self._compute_s[size] < self.inline_below_s
 
@@ -554,15 +565,10 @@ class Batcher:
         first, and the loop may see the end late).
 
         Items whose deadline passed or whose caller left meanwhile are left out (a batch formed ahead
-        may wait a whole batch): reading `future.done()` off the loop is a plain attribute read, and
-        at worst computes a row that is dropped later.
+        may wait a whole batch).
         """
         start = record.started = self._clock()
-        live = [
-            item
-            for item in batch
-            if not item.future.done() and (item.deadline is None or start < item.deadline)
-        ]
+        live = [item for item in batch if _live(item, start)]
         if not live:
             return live, [], start, start
         rows = [row for item in live for row in item.rows]
@@ -577,8 +583,7 @@ class Batcher:
         return live, self._infer(stacked), start, self._clock()
 
     async def _execute(self, batch: list[_Item], record: _InFlight, inline: bool) -> None:
-        """Compute a batch that `_run` counted in `_running` and `_computing_rows`, and answer it."""
-        computing = sum(len(item.rows) for item in batch)
+        """Compute a batch that `_run` counted in `_in_flight`, and answer it."""
         try:
             try:
                 if inline:
@@ -589,11 +594,11 @@ class Batcher:
                         self._executor, self._compute, batch, record
                     )
             finally:
-                self._running -= 1
                 self._in_flight.remove(record)
                 self._wakeup.set()  # a slot is free: a batch may form
             if len(live) < len(batch):
-                self._drop_late(batch, live, start)
+                kept = {id(item) for item in live}
+                self._drop([item for item in batch if id(item) not in kept])
             if not live:
                 return
             rows = sum(len(item.rows) for item in live)
@@ -623,23 +628,4 @@ class Batcher:
                 if not item.future.done():
                     item.future.set_exception(exc)
         finally:
-            self._computing_rows -= computing
             self._slots.release()
-
-    def _drop_late(self, batch: list[_Item], live: list[_Item], now: float) -> None:
-        """Answer and count the items `_compute` left out: expired, or their callers left."""
-        expired = cancelled = 0
-        for item in batch:
-            if item in live:
-                continue
-            if item.future.done():
-                cancelled += 1
-            else:
-                expired += 1
-                item.future.set_exception(
-                    DeadlineExceeded("the deadline passed while the request was queued")
-                )
-        if expired:
-            self._stats.expired(expired)
-        if cancelled:
-            self._stats.cancelled(cancelled)
