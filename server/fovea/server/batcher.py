@@ -195,6 +195,7 @@ class Batcher:
         self._loop_task: asyncio.Task | None = None
         # Learned compute seconds per padded batch size (EWMA of this batcher's own timings).
         self._compute_s: dict[int, float] = {}
+        self._known_sizes: list[int] = []  # its keys, sorted: read on every admission
         # The last finished batch: when, how many rows it answered, what was queued then, and the
         # window after it in which arrivals are counted (they are the callers coming back).
         self._done_at: float | None = None
@@ -293,7 +294,7 @@ class Batcher:
         if not self._compute_s or size < 1:
             return 0.0
         size = self._padded_size(min(size, self.max_batch_size)) if self._allowed else size
-        known = sorted(self._compute_s)
+        known = self._known_sizes
         if size in self._compute_s:
             return self._compute_s[size]
         if size < known[0]:
@@ -502,6 +503,8 @@ class Batcher:
     def _finished(self, rows: int, size: int, compute_s: float) -> None:
         """Learn from a finished batch and open the window in which its callers may come back."""
         old = self._compute_s.get(size)
+        if old is None:
+            bisect.insort(self._known_sizes, size)
         self._compute_s[size] = compute_s if old is None else old + _EWMA * (compute_s - old)
         if self._window_answered:
             share = min(1.0, self._window_rows / self._window_answered)
