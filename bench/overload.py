@@ -54,12 +54,11 @@ def serve(models: Path, flags: list[str]):
     """A started server whose background XLA compile is over: the compiler takes both cores for
     tens of seconds, and a measurement beside it would see a slower model (and learn its times)."""
     server = start_server(models, flags)
-    if "--no-xla" not in flags:
-        try:
-            wait_for_xla(server)
-        except BaseException:
-            stop_server(server)
-            raise
+    try:
+        wait_for_xla(server)
+    except BaseException:
+        stop_server(server)
+        raise
     return server
 
 

@@ -70,13 +70,17 @@ def start_server(models: Path, extra: list[str], timeout: float = 300.0) -> Serv
         raise RuntimeError(f"{exc}:\n" + "\n".join(server.output[-30:])) from None
 
 
-def wait_for_xla(server: Server, timeout: float = 900.0) -> None:
+def wait_for_xla(server: Server, timeout: float = 900.0) -> str | None:
     """Block until the server has compiled its XLA sizes (a background job after SERVING), so that
-    no measurement runs beside the compiler."""
+    no measurement runs beside the compiler, and return the log line that says how it went; None at
+    once for a server started with --no-xla."""
+    if "--no-xla" in server.argv:
+        return None
     give_up = time.monotonic() + timeout
     while time.monotonic() < give_up:
-        if any("XLA: compiled" in line or "XLA compile failed" in line for line in server.output):
-            return
+        for line in server.output:
+            if "XLA: compiled" in line or "XLA compile failed" in line:
+                return line
         time.sleep(0.2)
     raise RuntimeError("the server did not report its XLA compile in time")
 
@@ -241,12 +245,11 @@ def run(args: argparse.Namespace) -> dict:
         server = start_server(model_dir, [*flags, *args.server_flags.split()])
         if setup == "batched":
             summary["cold_start_s"] = time.monotonic() - started
-        if "--no-xla" not in flags + args.server_flags.split():
-            wait_for_xla(server)
-            if setup == "batched":
-                summary["xla_compiled_s"] = time.monotonic() - started
-                summary["xla_log"] = next(line for line in server.output if "XLA: compiled" in line)
         try:
+            xla_log = wait_for_xla(server)
+            if xla_log and setup == "batched":
+                summary["xla_compiled_s"] = time.monotonic() - started
+                summary["xla_log"] = xla_log
             for encoding in encodings:
                 for c in concurrencies:
                     r = load_point(server, payloads[encoding], "closed", c, warmup, duration)
@@ -381,8 +384,7 @@ def run(args: argparse.Namespace) -> dict:
         for setup, flags in (("batched", []), ("previous", setups["previous"][0])):
             server = start_server(tiny_dir, [*flags, *args.server_flags.split()])
             try:
-                if "--no-xla" not in flags + args.server_flags.split():
-                    wait_for_xla(server)
+                wait_for_xla(server)
                 r = load_point(server, tiny_payload, "closed", 1, warmup, duration)
             finally:
                 stop_server(server)
