@@ -111,10 +111,11 @@ class RpcHandler:
         request: Request,
         context: grpc.aio.ServicerContext,
     ) -> Response:
-        request_id = _request_id(context)
+        metadata = context.invocation_metadata()
+        request_id = _request_id(metadata)
         token = logs.request_id.set(request_id)
         # The RPC's trace span (a no-op unless OTEL_* turned tracing on), child of the caller's traceparent.
-        span = tracing.start_server_span(self.service, method, context.invocation_metadata())
+        span = tracing.start_server_span(self.service, method, metadata)
         start = time.perf_counter()
         code = "OK"
         trailer = ((logs.REQUEST_ID_HEADER, request_id),)
@@ -159,8 +160,8 @@ def deadline(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-def _request_id(context: grpc.aio.ServicerContext) -> str:
-    for key, value in context.invocation_metadata() or ():
+def _request_id(metadata: Sequence[tuple[str, Any]] | None) -> str:
+    for key, value in metadata or ():
         if key == logs.REQUEST_ID_HEADER and value:
             return str(value)[:128]
     return logs.new_request_id()

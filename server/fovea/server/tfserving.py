@@ -87,7 +87,9 @@ def _describe(key: str, tensor) -> str:
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     def __init__(self, core_: core.Core, metrics: Metrics) -> None:
         self._core = core_
-        self._rpc = RpcHandler(metrics, PROTOCOL, ("Predict", "Classify", "GetModelMetadata"))
+        self._rpc = RpcHandler(
+            metrics, PROTOCOL, ("Predict", "Classify", "GetModelMetadata"), service=PREDICTION_SERVICE
+        )
 
     Predict = rpc_method("Predict", "_predict")
 
@@ -170,7 +172,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
     def __init__(self, core_: core.Core, metrics: Metrics) -> None:
         self._core = core_
-        self._rpc = RpcHandler(metrics, PROTOCOL, ("GetModelStatus",))
+        self._rpc = RpcHandler(metrics, PROTOCOL, ("GetModelStatus",), service=MODEL_SERVICE)
 
     GetModelStatus = rpc_method("GetModelStatus", "_status")
 

@@ -17,9 +17,13 @@ from typing import Any
 
 from aiohttp import web
 from fovea.server import logs, v2
-from fovea.server.errors import INTERNAL_MESSAGE, InvalidArgument, ServingError
+from fovea.server.errors import INTERNAL_MESSAGE, InvalidArgument, ServingError, clip
 
 log = logging.getLogger(__name__)
+# Rejections are logged a few a second at most, as the gRPC servicers' are (rpc.py).
+_rejections = logs.Throttle(log)
+# A repository-index body is `{"ready": true}`; more is refused before it is parsed on the loop.
+INDEX_BODY_LIMIT = 64 * 1024
 
 PROTOCOL = "v2-http"  # the `protocol` label of the request metrics
 # The binary tensor extension: the JSON header's length when binary tensors follow it in the body.
@@ -83,11 +87,13 @@ class V2Http:
             except ServingError as exc:
                 code = exc.code
                 level = logging.WARNING if code in ("INTERNAL", "RESOURCE_EXHAUSTED") else logging.INFO
-                log.log(level, "%s %s: %s: %s", PROTOCOL, method, code, exc.message)
+                _rejections.log(
+                    level, "%s %s: %s: %s", PROTOCOL, method, code, clip(exc.message, 300, quote=False)
+                )
                 response = _json({"error": exc.message}, HTTP_STATUS.get(code, 500))
             except web.HTTPException as exc:  # aiohttp's own refusals, such as a body over the limit
                 code = "RESOURCE_EXHAUSTED" if exc.status == 413 else "INVALID_ARGUMENT"
-                log.info("%s %s: HTTP %d: %s", PROTOCOL, method, exc.status, exc.text)
+                _rejections.log(logging.INFO, "%s %s: HTTP %d: %s", PROTOCOL, method, exc.status, exc.text)
                 response = _json({"error": exc.text or exc.reason}, exc.status)
             except asyncio.CancelledError:
                 code = "CANCELLED"  # the caller went away
@@ -142,7 +148,10 @@ class V2Http:
         return _json({"model_stats": self._v2.statistics(name, version)})
 
     async def _index(self, request: web.Request) -> web.Response:
-        body = _json_body(await request.read()) if request.can_read_body else {}
+        data = await request.content.read(INDEX_BODY_LIMIT + 1)
+        if len(data) > INDEX_BODY_LIMIT:
+            raise web.HTTPRequestEntityTooLarge(max_size=INDEX_BODY_LIMIT, actual_size=len(data))
+        body = _json_body(data)
         return _json(self._v2.repository_index(bool(body.get("ready", False))))
 
     # -- inference -------------------------------------------------------------------------------
