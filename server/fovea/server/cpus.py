@@ -13,12 +13,17 @@ from pathlib import Path
 CGROUP = Path("/sys/fs/cgroup")
 
 
+def affinity() -> int:
+    """CPUs this process may be scheduled on (all of them where the OS does not say)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
 def usable_cpus(cgroup: Path = CGROUP) -> int:
     """min(affinity, ceil(cgroup quota)), at least 1."""
-    try:
-        count = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        count = os.cpu_count() or 1
+    count = affinity()
     quota = cgroup_quota(cgroup)
     if quota is not None:
         count = min(count, max(1, math.ceil(quota)))

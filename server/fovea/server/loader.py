@@ -19,7 +19,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import logging
-import os
 import posixpath
 import threading
 import time
@@ -48,7 +47,7 @@ _TIMED_CALLS = 3  # calls per function and size when choosing between plain and 
 def configure_device(gpu_memory_limit_mb: int = 0) -> str:
     """Use the GPU when there is one (memory growth, or a hard cap), else the CPU; say which."""
     allowed = cpus.usable_cpus()
-    if allowed < len(os.sched_getaffinity(0)):
+    if allowed < cpus.affinity():
         # TF sizes its thread pools from the affinity mask; under a cgroup CPU quota smaller than
         # that, the extra threads only get throttled.
         try:
@@ -165,7 +164,7 @@ class LoadedModel:
             compiled = self._compiled.get(len(images))
             if compiled is not None:
                 return compiled(tf.constant(images)).numpy()
-            return self._signature(**{INPUT_IMAGES: tf.constant(images)})[OUTPUT].numpy()
+            return self.predict_plain(images)
 
     def predict_plain(self, images: np.ndarray) -> np.ndarray:
         """The signature as exported, never compiled (the reference the compiled sizes must match)."""
@@ -253,7 +252,9 @@ class LoadedModel:
         rng = np.random.default_rng(0)
         samples = {s: rng.integers(0, 256, size=(s, h, w, 3), dtype=np.uint8) for s in batch_sizes}
 
-        def build(size: int) -> tuple[Callable, np.ndarray]:
+        def build(size: int) -> tuple[Callable, np.ndarray] | None:
+            if self._signature is None:
+                return None  # released meanwhile: compile nothing more for a retired version
             fn = compiled.get_concrete_function(tf.TensorSpec([size, h, w, 3], tf.uint8))
             return fn, fn(tf.constant(samples[size])).numpy()  # the first call compiles
 
@@ -261,6 +262,8 @@ class LoadedModel:
         with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="fovea-xla") as pool:
             built = dict(zip(batch_sizes, pool.map(build, batch_sizes), strict=True))
         compile_s = time.perf_counter() - start
+        if self._signature is None:
+            return  # released meanwhile (a size may not have been built)
         for size, (fn, got) in built.items():
             if self._signature is None:
                 return  # released meanwhile
@@ -273,9 +276,7 @@ class LoadedModel:
                     "XLA: batch %d differs from the signature by %.2g; serving it plain", size, difference
                 )
                 continue
-            plain_s, compiled_s = _best_times(
-                self.predict_plain, lambda x, fn=fn: fn(tf.constant(x)).numpy(), images
-            )
+            plain_s, compiled_s = _best_times(self.predict_plain, self.predict_compiled, images)
             self.xla_timings[size] = (plain_s, compiled_s)
             if compiled_s < plain_s:
                 self._compiled[size] = fn
@@ -291,7 +292,7 @@ class LoadedModel:
         )
 
     def release(self) -> None:
-        self._compiled = self._built = {}
+        self._compiled, self._built = {}, {}
         self._signature = None
         self._loaded = None
 
