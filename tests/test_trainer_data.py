@@ -13,19 +13,11 @@ import pytest
 
 pytest.importorskip("tensorflow", reason="the trainer tests need the trainer extra")
 
+from conftest import subprocess_env
 from fovea.trainer import data
 from fovea.trainer.config import TrainConfig, load_file, make_config
 from fovea.trainer.demo_data import CLASSES, generate
 from fovea.trainer.evaluate import scores
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def cli_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(str(ROOT / p) for p in ("client", "server", "trainer"))
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    return env
 
 
 def _corrupt_files(folder: Path) -> list[Path]:
@@ -241,7 +233,7 @@ def test_every_option_is_in_help_and_errors_are_one_line(tmp_path: Path) -> None
         [sys.executable, "-m", "fovea.cli", "train", "--help"],
         capture_output=True,
         text=True,
-        env=cli_env(),
+        env=subprocess_env(),
         timeout=120,
     )
     assert out.returncode == 0, out.stderr
@@ -261,7 +253,7 @@ def test_every_option_is_in_help_and_errors_are_one_line(tmp_path: Path) -> None
         ],
         capture_output=True,
         text=True,
-        env=cli_env(),
+        env=subprocess_env(),
         timeout=120,
     )
     assert bad.returncode == 1
