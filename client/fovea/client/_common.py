@@ -105,13 +105,13 @@ class PredictPlan:
         return len(self.requests) > 1 and spec.version == 0
 
     def pinned(self, first: classifier_pb2.PredictResponse) -> list[classifier_pb2.PredictRequest]:
-        """The requests after the first, each naming the model and version that answered the first."""
-        rest = []
-        for request in self.requests[1:]:
-            copy = classifier_pb2.PredictRequest()
-            copy.CopyFrom(request)
-            copy.model_spec.CopyFrom(first.model_spec)
-            rest.append(copy)
+        """The requests after the first, each naming the model and version that answered the first.
+
+        Set in place, not copied (the parts carry the images, up to the message limit each): the plan
+        owns them, and a call that starts over pins them again; the first request stays unpinned."""
+        rest = self.requests[1:]
+        for request in rest:
+            request.model_spec.CopyFrom(first.model_spec)
         return rest
 
     @staticmethod
