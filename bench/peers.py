@@ -28,6 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 sys.path[:0] = [str(ROOT / d) for d in ("client", "server", "trainer")]
+sys.path.insert(0, str(BENCH))
+from run import make_models, run_loadgen  # noqa: E402  (run.py also puts devtools on the path)
 
 PACKAGES = {
     "pytriton": ["nvidia-pytriton==0.7.0", "tensorflow==2.21.0"],
@@ -185,11 +187,10 @@ def stop(process: subprocess.Popen) -> None:
 
 
 def loadgen(port: int, model: str, payload: Path, concurrency: int, warmup: float, seconds: float) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(str(ROOT / d) for d in ("client", "server")))
-    argv = [sys.executable, str(BENCH / "loadgen.py"), "--target", f"127.0.0.1:{port}"]
-    argv += ["--protocol", "kserve", "--model", model, "--payload", str(payload), "--ready-timeout", "300"]
-    argv += ["--concurrency", str(concurrency), "--warmup", str(warmup), "--duration", str(seconds)]
-    return json.loads(subprocess.run(argv, env=env, check=True, capture_output=True, text=True).stdout)
+    return run_loadgen(
+        f"127.0.0.1:{port}", payload, "--protocol", "kserve", "--model", model, "--ready-timeout", "300",
+        "--concurrency", str(concurrency), "--warmup", str(warmup), "--duration", str(seconds),
+    )  # fmt: skip
 
 
 def main() -> int:
@@ -211,14 +212,7 @@ def main() -> int:
     if models is None:
         models = work / "models"
         log("exporting resnet50 and tiny with the trainer's export code")
-        subprocess.run(
-            [sys.executable, str(BENCH / "make_models.py"), "--out", str(models)],
-            check=True,
-            capture_output=True,
-            env=dict(
-                os.environ, PYTHONPATH=os.pathsep.join(str(ROOT / d) for d in ("client", "server", "trainer"))
-            ),
-        )
+        make_models(models, ["resnet50", "tiny"])
     rng = np.random.default_rng(0)
     payloads = {}
     for name, size in (("resnet50", 96), ("tiny", 32)):
