@@ -225,15 +225,18 @@ def _predict_images(request: predict_pb2.PredictRequest, meta: ModelMetadata) ->
                 f"{_describe(key, tensor)} (send images resized to {h}x{w} RGB, or encoded bytes as {INPUT_BYTES!r})"
             )
         size = h * w * 3
-        if tensor.tensor_content:
-            data = memoryview(tensor.tensor_content)
+        # The length first: an int_val list of the wrong size is refused before it is converted.
+        content = tensor.tensor_content  # read once: each read of a bytes field is a copy
+        count = len(content) if content else len(tensor.int_val)
+        if count != shape[0] * size:
+            raise InvalidArgument(
+                f"input {_describe(key, tensor)} carries {count} bytes; its shape needs {shape[0] * size}"
+            )
+        if content:
+            data = memoryview(content)
         else:
             # int_val carries each uint8 in an int32; TF Serving keeps the low byte.
             data = memoryview((np.asarray(tensor.int_val, dtype=np.int64) & 0xFF).astype(np.uint8).tobytes())
-        if len(data) != shape[0] * size:
-            raise InvalidArgument(
-                f"input {_describe(key, tensor)} carries {len(data)} bytes; its shape needs {shape[0] * size}"
-            )
         return [core.RawImage("uint8", (h, w, 3), data[i * size : (i + 1) * size]) for i in range(shape[0])]
     raise InvalidArgument(f"model {meta.name!r} expects one input, {expected}; received {received}")
 

@@ -124,10 +124,13 @@ def pack_bytes(elements: Sequence[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(e)) + e for e in elements)
 
 
-def unpack_bytes(raw: bytes | memoryview, what: str) -> list[bytes]:
+def unpack_bytes(raw: bytes | memoryview, what: str, most: int | None = None) -> list[bytes]:
+    """The elements of BYTES raw contents; with `most`, it stops after most + 1 (a caller that
+    expects `most` refuses more anyway, and zero-length elements would otherwise make a 64 MiB
+    buffer a loop of 16 million turns)."""
     view = memoryview(raw)
     out, at = [], 0
-    while at < len(view):
+    while at < len(view) and (most is None or len(out) <= most):
         if at + 4 > len(view):
             raise InvalidArgument(
                 f"{what}: BYTES raw contents end inside a 4-byte length prefix at offset {at}; each element "
@@ -346,13 +349,12 @@ class V2:
                 f"received {tensor.text()}"
             )
         if tensor.raw is not None:
-            elements = unpack_bytes(tensor.raw, f"input '{spec.name}'")
+            elements = unpack_bytes(tensor.raw, f"input '{spec.name}'", most=shape[0])
         else:
             elements = [v.encode() if isinstance(v, str) else bytes(v) for v in tensor.values or ()]
         if len(elements) != shape[0]:
-            raise InvalidArgument(
-                f"input {tensor.text()} holds {len(elements)} elements; its shape says {shape[0]}"
-            )
+            held = f"more than {shape[0]}" if len(elements) > shape[0] else str(len(elements))
+            raise InvalidArgument(f"input {tensor.text()} holds {held} elements; its shape says {shape[0]}")
         return [core.EncodedImage(e) for e in elements]
 
     def _raw(
@@ -364,17 +366,20 @@ class V2:
                 f"(send images resized to {h}x{w} RGB, or encoded bytes to '{model}{ENCODED_SUFFIX}')"
             )
         size = h * w * 3
+        values = tensor.values if tensor.values is not None else ()
+        # The length first: a list of the wrong size is refused before it is converted.
+        count = len(tensor.raw) if tensor.raw is not None else len(values)
+        if count != shape[0] * size:
+            raise InvalidArgument(
+                f"input {tensor.text()} has {count} bytes of data; its shape needs {shape[0] * size}"
+            )
         if tensor.raw is not None:
             data = memoryview(tensor.raw)
         else:
-            values = np.asarray(tensor.values if tensor.values is not None else (), dtype=np.int64)
-            if values.size and (values.min() < 0 or values.max() > 255):
+            array = np.asarray(values, dtype=np.int64)
+            if array.size and (array.min() < 0 or array.max() > 255):
                 raise InvalidArgument(f"input {tensor.text()} has values outside 0..255")
-            data = memoryview(values.astype(np.uint8).tobytes())
-        if len(data) != shape[0] * size:
-            raise InvalidArgument(
-                f"input {tensor.text()} has {len(data)} bytes of data; its shape needs {shape[0] * size}"
-            )
+            data = memoryview(array.astype(np.uint8).tobytes())
         return [core.RawImage("uint8", (h, w, 3), data[i * size : (i + 1) * size]) for i in range(shape[0])]
 
 
