@@ -536,21 +536,23 @@ class Batcher:
             self._queued_rows -= len(item.rows)
             batch.append(item)
             rows += len(item.rows)
-        self._drop(dropped)
+        self._drop(dropped, now)
         self._stats.queue_depth(len(self._queue))
         return batch
 
-    def _drop(self, items: list[_Item]) -> None:
-        """Answer and count items left out of a batch: their callers left, or their deadline passed."""
+    def _drop(self, items: list[_Item], now: float) -> None:
+        """Answer and count items left out of a batch at `now`: expired (their deadline passed, even
+        if their caller has left meanwhile), or cancelled (their caller left)."""
         expired = cancelled = 0
         for item in items:
-            if item.future.done():
-                cancelled += 1
-            else:
+            if item.deadline is not None and now >= item.deadline:
                 expired += 1
-                item.future.set_exception(
-                    DeadlineExceeded("the deadline passed while the request was queued")
-                )
+                if not item.future.done():
+                    item.future.set_exception(
+                        DeadlineExceeded("the deadline passed while the request was queued")
+                    )
+            else:
+                cancelled += 1
         if expired:
             self._stats.expired(expired)
         if cancelled:
@@ -601,7 +603,7 @@ class Batcher:
                 self._wakeup.set()  # a slot is free: a batch may form
             if len(live) < len(batch):
                 kept = {id(item) for item in live}
-                self._drop([item for item in batch if id(item) not in kept])
+                self._drop([item for item in batch if id(item) not in kept], start)
             if not live:
                 return
             rows = sum(len(item.rows) for item in live)
