@@ -192,6 +192,35 @@ def test_images_in_flight_are_bounded_before_anything_is_decoded(models_dir) -> 
         stop_server(srv)
 
 
+def _post_json(port: int, path: str, body: dict) -> tuple[int, dict]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode())
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_rest_requests_in_flight_are_bounded_before_their_body_is_read(models_dir) -> None:
+    # The REST port's bodies count against --max-concurrent-rpcs, as gRPC's calls do (docs/memory.md).
+    srv = slow_server(models_dir, max_concurrent_rpcs=1)
+    try:
+        body = {"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, SIZE, SIZE, 3],
+                            "data": IMAGE.reshape(-1).tolist()}]}  # fmt: skip
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(_post_json, srv.http_port, "/v2/models/slow/infer", body)
+            wait_until(lambda: sample(srv, "fovea_inflight_images") == 1, interval=0.005, what="1 in flight")
+            status, answer = _post_json(srv.http_port, "/v2/models/slow/infer", body)
+            assert status == 429 and "HTTP requests already in flight" in answer["error"], answer
+            assert first.result()[0] == 200
+    finally:
+        stop_server(srv)
+
+
 def test_image_headers_are_read_off_the_event_loop(server, monkeypatch) -> None:
     import io
     import threading as th

@@ -380,6 +380,10 @@ def test_http_errors_are_json_with_the_right_status(server, http) -> None:
     assert "BYTES" in err.value.message() and "UINT8" in err.value.message()
     status, body = post(f"/v2/models/{MODEL}/infer", b" " * (2 * 1024 * 1024))  # over --max-message-mb 1
     assert status == 413 and body["error"]
+    # A JSON part over a quarter of --max-message-mb (1 MiB here) is refused before it is parsed.
+    large = {"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1], "data": [0] * 150_000}]}
+    status, body = post(f"/v2/models/{MODEL}/infer", json.dumps(large).encode())
+    assert status == 400 and "binary extension" in body["error"], body
     status, body = post(f"/v2/models/{MODEL}/infer", b'{"parameters": [1]}')
     assert status == 400 and "parameters must be a JSON object" in body["error"]
     status, body = post("/v2/no/such/path", b"{}")

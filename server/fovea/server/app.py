@@ -244,7 +244,7 @@ class Server:
     async def _start_http(self) -> None:
         """The v2 REST routes on the same event loop as gRPC, so both share the core and its batchers."""
         s = self.settings
-        routes = v2_http.V2Http(self.v2, self.metrics, s.max_message_mb * 1024 * 1024)
+        routes = v2_http.V2Http(self.v2, self.metrics, s.max_message_mb * 1024 * 1024, s.max_concurrent_rpcs)
         # By cleanup time the core has drained, so what is still open is idle or nearly done.
         self._http = web.AppRunner(
             routes.app(), access_log=None, handle_signals=False, shutdown_timeout=min(5.0, s.grace_period)

@@ -104,8 +104,8 @@ class Settings:
     max_concurrent_rpcs: int = _setting(
         64,
         "RPCs handled at once, all services together; beyond it gRPC itself refuses new calls with "
-        "RESOURCE_EXHAUSTED. With --max-message-mb it bounds the memory of received messages "
-        "(docs/memory.md).",
+        "RESOURCE_EXHAUSTED. The v2 REST port allows as many requests with a body at once (429 beyond). "
+        "With --max-message-mb it bounds the memory of received messages (docs/memory.md).",
     )
     preprocess_threads: int = _setting(
         0,

@@ -2,13 +2,16 @@
 
 Every term is bounded by a setting, because the server admits or refuses work before it allocates:
 
-    worst = warm + reload + messages + decoders + rows
+    worst = warm + reload + messages + http + decoders + rows
 
 - warm: RSS of the warm server with no traffic (runtime, model, activations of the largest batch,
   which warm-up ran). Measured, not computed: bench/ reports it.
 - reload: a second copy of the model while a new version loads and warms beside the old one.
 - messages: --max-concurrent-rpcs x --max-message-mb, twice (the received bytes and the parsed
   message); gRPC refuses calls beyond the first setting and messages beyond the second.
+- http: the v2 REST port's bodies, --max-concurrent-rpcs x --max-message-mb (refused beyond both
+  before they are read), plus the one JSON parse at a time: JSON_PARSE_FACTOR x the largest JSON part
+  parsed (--max-message-mb / JSON_SHARE). A UINT8 JSON tensor is packed into bytes once parsed.
 - decoders: decode threads x --max-pixels x 9 bytes, the largest per-pixel footprint of any decoder
   (a progressive 4:4:4 JPEG: 3 bytes of RGB output plus 6 of DCT coefficients; imageinfo.py sizes
   every image this way before decoding and refuses what exceeds --max-pixels).
@@ -25,6 +28,10 @@ from fovea.server.config import Settings
 
 MIB = 2**20
 DECODER_BYTES_PER_PIXEL = 9  # progressive 4:4:4 JPEG: 3 (RGB out) + 6 (2 bytes x 3 components)
+# What json.loads and flattening make of a JSON tensor, per byte of its text: measured (tracemalloc)
+# 13x for a flat list of digits, 28x for [[7],[7],...], 42-45x for lists nested 12 to 400 deep.
+JSON_PARSE_FACTOR = 48
+JSON_SHARE = 4  # the JSON part of a REST body may be at most 1/JSON_SHARE of --max-message-mb
 
 
 @dataclass(frozen=True)
@@ -32,12 +39,13 @@ class MemoryBudget:
     warm: int
     reload: int
     messages: int
+    http: int
     decoders: int
     rows: int
 
     @property
     def total(self) -> int:
-        return self.warm + self.reload + self.messages + self.decoders + self.rows
+        return self.warm + self.reload + self.messages + self.http + self.decoders + self.rows
 
     def lines(self) -> list[str]:
         return [
@@ -46,6 +54,7 @@ class MemoryBudget:
                 ("warm model", self.warm),
                 ("second copy during a reload", self.reload),
                 ("received messages", self.messages),
+                ("REST bodies and the JSON parse", self.http),
                 ("decoders at work", self.decoders),
                 ("decoded rows and batches", self.rows),
                 ("total", self.total),
@@ -72,6 +81,8 @@ def budget(
         warm=warm_bytes,
         reload=model_bytes,
         messages=2 * settings.max_concurrent_rpcs * settings.max_message_mb * MIB,
+        http=settings.max_concurrent_rpcs * settings.max_message_mb * MIB
+        + JSON_PARSE_FACTOR * settings.max_message_mb * MIB // JSON_SHARE,
         decoders=threads * settings.max_pixels * DECODER_BYTES_PER_PIXEL,
         rows=settings.max_inflight_images * row
         + settings.max_in_flight_batches * settings.max_batch_size * row,

@@ -8,16 +8,19 @@ JSON `{"error": message}` with the HTTP status of the error's gRPC code.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import json
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
+import numpy as np
 from aiohttp import web
-from fovea.server import logs, v2
-from fovea.server.errors import INTERNAL_MESSAGE, InvalidArgument, ServingError, clip
+from fovea.server import logs, memory, v2
+from fovea.server.errors import INTERNAL_MESSAGE, InvalidArgument, ResourceExhausted, ServingError, clip
 
 log = logging.getLogger(__name__)
 # Rejections are logged a few a second at most, as the gRPC servicers' are (rpc.py).
@@ -47,10 +50,18 @@ def _json(body: Any, status: int = 200) -> web.Response:
 class V2Http:
     """The /v2 routes; `app()` builds the aiohttp application."""
 
-    def __init__(self, ops: v2.V2, metrics: Any, max_body_bytes: int) -> None:
+    def __init__(self, ops: v2.V2, metrics: Any, max_body_bytes: int, max_bodies: int) -> None:
         self._v2 = ops
         self._metrics = metrics
         self._max_body = max_body_bytes
+        # Requests whose body is being read or served: at most max_bodies (--max-concurrent-rpcs, as
+        # gRPC's calls), refused beyond it before anything is read (docs/memory.md, "http").
+        self._max_bodies = max_bodies
+        self._bodies = 0
+        # JSON bodies parse one at a time: a parsed JSON tensor takes up to ~40x its text
+        # (JSON_PARSE_FACTOR in memory.py) until it is packed into bytes, and json.loads holds
+        # the GIL anyway, so parsing two at once would not be faster.
+        self._parser = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fovea-json")
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self._max_body, middlewares=[_json_errors])
@@ -148,20 +159,38 @@ class V2Http:
         return _json({"model_stats": self._v2.statistics(name, version)})
 
     async def _index(self, request: web.Request) -> web.Response:
-        data = await request.content.read(INDEX_BODY_LIMIT + 1)
-        if len(data) > INDEX_BODY_LIMIT:
-            raise web.HTTPRequestEntityTooLarge(max_size=INDEX_BODY_LIMIT, actual_size=len(data))
-        body = _json_body(data)
+        with self._body():
+            data = await request.content.read(INDEX_BODY_LIMIT + 1)
+            if len(data) > INDEX_BODY_LIMIT:
+                raise web.HTTPRequestEntityTooLarge(max_size=INDEX_BODY_LIMIT, actual_size=len(data))
+            body = _json_body(data)
         return _json(self._v2.repository_index(bool(body.get("ready", False))))
+
+    @contextlib.contextmanager
+    def _body(self) -> Iterator[None]:
+        if self._bodies >= self._max_bodies:
+            raise ResourceExhausted(
+                f"server overloaded: {self._bodies} HTTP requests already in flight (--max-concurrent-rpcs "
+                f"{self._max_bodies}); retry with backoff or on another replica"
+            )
+        self._bodies += 1
+        try:
+            yield
+        finally:
+            self._bodies -= 1
 
     # -- inference -------------------------------------------------------------------------------
 
     async def _infer(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        # Parsing a JSON tensor is pure-Python work proportional to the body (up to the message limit):
-        # off the event loop, so one large request does not stall every other call and health check.
-        infer_request, binary_outputs = await asyncio.to_thread(_parse_infer, request, body)
-        result = await self._v2.infer(infer_request, None)
+        with self._body():
+            body = await request.read()
+            # Parsing a JSON tensor is pure-Python work proportional to the body (up to the message
+            # limit): off the event loop, so one large request does not stall other calls and health.
+            infer_request, binary_outputs = await asyncio.get_running_loop().run_in_executor(
+                self._parser, _parse_infer, request, body, self._max_body // memory.JSON_SHARE
+            )
+            del body  # binary tensors keep their part of it; a JSON body is packed into bytes by now
+            result = await self._v2.infer(infer_request, None)
         response = _infer_response(result, binary_outputs)
         if "Accept-Encoding" in request.headers:
             # gzip or deflate when the client asks (tritonclient's response_compression_algorithm);
@@ -189,8 +218,15 @@ def _spec(t: v2.TensorSpec) -> dict[str, Any]:
     return {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
 
 
-def _parse_infer(request: web.Request, body: bytes) -> tuple[v2.InferRequest, bool | set[str]]:
+def _parse_infer(request: web.Request, body: bytes, max_json: int) -> tuple[v2.InferRequest, bool | set[str]]:
     header, binary = _split_body(body, request.headers.get(HEADER_LENGTH))
+    if len(header) > max_json:
+        raise InvalidArgument(
+            f"the request's JSON is {len(header) / 2**20:.1f} MiB; at most {max_json / 2**20:.1f} MiB "
+            f"(1/{memory.JSON_SHARE} of --max-message-mb) is parsed, since a JSON tensor takes up to "
+            f"{memory.JSON_PARSE_FACTOR}x its size in memory: send tensors with the binary extension "
+            f"({HEADER_LENGTH})"
+        )
     return _infer_request(request, _json_body(header), binary)
 
 
@@ -233,6 +269,23 @@ def _flatten(data: Any) -> list:
     return [data]
 
 
+def _pack_uint8(tensor: v2.Tensor) -> None:
+    """A UINT8 tensor's JSON values as bytes, when they are all integers in 0..255: the list of Python
+    ints takes 8-40x the body's size and would stay alive until the request is answered. Anything
+    else is left as it is, for v2.py to refuse with its usual message."""
+    if tensor.datatype != "UINT8" or not tensor.values:
+        return
+    if not all(type(v) is int for v in tensor.values):
+        return
+    try:
+        array = np.asarray(tensor.values, dtype=np.int64)
+    except (OverflowError, ValueError):
+        return
+    if array.min() < 0 or array.max() > 255:
+        return
+    tensor.raw, tensor.values = array.astype(np.uint8).tobytes(), None
+
+
 def _infer_request(
     request: web.Request, body: dict[str, Any], binary: memoryview
 ) -> tuple[v2.InferRequest, bool | set[str]]:
@@ -259,6 +312,7 @@ def _infer_request(
             at += size
         else:
             tensor.values = _flatten(item.get("data", []))
+            _pack_uint8(tensor)
         inputs.append(tensor)
     outputs, binary_names = [], set()
     for i, item in enumerate(body.get("outputs") or ()):
