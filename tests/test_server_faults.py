@@ -6,6 +6,7 @@ and an out-of-memory error is RESOURCE_EXHAUSTED. The manager runs with a fake s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import numpy as np
@@ -19,13 +20,16 @@ from fovea.server.source import ModelSource
 
 
 class FakeStorage:
-    """<base>/<name>/<version>/saved_model.pb as a dict; `fail` makes every call raise like EIO."""
+    """<base>/<name>/<version>/saved_model.pb as a dict; `fail` makes every call raise like EIO, or
+    raise the exception it is set to."""
 
     def __init__(self, models: dict[str, list[int]]) -> None:
         self.models = models
-        self.fail = False
+        self.fail: bool | BaseException = False
 
     def _check(self) -> None:
+        if isinstance(self.fail, BaseException):
+            raise self.fail
         if self.fail:
             raise OSError(5, "Input/output error")
 
@@ -77,7 +81,7 @@ def manager(
             raise ValueError(f"version {version} is not a SavedModel")
         return FakeModel(name, version)
 
-    s = Settings(model_dir="base", poll_interval=0.01, **settings)
+    s = Settings(**{"model_dir": "base", "poll_interval": 0.01, **settings})
     return ModelManager(s, metrics, ModelSource("base", storage), load), metrics, loads
 
 
@@ -106,6 +110,95 @@ async def test_a_failed_listing_changes_nothing() -> None:
     await mgr.close()
 
 
+def _lines(caplog, level: int) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "fovea.server.manager" and r.levelno == level]
+
+
+@pytest.mark.parametrize(
+    "fault, reason",
+    [
+        (OSError(116, "Stale file handle"), "io_error"),
+        (PermissionError(13, "Permission denied"), "permission_denied"),
+        ("model folder gone", "model_dir_empty"),
+        ("model folder empty", "no_complete_version"),
+    ],
+)
+async def test_a_storage_outage_retires_nothing_however_long(fault, reason, caplog) -> None:
+    storage = FakeStorage({"m": [1, 2]})
+    mgr, metrics, loads = manager(storage, retire_after_scans=2)
+    await mgr.poll_once()
+    assert mgr.loaded_versions("m") == [2]
+    if isinstance(fault, BaseException):
+        storage.fail = fault
+    elif fault == "model folder gone":
+        storage.models = {}  # the only model's folder renamed away: --model-dir lists nothing
+    else:
+        storage.models["m"] = []
+    with caplog.at_level(logging.INFO, logger="fovea.server.manager"):
+        for _ in range(20):  # ten times the scans, and the grace (2 x 10 ms), that retire a removal
+            with contextlib.suppress(OSError):
+                await mgr.poll_once()
+            await asyncio.sleep(0.005)
+        # Before: the empty listings retired version 2 at the first scan (NOT_SERVING on every replica).
+        assert mgr.ready and mgr.loaded_versions("m") == [2] and mgr.lookup("", 0).version == 2
+        assert value(metrics, "fovea_model_dir_problems_total", reason=reason) == 20
+        assert value(metrics, "fovea_model_dir_unreachable") == 1
+        errors = _lines(caplog, logging.ERROR)
+        assert len(errors) == 1, errors  # said once, not at every scan
+        assert (
+            "model storage unreachable" in errors[0]
+            and "keeping 1 loaded version(s) serving (m:2)" in errors[0]
+        )
+        storage.fail, storage.models = False, {"m": [1, 2]}
+        await mgr.poll_once()
+        await mgr.poll_once()
+    assert value(metrics, "fovea_model_dir_unreachable") == 0
+    back = [m for m in _lines(caplog, logging.WARNING) if "readable again" in m]
+    assert len(back) == 1 and "20 scan(s)" in back[0], back
+    assert mgr.loaded_versions("m") == [2] and loads == [("m", 2)]  # never reloaded
+    await mgr.close()
+
+
+async def test_a_removal_a_readable_listing_shows_retires_only_once_confirmed(caplog) -> None:
+    storage = FakeStorage({"m": [1, 2], "n": [1]})
+    mgr, metrics, loads = manager(storage, version_policy="all", retire_after_scans=3, poll_interval=0.05)
+    await mgr.poll_once()
+    assert mgr.loaded_versions("m") == [1, 2]
+    # A version folder renamed away and back within the grace: served throughout, never reloaded.
+    storage.models["m"] = [1]
+    for _ in range(2):
+        await mgr.poll_once()
+    assert mgr.loaded_versions("m") == [1, 2]
+    assert value(metrics, "fovea_model_versions_missing", model="m") == 1
+    storage.models["m"] = [1, 2]
+    await mgr.poll_once()
+    assert value(metrics, "fovea_model_versions_missing", model="m") == 0
+    # Removed for real: kept for three scans AND 3 x 50 ms since a scan last saw it, then retired.
+    storage.models["m"] = [1]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fovea.server.manager"):
+        for _ in range(5):  # five quick scans: more than three, but within the grace
+            await mgr.poll_once()
+        assert mgr.loaded_versions("m") == [1, 2]
+        await asyncio.sleep(0.2)
+        await mgr.poll_once()
+        assert mgr.loaded_versions("m") == [1]
+        # A whole model folder removed while the listing still shows another model: the same.
+        del storage.models["m"]
+        await mgr.poll_once()
+        assert mgr.loaded_versions("m") == [1]
+        await asyncio.sleep(0.2)
+        for _ in range(3):
+            await mgr.poll_once()
+        assert mgr.loaded_versions("m") == [] and mgr.loaded_versions("n") == [1]
+    warnings = _lines(caplog, logging.WARNING)
+    assert sum("is missing from" in m for m in warnings) == 2, warnings  # once per version, not per scan
+    assert sum(m.endswith(": retiring it") for m in warnings) == 2, warnings
+    assert value(metrics, "fovea_model_dir_unreachable") == 0
+    assert sorted(loads) == [("m", 1), ("m", 2), ("n", 1)]
+    await mgr.close()
+
+
 async def test_a_broken_newest_version_falls_back_on_a_fresh_start(caplog) -> None:
     storage = FakeStorage({"m": [1, 2, 3]})
     mgr, metrics, loads = manager(storage, broken={3})
@@ -129,15 +222,16 @@ async def test_a_broken_newest_version_falls_back_on_a_fresh_start(caplog) -> No
 
 
 async def test_a_version_reloaded_while_its_old_copy_retires_keeps_its_metrics() -> None:
-    storage = FakeStorage({"m": [1]})
-    mgr, metrics, loads = manager(storage, version_policy="all")
+    storage = FakeStorage({"m": [1], "other": [1]})
+    mgr, metrics, loads = manager(storage, version_policy="all", retire_after_scans=1)
     await mgr.poll_once()
     old = mgr.lookup("m", 1).acquire()  # a request still holds the old copy
     storage.models["m"] = []
+    await asyncio.sleep(0.02)  # past the grace (one poll interval) since a scan last saw it
     await mgr.poll_once()  # retired: waits for the request
     storage.models["m"] = [1]
     await mgr.poll_once()  # published again and loaded while the old copy still drains
-    assert loads == [("m", 1), ("m", 1)]
+    assert [load for load in loads if load[0] == "m"] == [("m", 1), ("m", 1)]
     assert mgr.lookup("m", 1) is not old
     old.release()
     await asyncio.gather(*mgr._retiring)
@@ -170,7 +264,7 @@ def test_storage_errors_are_not_empty_listings() -> None:
     storage = loader.GFileStorage()
     # An error other than "not found" (here: a file system TF cannot reach) must raise, so the scan
     # fails and nothing changes; tf.io.gfile.isdir alone answers False, which read as "no models".
-    with pytest.raises(Exception, match="not implemented"):
+    with pytest.raises(OSError, match="not implemented"):
         storage.isdir("nosuchfs://models/m")
     assert storage.listdir("/nonexistent-fovea-folder") == []  # really absent: empty
 

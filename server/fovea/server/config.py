@@ -113,6 +113,14 @@ class Settings:
         "use (its affinity mask, capped by the cgroup CPU quota).",
     )
     poll_interval: float = _setting(5.0, "Seconds between scans of --model-dir for new versions.")
+    retire_after_scans: int = _setting(
+        12,
+        "A loaded version that a readable listing of --model-dir no longer shows keeps serving until "
+        "this many scans in a row, over at least as many --poll-interval periods since it was last "
+        "seen (one minute by default), have missed it; then it is retired. A scan that fails "
+        "(I/O or permission error) or finds no version at all (the volume unmounted, unreadable or "
+        "emptied) never retires anything. 1 retires at the first scan that misses it.",
+    )
     version_policy: str = _setting(
         "latest",
         "Which versions to serve: 'latest', 'all', or a comma-separated list of version numbers.",
@@ -172,6 +180,8 @@ class Settings:
             problems.append("--batch-wait-fraction must be between 0 and 1")
         if self.poll_interval <= 0:
             problems.append("--poll-interval must be positive")
+        if self.retire_after_scans < 1:
+            problems.append("--retire-after-scans must be at least 1")
         if self.max_images_per_request < 1 or self.max_pixels < 1 or self.max_message_mb < 1:
             problems.append("--max-images-per-request, --max-pixels and --max-message-mb must be positive")
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -184,6 +194,10 @@ class Settings:
             problems.append("--version-policy must be 'latest', 'all' or comma-separated positive integers")
         if problems:
             raise ValueError("; ".join(problems))
+
+    def retire_grace_s(self) -> float:
+        """Least time a loaded version stays missing from storage before it is retired."""
+        return self.retire_after_scans * self.poll_interval
 
     def decode_threads(self) -> int:
         """Threads of the decode/resize pool: --preprocess-threads, else the CPUs this process may use."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import errno
 import logging
 import posixpath
 import threading
@@ -88,19 +89,34 @@ class GFileStorage:
     """
 
     def listdir(self, path: str) -> list[str]:
-        try:
-            return [n.rstrip("/") for n in tf.io.gfile.listdir(path)]
-        except tf.errors.NotFoundError:
-            return []
+        with _os_errors():
+            try:
+                return [n.rstrip("/") for n in tf.io.gfile.listdir(path)]
+            except tf.errors.NotFoundError:
+                return []
 
     def isdir(self, path: str) -> bool:
-        try:
-            return tf.io.gfile.stat(path).is_directory
-        except tf.errors.NotFoundError:
-            return False
+        with _os_errors():
+            try:
+                return tf.io.gfile.stat(path).is_directory
+            except tf.errors.NotFoundError:
+                return False
 
     def exists(self, path: str) -> bool:
-        return tf.io.gfile.exists(path)
+        with _os_errors():
+            return tf.io.gfile.exists(path)
+
+
+@contextlib.contextmanager
+def _os_errors() -> Iterator[None]:
+    """TF's storage errors as OSError, as source.Storage promises, so the manager tells a permission
+    error from an I/O error without importing TensorFlow."""
+    try:
+        yield
+    except tf.errors.PermissionDeniedError as exc:
+        raise PermissionError(errno.EACCES, exc.message) from exc
+    except tf.errors.OpError as exc:
+        raise OSError(errno.EIO, exc.message) from exc
 
 
 def read_metadata(path: str, name: str, version: int) -> ModelMetadata:

@@ -10,8 +10,10 @@ the map at once, released when its last lease is returned, so no request is drop
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import posixpath
 import time
@@ -22,11 +24,30 @@ from fovea.server.config import Settings
 from fovea.server.errors import InvalidArgument, NotFound, Unavailable, clip
 from fovea.server.metrics import Metrics
 from fovea.server.servable import Model, ServedVersion
-from fovea.server.source import ModelSource
+from fovea.server.source import ModelSource, failure_reason
 
 log = logging.getLogger(__name__)
 
 MAX_RETRY_BACKOFF_S = 600.0  # a broken version is retried at least every 10 minutes
+OUTAGE_LOG_EVERY_S = 300.0  # a storage outage is logged when it starts, then at most this often
+
+
+@dataclasses.dataclass
+class _Outage:
+    """Scans in a row that could not retire anything (failed, or found no version at all)."""
+
+    since: float
+    reason: str
+    logged_at: float
+    scans: int = 1
+
+
+@dataclasses.dataclass
+class _Missing:
+    """A loaded version readable listings have missed: since when (the last scan that saw it)."""
+
+    last_seen: float
+    scans: int = 0
 
 
 class ModelManager:
@@ -48,6 +69,10 @@ class ModelManager:
         self._failures: dict[tuple[str, int], int] = {}
         self._retry_at: dict[tuple[str, int], float] = {}  # time.monotonic() of a broken version's retry
         self._retiring: set[asyncio.Task] = set()
+        self._outage: _Outage | None = None
+        self._missing: dict[tuple[str, int], _Missing] = {}
+        self._last_seen_at = time.monotonic()  # when a scan last listed storage (loaded versions included)
+        self._scan_error: BaseException | None = None
         self._ready = False
         self._task: asyncio.Task | None = None
         # TF loads run on their own thread so a slow load never competes with the serving threads'
@@ -128,22 +153,42 @@ class ModelManager:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                # A failed listing changes nothing: the versions serving keep serving.
-                self._metrics.scan_failures.inc()
-                log.error(
-                    "scanning %s failed; keeping what is loaded and retrying in %gs: %s",
-                    self._source.base,
-                    self._settings.poll_interval,
-                    clip(exc, 300, quote=False),
-                )
+                # A failed listing changes nothing (poll_once logged it, throttled); anything else
+                # is a bug, said at each poll.
+                if exc is not self._scan_error:
+                    log.exception(
+                        "polling %s failed; retrying in %gs", self._source.base, self._settings.poll_interval
+                    )
             await asyncio.sleep(self._settings.poll_interval)
 
     async def poll_once(self) -> None:
-        """Scan storage once and converge on it; raises (changing nothing) if the scan fails."""
-        listed = await asyncio.get_running_loop().run_in_executor(None, self._source.scan)
+        """Scan storage once and converge on it; raises (changing nothing) if the scan fails.
+
+        Storage that cannot be read, or that shows no version at all, retires nothing: a blip in a
+        volume every replica shares would otherwise take every replica down at once. Only a readable
+        listing that shows other versions but not a loaded one counts towards retiring it
+        (`_hold_missing`).
+        """
+        loop = asyncio.get_running_loop()
+        try:
+            listed = await loop.run_in_executor(None, self._source.scan)
+        except Exception as exc:
+            self._scan_error = exc
+            self._metrics.scan_failures.inc()
+            self._storage_problem(
+                failure_reason(exc), f"scanning {self._source.base} failed: {clip(exc, 300, quote=False)}"
+            )
+            raise
+        if not any(listed.values()):
+            reason, why = await loop.run_in_executor(None, self._source.nothing_found)
+            if self._models:
+                self._storage_problem(reason, why)
+                return
+            log.warning(why)  # waiting for a first model: said at each scan
+        else:
+            self._storage_back()
+            listed = self._hold_missing(listed)
         self._known = [n for n, v in listed.items() if v]
-        if not self._known:
-            log.warning(await asyncio.get_running_loop().run_in_executor(None, self._source.nothing_found))
         for name, versions in listed.items():
             aspired = self._aspired(versions)
             if self._settings.version_policy == "latest":
@@ -153,10 +198,117 @@ class ModelManager:
             pending = [v for v in aspired if v not in self._models.get(name, {})]
             self._metrics.versions_pending.labels(name).set(len(pending))
         for name in [n for n in self._models if n not in listed]:
-            log.info("model %s disappeared from %s; unloading it", name, self._source.base)
+            log.info("model %s is gone from %s; unloading it", name, self._source.base)
             await self._sync_model(name, [])
+        self._last_seen_at = time.monotonic()
         self._metrics.last_scan.set(time.time())
         self._update_ready()
+
+    # -- storage faults --------------------------------------------------------------------------
+
+    def _storage_problem(self, reason: str, why: str) -> None:
+        """A scan that cannot retire anything: counted each time, logged when it starts, when its
+        reason changes and every OUTAGE_LOG_EVERY_S while it lasts."""
+        self._metrics.storage_problems.labels(reason).inc()
+        self._metrics.storage_unreachable.set(1)
+        self._missing.clear()  # an outage breaks a run of listings that missed a version
+        self._refresh_missing_gauge()
+        now = time.monotonic()
+        outage = self._outage
+        if outage is None:
+            outage = self._outage = _Outage(since=now, reason=reason, logged_at=now)
+        else:
+            outage.scans += 1
+            if reason == outage.reason and now - outage.logged_at < OUTAGE_LOG_EVERY_S:
+                return
+            outage.reason, outage.logged_at = reason, now
+        serving = self.loaded()
+        kept = (
+            f"keeping {len(serving)} loaded version(s) serving "
+            f"({', '.join(f'{v.name}:{v.version}' for v in serving)})"
+            if serving
+            else "nothing is loaded yet"
+        )
+        log.error(
+            "model storage unreachable (%s, %d scan(s) over %.0fs): %s; %s, retrying every %gs",
+            reason,
+            outage.scans,
+            now - outage.since,
+            why,
+            kept,
+            self._settings.poll_interval,
+        )
+
+    def _storage_back(self) -> None:
+        outage, self._outage = self._outage, None
+        self._metrics.storage_unreachable.set(0)
+        if outage is not None:
+            log.warning(
+                "model storage %s is readable again after %.1fs (%d scan(s) failed or found nothing, "
+                "last: %s); nothing was retired meanwhile",
+                self._source.base,
+                time.monotonic() - outage.since,
+                outage.scans,
+                outage.reason,
+            )
+
+    def _hold_missing(self, listed: dict[str, list[int]]) -> dict[str, list[int]]:
+        """The listing plus every loaded version it misses whose removal is not confirmed yet.
+
+        A version folder removed while the listing still shows others is a real removal, but a
+        rename, a sync tool's swap or a flaky mount look the same for a moment: it is retired only
+        once `retire_after_scans` scans in a row, over at least `retire_grace_s` since a scan last
+        saw it, have missed it.
+        """
+        s = self._settings
+        now = time.monotonic()
+        held = {name: list(versions) for name, versions in listed.items()}
+        still_missing: set[tuple[str, int]] = set()
+        for name, versions in self._models.items():
+            on_storage = set(listed.get(name, []))
+            for version in sorted(versions):
+                if version in on_storage:
+                    continue
+                key = (name, version)
+                missing = self._missing.get(key)
+                if missing is None:
+                    missing = self._missing[key] = _Missing(last_seen=self._last_seen_at)
+                missing.scans += 1
+                gone_for = now - missing.last_seen
+                if missing.scans >= s.retire_after_scans and gone_for >= s.retire_grace_s():
+                    log.warning(
+                        "%s version %d has been missing from %s for %d scans (%.1fs): retiring it",
+                        name,
+                        version,
+                        self._source.root(name),
+                        missing.scans,
+                        gone_for,
+                    )
+                    del self._missing[key]
+                    continue
+                if missing.scans == 1:
+                    log.warning(
+                        "%s version %d is missing from %s; serving it on, and retiring it if %d scans "
+                        "over %gs miss it",
+                        name,
+                        version,
+                        self._source.root(name),
+                        s.retire_after_scans,
+                        s.retire_grace_s(),
+                    )
+                still_missing.add(key)
+                held[name] = sorted({*held.get(name, []), version})
+        for key in [k for k in self._missing if k not in still_missing]:
+            del self._missing[key]
+            if key[1] in self._models.get(key[0], {}):
+                log.warning("%s version %d is back on storage", *key)
+        self._refresh_missing_gauge()
+        return held
+
+    def _refresh_missing_gauge(self) -> None:
+        counts = collections.Counter(name for name, _ in self._missing)
+        for name in set(self._models) | set(counts):
+            self._metrics.versions_missing.labels(name).set(counts.get(name, 0))
 
     def _aspired(self, versions: list[int]) -> list[int]:
         """The versions the policy wants served, out of those on storage (ascending)."""

@@ -91,6 +91,26 @@ class Metrics:
             "Scans of the model folder that failed (nothing was changed; retried at the next poll).",
             registry=r,
         )
+        self.storage_problems = Counter(
+            "fovea_model_dir_problems",
+            "Scans of the model folder that could not be trusted to retire anything, by reason: "
+            "permission_denied, io_error or error (the listing raised), model_dir_missing, "
+            "model_dir_empty or no_complete_version (it found no version at all while some serve).",
+            ["reason"],
+            registry=r,
+        )
+        self.storage_unreachable = Gauge(
+            "fovea_model_dir_unreachable",
+            "1 while the last scan failed or found no version at all while versions serve from memory.",
+            registry=r,
+        )
+        self.versions_missing = Gauge(
+            "fovea_model_versions_missing",
+            "Loaded versions a readable listing no longer shows, serving on until the removal is "
+            "confirmed (--retire-after-scans).",
+            ["model"],
+            registry=r,
+        )
         self.version_broken = Gauge(
             "fovea_model_version_broken",
             "1 for a version on storage that failed to load and is retried with backoff.",

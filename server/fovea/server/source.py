@@ -16,6 +16,8 @@ from fovea import contract
 
 
 class Storage(Protocol):
+    # Every method raises OSError (PermissionError for a permission error) when storage fails in any
+    # way but "not found"; only a real absence reads as [] or False.
     def listdir(self, path: str) -> list[str]:
         """Entry names without a trailing slash; [] when `path` is not a folder."""
         ...
@@ -51,27 +53,41 @@ class ModelSource:
         """Every model folder and its published versions (blocking: run it off the event loop)."""
         return {name: self.versions(name) for name in self.model_names()}
 
-    def nothing_found(self) -> str:
-        """Why a scan found no version, and the layout it expects (one log line, blocking I/O)."""
+    def nothing_found(self) -> tuple[str, str]:
+        """Why a scan found no version, as a metric reason and one log line with the layout it
+        expects (blocking I/O)."""
         base, s = self.base, self._storage
         if self._single:
             layout = posixpath.join(base, "<version>", contract.SAVED_MODEL_FILE)
         else:
             layout = posixpath.join(base, "<model name>", "<version>", contract.SAVED_MODEL_FILE)
         if not s.isdir(base):
-            return f"--model-dir {base} does not exist; waiting for it (expected {layout})"
+            return MODEL_DIR_MISSING, f"--model-dir {base} does not exist; waiting for it (expected {layout})"
         names = sorted(n for n in s.listdir(base) if n and not n.startswith("."))
         if not names:
-            return f"--model-dir {base} is empty; waiting for a model (expected {layout})"
+            return MODEL_DIR_EMPTY, f"--model-dir {base} is empty; waiting for a model (expected {layout})"
         parent = posixpath.dirname(base.rstrip("/"))
         if self._single:
-            return f"--model-dir {base} holds no complete version of {self._single} in {', '.join(names)}; waiting (expected {layout})"
-        if contract.published_versions(base, s.listdir, s.exists):
-            return f"--model-dir {base} is one model's folder (versions {', '.join(names)}): use its parent, {parent}"
-        if contract.version_of(posixpath.basename(base.rstrip("/"))) and contract.published_versions(
+            why = f"--model-dir {base} holds no complete version of {self._single} in {', '.join(names)}; waiting (expected {layout})"
+        elif contract.published_versions(base, s.listdir, s.exists):
+            why = f"--model-dir {base} is one model's folder (versions {', '.join(names)}): use its parent, {parent}"
+        elif contract.version_of(posixpath.basename(base.rstrip("/"))) and contract.published_versions(
             parent, s.listdir, s.exists
         ):
-            return f"--model-dir {base} is a version folder: use the folder above its model, {posixpath.dirname(parent)}"
-        return (
-            f"--model-dir {base} has no complete version in {', '.join(names)}; waiting (expected {layout})"
-        )
+            why = f"--model-dir {base} is a version folder: use the folder above its model, {posixpath.dirname(parent)}"
+        else:
+            why = f"--model-dir {base} has no complete version in {', '.join(names)}; waiting (expected {layout})"
+        return NO_COMPLETE_VERSION, why
+
+
+# Why a scan cannot be trusted to retire anything (fovea_model_dir_problems' reason label).
+MODEL_DIR_MISSING = "model_dir_missing"
+MODEL_DIR_EMPTY = "model_dir_empty"
+NO_COMPLETE_VERSION = "no_complete_version"
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The reason label of a listing that raised: a Storage raises OSError for file system errors."""
+    if isinstance(exc, PermissionError):
+        return "permission_denied"
+    return "io_error" if isinstance(exc, OSError) else "error"
