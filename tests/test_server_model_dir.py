@@ -1,8 +1,11 @@
-"""A --model-dir that yields no model says why in the log, at start and at each scan that finds nothing."""
+"""A --model-dir that yields no model says why in the log, at start and at each scan that finds nothing;
+one that becomes unreadable, missing or empty while a model serves retires nothing, under load."""
 
 from __future__ import annotations
 
 import logging
+import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,8 @@ import pytest
 pytest.importorskip("tensorflow", reason="the server tests need the server extra")
 
 from _models import export_tiny
-from _serving import start_server, stop_server, wait_until
+from _serving import sample, serving, start_server, stop_server, wait_until
+from fovea.devtools.steady_load import SteadyLoad
 
 LOGGER = "fovea.server.manager"
 
@@ -63,3 +67,90 @@ def test_a_served_model_dir_warns_nothing(published, caplog):
         assert _warnings(caplog) == []
     finally:
         stop_server(srv)
+
+
+def _scans(server, reason: str) -> float:
+    return sample(server, "fovea_model_dir_problems_total", reason=reason)
+
+
+def _outage_under_load(server, start, end, reason: str, scans: int) -> dict:
+    """Steady traffic while `start()` breaks storage for `scans` problem scans, then `end()` mends it."""
+    with SteadyLoad(f"127.0.0.1:{server.port}", 16) as load:
+        wait_until(lambda: load.counts.ok >= 5, what="traffic before the fault")
+        before = _scans(server, reason)
+        start()
+        try:
+            wait_until(
+                lambda: _scans(server, reason) >= before + scans, timeout=60, what=f"{scans} {reason} scans"
+            )
+            assert sample(server, "fovea_model_dir_unreachable") == 1
+            served = load.counts.ok
+            wait_until(lambda: load.counts.ok >= served + 5, what="traffic during the fault")
+        finally:
+            end()
+        wait_until(lambda: sample(server, "fovea_model_dir_unreachable") == 0, what="storage back")
+        time.sleep(0.3)  # a few more scans: nothing is reloaded
+    return load.counts.summary()
+
+
+def test_a_model_folder_renamed_away_under_load_drops_nothing(tmp_path):
+    models = tmp_path / "models"
+    export_tiny(models, "tiny", 16)
+    # 20 problem scans at 0.1 s: more than --retire-after-scans (5) and its grace (0.5 s), so a rule
+    # that retired an absent model after the grace would show here.
+    with serving(models, poll_interval=0.1, retire_after_scans=5) as srv:
+        away = tmp_path / "away"
+        counts = _outage_under_load(
+            srv,
+            lambda: (models / "tiny").rename(away),
+            lambda: away.rename(models / "tiny"),
+            "model_dir_empty",
+            20,
+        )
+        # Before: UNAVAILABLE "no model is loaded yet" from the first scan without the folder, and
+        # health NOT_SERVING until the reload after it came back.
+        assert counts["requests_failed"] == 0, counts
+        assert set(counts["health_answers"]) == {"SERVING"}, counts
+        assert sample(srv, "fovea_model_loads_total", model="tiny") == 1  # never unloaded, never reloaded
+
+
+def test_permission_errors_while_listing_drop_nothing(tmp_path):
+    models = tmp_path / "models"
+    export_tiny(models, "tiny", 16)
+    with serving(models, poll_interval=0.1, retire_after_scans=5) as srv:
+        # Tests run as root, which chmod 000 does not stop: the server's own storage raises instead,
+        # as loader.GFileStorage does for a permission error.
+        storage = srv.manager._source._storage
+
+        class Denied:
+            def __getattr__(self, name):
+                def denied(*args):
+                    raise PermissionError(13, "Permission denied", str(models))
+
+                return denied
+
+        def deny() -> None:
+            srv.manager._source._storage = Denied()
+
+        def allow() -> None:
+            srv.manager._source._storage = storage
+
+        counts = _outage_under_load(srv, deny, allow, "permission_denied", 20)
+        assert counts["requests_failed"] == 0, counts
+        assert set(counts["health_answers"]) == {"SERVING"}, counts
+        assert sample(srv, "fovea_model_loads_total", model="tiny") == 1
+
+
+def test_a_real_removal_still_retires_after_the_grace(tmp_path):
+    models = tmp_path / "models"
+    export_tiny(models, "tiny", 16)
+    export_tiny(models, "other", 16)
+    with serving(models, poll_interval=0.1, retire_after_scans=3) as srv:
+        wait_until(lambda: srv.manager.loaded_versions("other") == [1], what="both models loaded")
+        removed_at = time.monotonic()
+        shutil.rmtree(models / "tiny")
+        wait_until(lambda: not srv.manager.loaded_versions("tiny"), timeout=30, what="tiny retired")
+        # Not at the first scan that misses it: three such scans are two poll intervals apart at least.
+        assert time.monotonic() - removed_at >= 0.2
+        assert srv.manager.loaded_versions("other") == [1] and srv.manager.ready
+        assert _scans(srv, "model_dir_empty") == 0 and sample(srv, "fovea_model_dir_unreachable") == 0
