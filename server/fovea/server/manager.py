@@ -172,6 +172,9 @@ class ModelManager:
         loop = asyncio.get_running_loop()
         try:
             listed = await loop.run_in_executor(None, self._source.scan)
+            nothing = (
+                None if any(listed.values()) else await loop.run_in_executor(None, self._source.nothing_found)
+            )
         except Exception as exc:
             self._scan_error = exc
             self._metrics.scan_failures.inc()
@@ -179,8 +182,8 @@ class ModelManager:
                 failure_reason(exc), f"scanning {self._source.base} failed: {clip(exc, 300, quote=False)}"
             )
             raise
-        if not any(listed.values()):
-            reason, why = await loop.run_in_executor(None, self._source.nothing_found)
+        if nothing is not None:
+            reason, why = nothing
             if self._models:
                 self._storage_problem(reason, why)
                 return
