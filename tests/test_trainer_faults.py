@@ -92,14 +92,19 @@ def test_a_second_trainer_on_the_same_model_is_refused_and_a_killed_holder_frees
     assert not (tmp_path / "models" / "m" / ".train.lock").exists(), "a finished holder left its lock file"
 
 
-def test_stale_temporary_exports_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
-    root = tmp_path / "models" / "tiny"
+def _model_root_host_and_dead_pid(tmp_path: Path, name: str) -> tuple[Path, str, int]:
+    """A model folder, this host's name, and the pid of a process of this host that has exited."""
+    root = tmp_path / "models" / name
     root.mkdir(parents=True)
-    host = socket.gethostname()
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
+    return root, socket.gethostname(), gone.pid
+
+
+def test_stale_temporary_exports_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
+    root, host, dead_pid = _model_root_host_and_dead_pid(tmp_path, "tiny")
     folders = {
-        "dead": root / f".tmp-{host}-{gone.pid}-aaaa",  # its exporter on this host has exited
+        "dead": root / f".tmp-{host}-{dead_pid}-aaaa",  # its exporter on this host has exited
         "old": root / ".tmp-elsewhere-12-bbbb",  # another host's, untouched for a day
         "live": root / f".tmp-{host}-{os.getpid()}-cccc",  # a live exporter's (this process)
         "recent": root / ".tmp-elsewhere-34-dddd",  # another host's, written a minute ago
@@ -161,3 +166,147 @@ def test_the_best_weights_of_a_phase_survive_a_restart(tmp_path: Path) -> None:
             np.testing.assert_array_equal(got, want)
     callback.on_epoch_end(5, {"val_loss": 0.4})  # a better epoch after the restart replaces it
     assert resume.read_best(backup, 1) == {"epoch": 5, "val_loss": 0.4}
+
+
+# -- full disks (issue 23) -------------------------------------------------------------------------
+
+
+def _tree(folder: Path) -> dict[str, int]:
+    """Every path under a folder, with its modification time for files (a folder's changes when a
+    lock file comes and goes): what a failed run must leave as it was."""
+    if not folder.exists():
+        return {}
+    return {str(p.relative_to(folder)): p.is_file() and p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
+def _train_cli(cfg: TrainConfig, capsys, monkeypatch, *flags: str) -> tuple[int, list[str]]:
+    """`fovea train` in this process (so seams apply): its exit code and its stderr lines."""
+    from fovea.cli import TF_LOGS_ENV, main
+
+    monkeypatch.setenv(TF_LOGS_ENV, "1")  # no captured start-up lines in this process
+    capsys.readouterr()
+    argv = [
+        "train",
+        "--data",
+        cfg.data,
+        "--models",
+        cfg.models,
+        "--name",
+        cfg.name,
+        "--backbone",
+        cfg.backbone,
+    ]
+    argv += ["--weights", "none", "--input-size", "32", "--epochs", "1", "--fine-tune-epochs", "0"]
+    argv += ["--batch-size", "8", "--verbose", "0"]  # fmt: skip
+    code = main([*argv, *flags])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_a_filesystem_too_small_is_refused_up_front_in_one_line(tmp_path: Path) -> None:
+    # A real small file system when this process may mount one (root, as in the dev container);
+    # test_too_little_free_space_for_the_backup_is_refused_up_front fakes the probe instead.
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip() or mounted.returncode}")
+    try:
+        cfg = _tiny_config(tmp_path)
+        run = subprocess.run(
+            [sys.executable, "-m", "fovea.cli", "train", "--data", cfg.data, "--models", str(disk),
+             "--backbone", "vgg16", "--weights", "none", "--input-size", "32", "--epochs", "1",
+             "--fine-tune-epochs", "0", "--name", "m"],
+            capture_output=True, text=True, env=subprocess_env(), timeout=300,
+        )  # fmt: skip
+        # Before: trained, then OSError [Errno 28] from a checkpoint save, a traceback and a 43 MB .backup.
+        assert run.returncode == 1, run.stdout[-2000:] + run.stderr[-2000:]
+        assert "Traceback" not in run.stderr, run.stderr[-3000:]
+        errors = [line for line in run.stderr.splitlines() if line.startswith("fovea train: error:")]
+        assert len(errors) == 1, run.stderr[-3000:]
+        # vgg16 at 32 px, 14.7M parameters: a 64 MiB version and a 225 MiB backup (4 x the weights), on 20 MiB.
+        assert errors[0].startswith(f"fovea train: error: not enough disk space: {disk}/m needs "), errors
+        assert "(a version " in errors[0] and "+ the backup " in errors[0] and "MiB free" in errors[0], errors
+        assert list(disk.iterdir()) == [], "the refused run left files behind"
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_too_little_free_space_for_the_backup_is_refused_up_front(
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fovea.trainer import disk_space
+
+    cfg = _tiny_config(tmp_path)
+    export_tiny(tmp_path / "models", "m")  # a published version: its size is the version's estimate
+    backup = tmp_path / "scratch" / "backup"
+    before = _tree(tmp_path / "models")
+    real_free = disk_space.free_bytes
+    # The backup's disk (a different device is not needed: the probe is asked per path) has 5 MiB.
+    monkeypatch.setattr(
+        disk_space, "free_bytes", lambda p: 5 * disk_space.MIB if "scratch" in p else real_free(p)
+    )
+    monkeypatch.setattr(disk_space, "_device", lambda p: 1 if "scratch" in p else 2)
+    code, err = _train_cli(cfg, capsys, monkeypatch, "--backup-dir", str(backup))
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith(f"fovea train: error: not enough disk space: {backup} needs "), err
+    assert err[0].endswith("and has 5 MiB free"), err
+    assert _tree(tmp_path / "models") == before and not (tmp_path / "scratch").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["checkpoint", "export"])
+def test_a_disk_that_fills_up_mid_run_fails_in_one_line_and_leaves_no_temporaries(
+    where: str, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import tensorflow as tf
+
+    cfg = _tiny_config(tmp_path)
+    export_tiny(tmp_path / "models", "m")  # published before: must stay as it was
+    before = _tree(tmp_path / "models")
+    if where == "checkpoint":
+        # The best-weights save at the first epoch's end: numpy reports ENOSPC as OSError 28.
+        def full(model, path) -> None:
+            Path(path).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+        monkeypatch.setattr(resume, "save_weights", full)
+    else:
+        # TensorFlow's writers report it as text in an OpError, after writing part of the SavedModel.
+        real_save = tf.saved_model.save
+
+        def full(module, path, signatures=None) -> None:
+            real_save(module, path, signatures=signatures)
+            raise tf.errors.ResourceExhaustedError(None, None, f"{path}/variables: No space left on device")
+
+        monkeypatch.setattr(tf.saved_model, "save", full)
+    code, err = _train_cli(cfg, capsys, monkeypatch)
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith("fovea train: error: the disk filled up"), err
+    assert f"removed {tmp_path / 'models' / 'm' / '.backup'}" in err[0], err
+    # No backup, no .tmp-* folder, no lock: exactly the files there were before.
+    assert _tree(tmp_path / "models") == before
+
+
+def test_the_next_run_removes_temporaries_a_killed_run_left(tmp_path: Path) -> None:
+    root, host, dead_pid = _model_root_host_and_dead_pid(tmp_path, "m")
+    killed = {
+        "here": root / f".tmp-{host}-{dead_pid}-aaaa",  # a killed trainer's on this host, with a file
+        "elsewhere": root / ".tmp-pod-b7f2-12-bbbb",  # a killed pod's (another host), empty, just now
+    }
+    (killed["here"] / "variables").mkdir(parents=True)
+    (killed["here"] / "variables" / "x").write_text("partial")
+    killed["elsewhere"].mkdir()
+    live = root / f".tmp-{host}-{os.getpid()}-cccc"  # a live exporter's on this host: kept
+    live.mkdir()
+    lines: list[str] = []
+    # The cleanup runs under the model's lock before the data is read: a missing data folder stops
+    # the run right after it.
+    cfg = tiny_train_config(tmp_path / "no-data", tmp_path / "models")
+    with pytest.raises(Exception, match="not found"):
+        train.run(cfg, log=lines.append)
+    assert sorted(p.name for p in root.iterdir()) == [live.name]
+    assert sum("left by a killed run" in line for line in lines) == 2, lines

@@ -134,7 +134,8 @@ class TrainConfig:
     backup_dir: str = _field(
         "",
         "checkpoints for resuming a killed run (the same command continues at the next epoch); "
-        "default MODELS/<name>/.backup; removed after a successful export",
+        "default MODELS/<name>/.backup; removed after a successful export, and when a disk fills up "
+        "if this run made it; its free space (and the models folder's) is checked before training",
     )
     mixed_precision: str = _field(
         "auto",

@@ -10,6 +10,7 @@ docs/deploy.md, "Publishing on object stores".
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -98,46 +99,54 @@ def export_model(
     tf.io.gfile.makedirs(model_root)
     remove_stale_temporaries(model_root)
     tmp = posixpath.join(model_root, _temporary_name())
-    module, signatures = build_servable(model, height, width)
-    tf.saved_model.save(module, tmp, signatures=signatures)
+    try:
+        module, signatures = build_servable(model, height, width)
+        tf.saved_model.save(module, tmp, signatures=signatures)
 
-    tf.io.gfile.makedirs(posixpath.join(tmp, "assets"))
-    with tf.io.gfile.GFile(posixpath.join(tmp, contract.LABELS_FILE), "w") as f:
-        f.write(contract.format_labels(labels))
-    if report_dir and tf.io.gfile.isdir(report_dir):
-        _copy_tree(report_dir, posixpath.join(tmp, contract.REPORT_DIR))
-    tf.io.gfile.makedirs(posixpath.join(tmp, posixpath.dirname(contract.METADATA_FILE)))
-    with tf.io.gfile.GFile(posixpath.join(tmp, contract.TRAIN_CONFIG_FILE), "w") as f:
-        json.dump(dict(config or {}), f, indent=2, sort_keys=True, default=str)
-    meta = contract.ModelMetadata(
-        name=name,
-        version=0,
-        labels=list(labels),
-        input_height=height,
-        input_width=width,
-        backbone=backbone,
-        metrics=dict(metrics or {}),
-        config=dict(config or {}),
-        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        parent=parent,
-    )
+        tf.io.gfile.makedirs(posixpath.join(tmp, "assets"))
+        with tf.io.gfile.GFile(posixpath.join(tmp, contract.LABELS_FILE), "w") as f:
+            f.write(contract.format_labels(labels))
+        if report_dir and tf.io.gfile.isdir(report_dir):
+            _copy_tree(report_dir, posixpath.join(tmp, contract.REPORT_DIR))
+        tf.io.gfile.makedirs(posixpath.join(tmp, posixpath.dirname(contract.METADATA_FILE)))
+        with tf.io.gfile.GFile(posixpath.join(tmp, contract.TRAIN_CONFIG_FILE), "w") as f:
+            json.dump(dict(config or {}), f, indent=2, sort_keys=True, default=str)
+        meta = contract.ModelMetadata(
+            name=name,
+            version=0,
+            labels=list(labels),
+            input_height=height,
+            input_width=width,
+            backbone=backbone,
+            metrics=dict(metrics or {}),
+            config=dict(config or {}),
+            created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            parent=parent,
+        )
 
-    # Another exporter may take a version number between our listing and our rename; take the next.
-    for _ in range(100):
-        version = (list_versions(model_root) or [0])[-1] + 1
-        with tf.io.gfile.GFile(posixpath.join(tmp, contract.METADATA_FILE), "w") as f:
-            f.write(meta.replace(version=version).to_json())
-        final = contract.version_path(model_root, version)
-        try:
-            if renames_atomically(model_root):
-                tf.io.gfile.rename(tmp, final, overwrite=False)
-            else:
-                _publish_by_copy(tmp, final)
-            return final
-        except (tf.errors.AlreadyExistsError, tf.errors.FailedPreconditionError, OSError):
-            if not tf.io.gfile.exists(final):
-                raise
-    raise RuntimeError(f"could not claim a version number under {model_root}")
+        # Another exporter may take a version number between our listing and our rename; take the next.
+        for _ in range(100):
+            version = (list_versions(model_root) or [0])[-1] + 1
+            with tf.io.gfile.GFile(posixpath.join(tmp, contract.METADATA_FILE), "w") as f:
+                f.write(meta.replace(version=version).to_json())
+            final = contract.version_path(model_root, version)
+            try:
+                if renames_atomically(model_root):
+                    tf.io.gfile.rename(tmp, final, overwrite=False)
+                else:
+                    _publish_by_copy(tmp, final)
+                return final
+            except (tf.errors.AlreadyExistsError, tf.errors.FailedPreconditionError, OSError):
+                if not tf.io.gfile.exists(final):
+                    raise
+        raise RuntimeError(f"could not claim a version number under {model_root}")
+    except BaseException:
+        # A failed export (a full disk, a bad model) leaves no temporary behind; a killed one does, and
+        # the next export or training run removes it (remove_stale_temporaries).
+        with contextlib.suppress(tf.errors.OpError, OSError):
+            if tf.io.gfile.exists(tmp):
+                tf.io.gfile.rmtree(tmp)
+        raise
 
 
 def renames_atomically(path: str) -> bool:
@@ -196,12 +205,17 @@ def _temporary_name() -> str:
     return f"{contract.TEMP_PREFIX}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
 
 
-def remove_stale_temporaries(model_root: str, max_age: float = STALE_TMP_SECONDS) -> list[str]:
+def remove_stale_temporaries(
+    model_root: str, max_age: float = STALE_TMP_SECONDS, *, model_locked: bool = False
+) -> list[str]:
     """Delete temporary export folders left by killed exporters; returns the names removed.
 
     A folder is stale when its exporter ran on this host and is no longer alive, or, wherever it ran,
-    when nothing in it changed for max_age seconds (an export writes for seconds to minutes). A live
-    exporter's folder is never touched.
+    when nothing in it changed for max_age seconds (an export writes for seconds to minutes). With
+    `model_locked` (the caller holds the model's training lock, so no other trainer can be exporting
+    it) every folder whose exporter is not alive on this host is stale, another host's included: a
+    killed Kubernetes pod's restart runs on a new host. A live exporter's folder on this host is
+    never touched.
     """
     removed = []
     host = socket.gethostname()
@@ -211,8 +225,10 @@ def remove_stale_temporaries(model_root: str, max_age: float = STALE_TMP_SECONDS
             continue
         path = posixpath.join(model_root, entry)
         owner_host, _, rest = entry[len(contract.TEMP_PREFIX) :].rpartition("-")[0].rpartition("-")
-        owner_dead = owner_host == host and rest.isdigit() and not _pid_alive(int(rest))
-        if owner_dead or _idle_seconds(path) > max_age:
+        here = owner_host == host and rest.isdigit()
+        if here and _pid_alive(int(rest)):
+            continue
+        if here or model_locked or _idle_seconds(path) > max_age:
             try:
                 tf.io.gfile.rmtree(path)
                 removed.append(entry)

@@ -36,9 +36,14 @@ def model_lock(models_dir: str, name: str, log: Callable[[str], None]) -> Iterat
         yield
         return
     folder = Path(models_dir) / name
+    created = [p for p in [folder, *folder.parents] if not p.exists()]  # innermost first
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE
-    fd = _open_locked(path, name, models_dir)
+    try:
+        fd = _open_locked(path, name, models_dir)
+    except BaseException:
+        _remove_empty(created)
+        raise
     try:
         holder = {
             "host": socket.gethostname(),
@@ -52,6 +57,17 @@ def model_lock(models_dir: str, name: str, log: Callable[[str], None]) -> Iterat
         # Unlink while still holding the lock; a waiter that opened the old file sees it was replaced.
         path.unlink(missing_ok=True)
         os.close(fd)
+        # A run that published nothing (refused for disk space, failed on its data) leaves no empty
+        # model folder behind it.
+        _remove_empty(created)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return  # not empty (a version, another run's lock) or already gone: keep the rest too
 
 
 def _open_locked(path: Path, name: str, models_dir: str) -> int:

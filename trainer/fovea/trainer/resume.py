@@ -72,6 +72,10 @@ class RunBackup:
         # BackupAndRestore writes the chief's state to root and the others' to temporary folders itself;
         # our own files (marker, weights, histories) go per worker so workers never clobber each other.
         self.own = self.root if chief else self.root / f".{kind}-{index}"
+        # The outermost folder this run creates (None when resuming into one that exists): what
+        # discard() removes. A worker never claims the chief's root.
+        missing = [p for p in [self.own, *self.own.parents] if not p.exists()]
+        self.created: Path | None = (missing[-1] if chief else self.own) if missing else None
         self.own.mkdir(parents=True, exist_ok=True)
 
     def checkpoints(self, phase: int) -> str:
@@ -107,6 +111,14 @@ class RunBackup:
                 shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # not empty yet: another worker is still finishing
             self.root.rmdir()
+
+    def discard(self) -> str | None:
+        """Remove the backup this run created (a run that cannot finish on a full disk leaves no
+        partial one); a backup that was there before, which a restart can resume from, stays."""
+        if self.created is None:
+            return None
+        shutil.rmtree(self.created, ignore_errors=True)
+        return str(self.created)
 
     def check_fingerprint(self, cfg: TrainConfig, log: Callable[[str], None]) -> None:
         """Start over when the backup belongs to a run with other settings."""

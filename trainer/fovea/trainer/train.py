@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 from fovea.trainer import data as data_mod
+from fovea.trainer import disk_space
 from fovea.trainer.config import TrainConfig
 from fovea.trainer.distribute import make_strategy, task_info, tf_config_from_indexed_job, use_mixed_precision
 from fovea.trainer.layer_weights import get_layer_weights, load_weights, save_weights, set_layer_weights
@@ -124,7 +125,8 @@ def run(
     on_event: Callable[[str, Any, Any], None] | None = None,
 ) -> TrainResult:
     """Train, evaluate, report and (on the chief) publish. Raises DataError/WeightsError/ValueError,
-    and ModelBusyError when another trainer holds the model's lock.
+    ModelBusyError when another trainer holds the model's lock, and DiskFullError when the run would
+    not fit on its disks or a disk filled up while it ran.
 
     on_event(event, model, base) is called at "built", "phase1_end", "phase2_end" and "published"
     (tests inspect the weights there).
@@ -135,13 +137,34 @@ def run(
     # Only the chief publishes, so only the chief locks: the workers of one run share the model.
     lock = model_lock(cfg.models, cfg.name, log) if task_info()[2] else contextlib.nullcontext()
     with lock:
-        return _run(cfg, log, on_event or (lambda event, model, base: None))
+        backups: list[RunBackup] = []
+        try:
+            return _run(cfg, log, on_event or (lambda event, model, base: None), backups)
+        except Exception as exc:
+            if isinstance(exc, disk_space.DiskFullError) or not disk_space.is_disk_full(exc):
+                raise
+            # The disk filled up anyway (another writer, a bad estimate): one line, and no partial
+            # backup left to fill it (export_model removes its own .tmp-* folder).
+            removed = [path for b in backups if (path := b.discard())]
+            model_root = posixpath.join(cfg.models, cfg.name)
+            raise disk_space.filled(exc, model_root, cfg.backup_dir, removed) from None
 
 
 def _run(
-    cfg: TrainConfig, log: Callable[[str], None], notify: Callable[[str, Any, Any], None]
+    cfg: TrainConfig,
+    log: Callable[[str], None],
+    notify: Callable[[str, Any, Any], None],
+    backups: list[RunBackup],
 ) -> TrainResult:
     started = time.monotonic()
+    model_root = posixpath.join(cfg.models, cfg.name)
+    if task_info()[2] and "://" not in cfg.models:
+        from fovea.trainer.export import remove_stale_temporaries
+
+        # Under the model's lock: a .tmp-* folder no live exporter on this host writes is a killed
+        # run's, wherever it ran.
+        for entry in remove_stale_temporaries(model_root, model_locked=True):
+            log(f"removed {posixpath.join(model_root, entry)}, left by a killed run")
     dataset = _load_data(cfg, log)
 
     import tf_keras as keras
@@ -174,8 +197,18 @@ def _run(
             log(f"starting from {parent}: {parent_mode}")
         _compile(model, cfg, cfg.learning_rate)
     notify("built", model, base)
-    # Only now, so a run that fails on its data or weights leaves no backup folder behind.
+    disk_space.check(
+        model_root=model_root,
+        backup_dir=cfg.backup_dir,
+        params=model.count_params(),
+        fine_tune=cfg.fine_tune_epochs > 0,
+        reference=lambda: disk_space.reference_version_bytes(model_root, cfg.backbone, cfg.input_size),
+        publishes=is_chief,
+        log=log,
+    )
+    # Only now, so a run that fails on its data, weights or disk space leaves no backup folder behind.
     backup = RunBackup(cfg.backup_dir, task)
+    backups.append(backup)
     backup.check_fingerprint(cfg, log)
     tensorboard_dir = ""
     if cfg.tensorboard:

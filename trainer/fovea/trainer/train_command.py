@@ -77,12 +77,13 @@ def run(command: str, args: argparse.Namespace) -> int:
 
     from fovea.trainer.backbones import WeightsError
     from fovea.trainer.data import DataError
+    from fovea.trainer.disk_space import DiskFullError
     from fovea.trainer.model_lock import ModelBusyError
     from fovea.trainer.train import run as train
 
     try:
         result = train(cfg, log=lambda msg: print(msg, flush=True))
-    except (DataError, WeightsError, ModelBusyError, ValueError) as exc:
+    except (DataError, WeightsError, ModelBusyError, DiskFullError, ValueError) as exc:
         raise CLIError(str(exc)) from None
     m = result.metrics
     if result.version_path:
