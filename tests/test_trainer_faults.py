@@ -225,12 +225,22 @@ def test_a_filesystem_too_small_is_refused_up_front_in_one_line(tmp_path: Path) 
         assert "Traceback" not in run.stderr, run.stderr[-3000:]
         errors = [line for line in run.stderr.splitlines() if line.startswith("fovea train: error:")]
         assert len(errors) == 1, run.stderr[-3000:]
-        # vgg16 at 32 px, 14.7M parameters: a 64 MiB version and a 225 MiB backup (4 x the weights), on 20 MiB.
+        # vgg16, 14.7M parameters: a 64 MiB version and a 225 MiB backup (4 x the weights), on 20 MiB.
         assert errors[0].startswith(f"fovea train: error: not enough disk space: {disk}/m needs "), errors
         assert "(a version " in errors[0] and "+ the backup " in errors[0] and "MiB free" in errors[0], errors
         assert list(disk.iterdir()) == [], "the refused run left files behind"
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_the_disk_check_knows_each_backbones_parameter_count() -> None:
+    from fovea.contract import BACKBONES
+    from fovea.trainer.backbones import build_base
+    from fovea.trainer.disk_space import BACKBONE_PARAMS
+
+    assert sorted(BACKBONE_PARAMS) == sorted(BACKBONES)
+    for name in BACKBONES:
+        assert build_base(name, 32, "none").count_params() == BACKBONE_PARAMS[name], name
 
 
 def test_too_little_free_space_for_the_backup_is_refused_up_front(

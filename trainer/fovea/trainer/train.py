@@ -165,6 +165,16 @@ def _run(
         # run's, wherever it ran.
         for entry in remove_stale_temporaries(model_root, model_locked=True):
             log(f"removed {posixpath.join(model_root, entry)}, left by a killed run")
+    # Before the data is read and the model built, so a run that cannot fit fails in seconds.
+    disk_space.check(
+        model_root=model_root,
+        backup_dir=cfg.backup_dir,
+        params=disk_space.BACKBONE_PARAMS[cfg.backbone],
+        fine_tune=cfg.fine_tune_epochs > 0,
+        reference=lambda: disk_space.reference_version_bytes(model_root, cfg.backbone, cfg.input_size),
+        publishes=task_info()[2],
+        log=log,
+    )
     dataset = _load_data(cfg, log)
 
     import tf_keras as keras
@@ -197,15 +207,6 @@ def _run(
             log(f"starting from {parent}: {parent_mode}")
         _compile(model, cfg, cfg.learning_rate)
     notify("built", model, base)
-    disk_space.check(
-        model_root=model_root,
-        backup_dir=cfg.backup_dir,
-        params=model.count_params(),
-        fine_tune=cfg.fine_tune_epochs > 0,
-        reference=lambda: disk_space.reference_version_bytes(model_root, cfg.backbone, cfg.input_size),
-        publishes=is_chief,
-        log=log,
-    )
     # Only now, so a run that fails on its data, weights or disk space leaves no backup folder behind.
     backup = RunBackup(cfg.backup_dir, task)
     backups.append(backup)
