@@ -126,6 +126,7 @@ class LoadedModel:
     def __init__(self, path: str, name: str, version: int, *, xla_sizes: Sequence[int] = ()) -> None:
         self.metadata = read_metadata(path, name, version)
         self.xla_sizes = sorted(set(xla_sizes))
+        self.warmup_seconds: dict[int, float] = {}  # batch size -> seconds, timed by warm_up
         # Batch size -> the XLA-compiled signature: every compiled size, and those served (faster).
         self._built: dict[int, Callable[[tf.Tensor], tf.Tensor]] = {}
         self._compiled: dict[int, Callable[[tf.Tensor], tf.Tensor]] = {}
@@ -198,12 +199,20 @@ class LoadedModel:
         """Run every batch size and every preprocessing path once, so the first request is not slow."""
         h, w = self.metadata.input_height, self.metadata.input_width
         for size in sorted({*batch_sizes, *self.xla_sizes}):
-            out = self.predict(np.zeros((size, h, w, 3), np.uint8))
+            batch = np.zeros((size, h, w, 3), np.uint8)
+            out = self.predict(batch)
             if out.shape != (size, self.num_classes):
                 raise ValueError(
                     f"signature returned shape {out.shape} for a batch of {size}; expected "
                     f"({size}, {self.num_classes}) from {self.num_classes} labels"
                 )
+            if size in batch_sizes:
+                # Timed on a second call (the first one builds the graph): the batcher starts its
+                # learned compute times from these, so admission and batching know the model's
+                # costs from the first request.
+                start = time.perf_counter()
+                self.predict(batch)
+                self.warmup_seconds[size] = time.perf_counter() - start
         if self.xla_sizes:
             threading.Thread(target=self._compile_logged, name="fovea-xla", daemon=True).start()
         else:
