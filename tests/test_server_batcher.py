@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 from fovea.devtools.virtual_time import CostModelSleeper, VirtualExecutor, VirtualTimeLoop
+from fovea.server.batch_costs import EXPLORE_EVERY, FasterOf
 from fovea.server.batcher import Batcher, BatcherStats, warmup_sizes
 from fovea.server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 
@@ -588,3 +589,19 @@ async def test_tiny_batches_with_nothing_behind_them_run_on_the_loop() -> None:
     assert b2.inline_batches == 0  # a model slower than the bound always runs on the worker
     await b.close()
     await b2.close()
+
+
+def test_the_faster_way_is_learned_from_serving_calls() -> None:
+    # Timed quietly, way 1 (XLA, say) looked faster; under load it takes 3 s against way 0's 1 s.
+    # Its first serving call moves the choice to way 0, which keeps it.
+    choice = FasterOf(1.0, 0.5)
+    cost = {0: 1.0, 1: 3.0}
+    picks = []
+    for _ in range(200):
+        way = choice.pick()
+        picks.append(way)
+        choice.record(way, cost[way])
+    assert choice.preferred == 0
+    assert picks[0] == 1 and picks[1:15] == [0] * 14
+    # Way 1 from then on only when it is re-timed, one call in EXPLORE_EVERY.
+    assert picks[-96:].count(1) == 96 // EXPLORE_EVERY

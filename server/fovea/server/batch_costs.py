@@ -98,3 +98,37 @@ class ComputeCosts:
         if now_s <= 0:
             return 0.0
         return max(0.0, target * now_s / queued - self(target))
+
+
+# One served call in this many runs the way not currently preferred, so both ways stay timed under
+# the load they serve: a choice made once, on a quiet machine, can be wrong under load (XLA chosen by
+# one quiet call per size lost to the plain signature at 16 and 64 callers). Costs at most 1/16 of
+# the difference between the two.
+EXPLORE_EVERY = 16
+
+
+class FasterOf:
+    """Which of two ways to compute one batch size is faster, learned from the calls that serve
+    traffic (with the server's own threads, decoding and contention), started from a quiet timing."""
+
+    def __init__(self, first_s: float, second_s: float) -> None:
+        self._times = (Ewma(value=first_s), Ewma(value=second_s))
+        self._calls = 0
+
+    @property
+    def preferred(self) -> int:
+        """0 or 1: the way with the lower learned time."""
+        first, second = (t.value or 0.0 for t in self._times)
+        return 0 if first <= second else 1
+
+    @property
+    def seconds(self) -> tuple[float, float]:
+        return (self._times[0].value or 0.0, self._times[1].value or 0.0)
+
+    def pick(self) -> int:
+        self._calls += 1
+        best = self.preferred
+        return 1 - best if self._calls % EXPLORE_EVERY == 0 else best
+
+    def record(self, way: int, seconds: float) -> None:
+        self._times[way].add(seconds)
