@@ -99,9 +99,11 @@ def slow_bodies(
     declared: int = 1_000_000,
     interval_s: float = 2.0,
     host: str = "127.0.0.1",
+    reconnect: bool = True,
 ) -> Iterator[SlowClients]:
     """`count` clients each declaring a `declared`-byte body and sending a byte every `interval_s`, until
-    the block ends or the server answers or closes; each one's answer is recorded."""
+    the block ends or the server answers or closes (then, with `reconnect`, they start again, as an
+    attacker would); each answer is recorded."""
     result = SlowClients()
     stop = threading.Event()
     lock = threading.Lock()
@@ -136,7 +138,13 @@ def slow_bodies(
                 with lock:
                     result.closed_by_server += 1
 
-    threads = [threading.Thread(target=one, daemon=True) for _ in range(count)]
+    def client() -> None:
+        one()
+        while reconnect and not stop.is_set():
+            one()
+            stop.wait(0.05)
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(count)]
     for t in threads:
         t.start()
     try:

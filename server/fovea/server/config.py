@@ -47,8 +47,8 @@ class Settings:
         10.0,
         "Seconds a REST request's headers may take to arrive, and its body too, plus one second per MB "
         "of body (a minimum rate of 1 MB/s); past it the request is answered 408 and its connection "
-        "closed. Idle keep-alive connections close after it as well. A body slower than 1 MB/s (after "
-        "a 250 ms grace) no longer counts against --max-concurrent-rpcs, so slow clients cannot "
+        "closed. Idle keep-alive connections close after it as well. A body slower than 1 MB/s "
+        "(counted from its headers) no longer counts against --max-concurrent-rpcs, so slow clients cannot "
         "hold the port.",
     )
     max_batch_size: int = _setting(32, "Most images in one model call.")

@@ -120,5 +120,5 @@ class ThrottledLogger(logging.LoggerAdapter):
         if isinstance(exc, self._client_errors):
             kwargs.pop("exc_info")
             level = min(level, logging.INFO)
-            msg, args = f"{msg}: %s: %s", (*args, type(exc).__name__, str(exc)[:200])
+            msg, args = f"{msg}: %s: %s", (*args, type(exc).__name__, " ".join(str(exc).split())[:200])
         self._throttle.log(level, str(msg), *args, **kwargs)
