@@ -1,36 +1,35 @@
 """Hostile clients of the REST port, for its tests and bench/rest_hostile.py: slow bodies, raw requests,
-compression bombs, and the CPU a process has used (to show what one of them cost the server)."""
+compression bombs, and a gRPC health poller to show what they cost everyone else."""
 
 from __future__ import annotations
 
 import gzip
 import http.client
 import json
-import os
 import socket
+import struct
 import threading
 import time
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from pathlib import Path
-
-
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds the process has used so far (/proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def gzip_bomb(inflated_bytes: int) -> bytes:
-    """A gzip body of `inflated_bytes` zeros (about 1,000x smaller), made in pieces to spare memory."""
-    compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    """A gzip body of `inflated_bytes` zeros in about 1/1000 of that, made in a moment: one 1 MiB
+    piece compressed once after a full flush (so it refers to nothing before it) and repeated. The
+    trailer's CRC is left 0 (computing it would cost seconds of CPU per GiB): a server that inflates
+    to the end refuses it there, one that stops at its limit never reads it."""
     piece = bytes(1 << 20)
-    out = [compressor.compress(piece) for _ in range(inflated_bytes >> 20)]
-    out.append(compressor.compress(bytes(inflated_bytes & ((1 << 20) - 1))))
-    out.append(compressor.flush())
-    return b"".join(out)
+    first = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # with the gzip header
+    head = first.compress(piece) + first.flush(zlib.Z_FULL_FLUSH)
+    raw = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    block = raw.compress(piece) + raw.flush(zlib.Z_FULL_FLUSH)
+    pieces = max(1, inflated_bytes >> 20)
+    return b"".join(
+        [head, block * (pieces - 1), raw.flush(), struct.pack("<II", 0, (pieces << 20) & 0xFFFFFFFF)]
+    )
 
 
 def gzip_json(value: object) -> bytes:
@@ -162,6 +161,20 @@ def timed_post(port: int, path: str, body: bytes, timeout: float = 30.0) -> tupl
         status, _ = post(port, path, body, timeout=timeout)
     except (OSError, http.client.HTTPException):
         status = 0
+    return status, time.perf_counter() - start
+
+
+def timed_get(port: int, path: str, timeout: float = 30.0, host: str = "127.0.0.1") -> tuple[int, float]:
+    """(status, seconds) of one GET (0: no answer)."""
+    start = time.perf_counter()
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        status = conn.getresponse().status
+    except (OSError, http.client.HTTPException):
+        status = 0
+    finally:
+        conn.close()
     return status, time.perf_counter() - start
 
 
