@@ -10,6 +10,8 @@ A `fovea serve` with its defaults (64 MiB messages, 64 concurrent RPCs, --http-b
    REST infer and REST readiness are timed.
 2. A gzip body of `--gzip-mb` MB (zeros: it inflates about 1000x, far past the 64 MiB limit), sent
    `--bombs` times; the server's CPU for them is read from /proc.
+3. The requests whose cost followed what the client wrote: 32 images with 300,000 repeated outputs,
+   16 MiB of JSON nested 400 deep, BYTES data holding a number (4000000000, 1e12).
 Throughout, a gRPC Predict every 0.2 s and a gRPC health check every 50 ms are timed. Nothing is
 asserted: it prints what it saw. On a shared machine the latencies include everyone else's load.
 """
@@ -148,11 +150,57 @@ def main() -> int:
             bomb_codes = sorted({c for _, c in predicts[mark_p:]})
             log(f"  meanwhile gRPC Predict {summary([t for t, _ in predicts[mark_p:]])} {bomb_codes}")
             log(f"  meanwhile health {summary(health[mark_h:])}")
+            costly(port, predicts, health)
             log(f"server peak RSS {server.peak_rss_mb():.0f} MB")
             stop.set()
         finally:
             stop_server(server)
     return 0
+
+
+def costly(port: int, predicts: list[tuple[float, str]], health: list[float]) -> None:
+    """The requests whose work followed what the client sent, at the size the JSON limit admits
+    (16 MiB of JSON at the default 64 MiB messages), each timed with the gRPC calls meanwhile."""
+    from fovea.devtools import hostile_http as hostile
+
+    json_cap = 16 * 2**20
+    bytes_input = {"name": "image_bytes", "datatype": "BYTES", "shape": [1]}
+    cases = {
+        "32 images + repeated outputs": {
+            "inputs": [
+                {
+                    "name": "images",
+                    "datatype": "UINT8",
+                    "shape": [32, SIZE, SIZE, 3],
+                    "data": [0] * (32 * SIZE**3 * 3 // SIZE),
+                }
+            ],
+            "outputs": [{"name": "probabilities"}] * 300_000,
+        },
+        "16 MiB nested 400 deep": None,
+        "BYTES data [4000000000]": {"inputs": [{**bytes_input, "data": [4_000_000_000]}]},
+        "BYTES data [1e12]": {"inputs": [{**bytes_input, "data": [1e12]}]},
+    }
+    for kind, value in cases.items():
+        if value is None:  # [[[...0...]]] 400 deep, repeated to fill the JSON limit
+            chunk = "[" * 400 + "0" + "]" * 400
+            data = '{"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1], "data": ['
+            data = (data + ",".join([chunk] * (json_cap // (len(chunk) + 1) - 1)) + "]}]}").encode()
+        else:
+            data = json.dumps(value).encode()
+        path = "/v2/models/tiny-encoded/infer" if kind.startswith("BYTES") else "/v2/models/tiny/infer"
+        mark_p, mark_h = len(predicts), len(health)
+        start = time.perf_counter()
+        status, answer = hostile.post(port, path, data)
+        wall = time.perf_counter() - start
+        time.sleep(0.5)
+        log(
+            f"{kind} ({len(data) / 1e6:.1f} MB): HTTP {status} in {wall:.2f} s: "
+            f"{answer[:100].decode(errors='replace')}"
+        )
+        log(
+            f"  meanwhile gRPC Predict {summary([t for t, _ in predicts[mark_p:]])}; health {summary(health[mark_h:])}"
+        )
 
 
 if __name__ == "__main__":
