@@ -30,11 +30,9 @@ import pytest
 
 pytest.importorskip("tensorflow", reason="the REST fuzz test needs the server extra")
 
-from _models import export_tiny
-from _serving import subprocess_env, wait_until
+from _serving import wait_until
 from fovea.devtools import hostile_http as hostile
-from fovea.devtools.server_process import ServerProcess
-from test_server_fuzz import MAX_IMAGES, MAX_MESSAGE_MB, MAX_PIXELS, SIZE, encode, metric_counts, peak_rss_mib
+from test_server_fuzz import MAX_MESSAGE_MB, SIZE, encode, metric_counts, peak_rss_mib, start_fuzz_server
 from test_server_fuzz import rss_growth_bound_mib as grpc_rss_growth_bound_mib
 
 REQUESTS = int(os.environ.get("FOVEA_REST_FUZZ_REQUESTS", "3000"))
@@ -56,18 +54,8 @@ LOG_LINES_PER_S = 25  # two throttles of 10 lines a second, their summaries, and
 
 
 def rss_growth_bound_mib() -> float:
-    """The fuzz test's bound with this module's --max-concurrent-rpcs."""
-    from fovea.server import config, memory
-
-    settings = config.Settings(
-        max_pixels=MAX_PIXELS,
-        max_message_mb=MAX_MESSAGE_MB,
-        max_images_per_request=MAX_IMAGES,
-        max_batch_size=8,
-        max_concurrent_rpcs=MAX_RPCS,
-    )
-    bound = memory.budget(settings, 0, 0, input_size=(SIZE, SIZE)).total / 2**20
-    return min(bound, grpc_rss_growth_bound_mib())  # fewer RPCs than the gRPC fuzz server: a tighter bound
+    """The gRPC fuzz test's bound, with this module's --max-concurrent-rpcs."""
+    return grpc_rss_growth_bound_mib(max_concurrent_rpcs=MAX_RPCS)
 
 
 @dataclass
@@ -337,15 +325,11 @@ def lying_requests(port: int) -> dict[str, list[int]]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    models = tmp_path_factory.mktemp("models")
-    export_tiny(models, "tiny", SIZE, seed=3)
-    extra = [
-        "--max-pixels", str(MAX_PIXELS), "--max-message-mb", str(MAX_MESSAGE_MB),
-        "--max-images-per-request", str(MAX_IMAGES), "--max-batch-size", "8", "--no-xla",
+    process = start_fuzz_server(
+        tmp_path_factory,
         "--max-concurrent-rpcs", str(MAX_RPCS), "--http-body-timeout", str(BODY_TIMEOUT_S),
         "--log-level", "INFO",  # rejections are logged (throttled): the test counts the lines
-    ]  # fmt: skip
-    process = ServerProcess(models, extra, env=subprocess_env()).start(ready_timeout=120)
+    )  # fmt: skip
     yield process
     process.stop()
 
