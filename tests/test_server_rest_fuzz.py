@@ -477,6 +477,12 @@ def test_slow_bodies_leave_rest_answering(server) -> None:
     )
 
 
+def test_slow_headers_are_cut_off(server) -> None:
+    closed_after = hostile.slow_headers(server.http_port, interval_s=0.2, give_up_s=20 * BODY_TIMEOUT_S)
+    print(f"\nslow headers (a byte every 0.2 s): closed by the server after {closed_after} s")
+    assert closed_after is not None
+
+
 def test_gzip_bomb_costs_what_the_limit_allows(server) -> None:
     bomb = hostile.gzip_bomb(512 * 2**20)  # ~0.5 MB that inflates to 512 MiB, 128x the 4 MiB limit
     before = server.cpu_seconds()

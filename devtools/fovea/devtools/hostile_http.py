@@ -72,6 +72,26 @@ def raw_exchange(
         return b"".join(chunks)
 
 
+def slow_headers(port: int, interval_s: float, give_up_s: float, host: str = "127.0.0.1") -> float | None:
+    """Send a request's headers a byte every `interval_s`; the seconds until the server closed the
+    connection, or None if it still had not after `give_up_s`."""
+    head = b"POST /v2/models/x/infer HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 10_000
+    start = time.monotonic()
+    with socket.create_connection((host, port), timeout=interval_s) as sock:
+        for byte in head:
+            if time.monotonic() - start > give_up_s:
+                return None
+            try:
+                sock.sendall(bytes([byte]))
+                if sock.recv(4096) == b"":
+                    return time.monotonic() - start
+            except TimeoutError:
+                continue
+            except OSError:
+                return time.monotonic() - start
+    return None
+
+
 def statuses(reply: bytes) -> list[int]:
     """The HTTP statuses in a raw reply (one per response on the connection)."""
     return [
