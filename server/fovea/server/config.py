@@ -43,6 +43,14 @@ class Settings:
         "KServe v2 / Open Inference Protocol REST port (/v2/..., KServe's default 8080), on --host; "
         "0 picks a free one, -1 turns it off. gRPC clients of every protocol use --port.",
     )
+    http_body_timeout: float = _setting(
+        10.0,
+        "Seconds a REST request's headers may take to arrive, and its body too, plus one second per MB "
+        "of body (a minimum rate of 1 MB/s); past it the request is answered 408 and its connection "
+        "closed. Idle keep-alive connections close after it as well. A body slower than 1 MB/s "
+        "(counted from its headers) no longer counts against --max-concurrent-rpcs, so slow clients cannot "
+        "hold the port.",
+    )
     max_batch_size: int = _setting(32, "Most images in one model call.")
     batch_timeout_ms: float = _setting(
         0.0,
@@ -113,7 +121,8 @@ class Settings:
     max_concurrent_rpcs: int = _setting(
         64,
         "RPCs handled at once, all services together; beyond it gRPC itself refuses new calls with "
-        "RESOURCE_EXHAUSTED. The v2 REST port allows as many requests with a body at once (429 beyond). "
+        "RESOURCE_EXHAUSTED. The v2 REST port allows as many requests with a body at once (429 beyond; "
+        "bodies arriving slower than 1 MB/s do not count, see --http-body-timeout). "
         "With --max-message-mb it bounds the memory of received messages (docs/memory.md).",
     )
     preprocess_threads: int = _setting(
@@ -181,6 +190,8 @@ class Settings:
             problems.append("--batch-formation must be adaptive or eager")
         if self.max_queue_batches < 0:
             problems.append("--max-queue-batches must not be negative")
+        if not 0 < self.http_body_timeout < float("inf"):
+            problems.append("--http-body-timeout must be a positive number of seconds")
         if self.poll_interval <= 0:
             problems.append("--poll-interval must be positive")
         if self.max_images_per_request < 1 or self.max_pixels < 1 or self.max_message_mb < 1:
