@@ -72,6 +72,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise CLIError(str(exc)) from None
 
 
+def check_arguments(command: str, args: argparse.Namespace) -> None:
+    """Every flag and the --config file, checked before the dispatcher imports TensorFlow."""
+    config_from_args(args)
+
+
 def run(command: str, args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
 
