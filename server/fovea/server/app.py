@@ -250,7 +250,9 @@ class Server:
         try:
             listed = await loop.run_in_executor(None, source.scan)
         except Exception as exc:
-            raise StartupError(f"cannot read --model-dir {source.base}: {clip(exc, 300, quote=False)}") from None
+            raise StartupError(
+                f"cannot read --model-dir {source.base}: {clip(exc, 300, quote=False)}"
+            ) from None
         if not any(listed.values()):
             why = await loop.run_in_executor(None, source.nothing_found)
             raise StartupError(f"{why}; not waiting for one (--no-wait-for-model-dir)")

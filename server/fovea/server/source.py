@@ -72,6 +72,4 @@ class ModelSource:
             parent, s.listdir, s.exists
         ):
             return f"--model-dir {base} is a version folder: use the folder above its model, {posixpath.dirname(parent)}"
-        return (
-            f"--model-dir {base} has no complete version in {', '.join(names)} (expected {layout})"
-        )
+        return f"--model-dir {base} has no complete version in {', '.join(names)} (expected {layout})"
