@@ -104,3 +104,27 @@ def test_a_chance_level_run_from_scratch_says_so_and_names_what_was_trained(tmp_
     page = (report_dir / "index.html").read_text()
     assert "near chance" in page and "<th>base weights</th><td>random (--weights none" in page
     assert f"{saved['train_seconds']:.0f} s on 1 replica(s)" in page
+
+
+def test_a_lower_learning_rate_is_announced_as_the_epoch_using_it_begins():
+    """Keras's ReduceLROnPlateau says "Epoch 3: reducing learning rate" after epoch 3, which reads as if
+    epoch 3 used it; fovea says it when epoch 4, the first to use it, begins."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import tf_keras as keras
+    from fovea.trainer.train import _learning_rate_notice
+
+    said: list[str] = []
+    session = SimpleNamespace(log=said.append, cfg=SimpleNamespace(reduce_lr_patience=2))
+
+    class Lower(keras.callbacks.Callback):  # what ReduceLROnPlateau does at the end of epoch 1
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 0:
+                keras.backend.set_value(self.model.optimizer.learning_rate, 1e-4)
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+    x = np.zeros((4, 2), np.float32)
+    model.fit(x, x[:, :1], epochs=3, verbose=0, callbacks=[Lower(), _learning_rate_notice(session)])
+    assert said == ["epoch 2: learning rate lowered to 0.0001 (val_loss had not improved for 2 epochs)"]
