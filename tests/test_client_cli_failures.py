@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("tensorflow", reason="the server tests need the server extra")
 
 from _models import export_tiny
-from _serving import start_server, stop_server, wait_serving
+from _serving import serving, start_server, stop_server
 from conftest import subprocess_env
 from fovea.cli import main as cli_main
 from PIL import Image
@@ -30,15 +30,8 @@ def _png(color: tuple[int, int, int]) -> bytes:
 def server(tmp_path_factory):
     models = tmp_path_factory.mktemp("models")
     export_tiny(models, "tiny", 16)
-    srv = start_server(models)
-    try:
-        from _serving import client
-
-        with client(srv.port) as c:
-            wait_serving(c)
+    with serving(models) as srv:
         yield srv
-    finally:
-        stop_server(srv)
 
 
 def test_a_folder_with_bad_files_answers_the_good_ones_and_names_the_bad(server, tmp_path, capsys) -> None:
