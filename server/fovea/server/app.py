@@ -21,6 +21,7 @@ from fovea.server import loader, rpc, tfserving, tracing, v2, v2_grpc, v2_http
 from fovea.server.batcher import warmup_sizes
 from fovea.server.config import Settings
 from fovea.server.core import Core
+from fovea.server.errors import clip
 from fovea.server.manager import ModelManager
 from fovea.server.metrics import Metrics
 from fovea.server.ports_line import format_ports_line
@@ -139,8 +140,8 @@ class Server:
         self.metrics = Metrics()
         self.metrics.queue_capacity.set(settings.max_queue_size)
         self.health = health.aio.HealthServicer()
-        source = ModelSource(settings.model_dir, loader.GFileStorage(), settings.model_name)
-        self.manager = ModelManager(settings, self.metrics, source, load, self._on_ready_change)
+        self.source = ModelSource(settings.model_dir, loader.GFileStorage(), settings.model_name)
+        self.manager = ModelManager(settings, self.metrics, self.source, load, self._on_ready_change)
         self.core = Core(settings, self.manager, self.metrics)
         self.v2 = v2.V2(self.core)
         self.port: int | None = None
@@ -154,6 +155,8 @@ class Server:
 
     async def start(self) -> None:
         s = self.settings
+        if not s.wait_for_model_dir:
+            await self._require_a_model()
         server = grpc.aio.server(options=grpc_options(s), maximum_concurrent_rpcs=s.max_concurrent_rpcs)
         classifier_pb2_grpc.add_ClassifierServiceServicer_to_server(
             ClassifierServicer(self.core, self.metrics), rpc.tolerant(server)
@@ -241,6 +244,19 @@ class Server:
             s.model_dir,
         )
         self.manager.start()
+
+    async def _require_a_model(self) -> None:
+        """--no-wait-for-model-dir: refuse to start when --model-dir holds no version to serve."""
+        source, loop = self.source, asyncio.get_running_loop()
+        try:
+            listed = await loop.run_in_executor(None, source.scan)
+        except Exception as exc:
+            raise StartupError(
+                f"cannot read --model-dir {source.base}: {clip(exc, 300, quote=False)}"
+            ) from None
+        if not any(listed.values()):
+            why = await loop.run_in_executor(None, source.nothing_found)
+            raise StartupError(f"{why}; not waiting for one (--no-wait-for-model-dir)")
 
     async def _start_http(self) -> None:
         """The v2 REST routes on the same event loop as gRPC, so both share the core and its batchers."""

@@ -131,6 +131,13 @@ class Settings:
         "use (its affinity mask, capped by the cgroup CPU quota).",
     )
     poll_interval: float = _setting(5.0, "Seconds between scans of --model-dir for new versions.")
+    wait_for_model_dir: bool = _setting(
+        True,
+        "When --model-dir does not exist or holds no complete version, keep serving health (NOT_SERVING) "
+        "and wait for one to appear, as a Kubernetes pod whose volume is filled later should; the log says "
+        "why once, then again only when that changes or every 10 minutes. --no-wait-for-model-dir exits "
+        "with that reason at start instead.",
+    )
     version_policy: str = _setting(
         "latest",
         "Which versions to serve: 'latest', 'all', or a comma-separated list of version numbers.",

@@ -27,6 +27,9 @@ from fovea.server.source import ModelSource
 log = logging.getLogger(__name__)
 
 MAX_RETRY_BACKOFF_S = 600.0  # a broken version is retried at least every 10 minutes
+# While nothing is found, why is logged once, then again only when it changes or after this long: a
+# pod waiting for its volume must not fill its log with the same line every --poll-interval.
+NOTHING_FOUND_REMINDER_S = 600.0
 
 
 class ModelManager:
@@ -50,6 +53,7 @@ class ModelManager:
         self._retiring: set[asyncio.Task] = set()
         self._ready = False
         self._task: asyncio.Task | None = None
+        self._nothing_said: tuple[str, float] | None = None  # the last "nothing found" line, and when
         # TF loads run on their own thread so a slow load never competes with the serving threads'
         # event loop; one at a time keeps memory peaks to one extra model.
         self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fovea-loader")
@@ -143,7 +147,9 @@ class ModelManager:
         listed = await asyncio.get_running_loop().run_in_executor(None, self._source.scan)
         self._known = [n for n, v in listed.items() if v]
         if not self._known:
-            log.warning(await asyncio.get_running_loop().run_in_executor(None, self._source.nothing_found))
+            await self._say_nothing_found()
+        else:
+            self._nothing_said = None
         for name, versions in listed.items():
             aspired = self._aspired(versions)
             if self._settings.version_policy == "latest":
@@ -157,6 +163,22 @@ class ModelManager:
             await self._sync_model(name, [])
         self._metrics.last_scan.set(time.time())
         self._update_ready()
+
+    async def _say_nothing_found(self) -> None:
+        why = await asyncio.get_running_loop().run_in_executor(None, self._source.nothing_found)
+        now = time.monotonic()
+        said = self._nothing_said
+        if said is not None and said[0] == why and now - said[1] < NOTHING_FOUND_REMINDER_S:
+            return
+        self._nothing_said = (why, now)
+        log.warning(
+            "%s; %s: scanning every %gs, said again when this changes or every %d minutes "
+            "(--no-wait-for-model-dir exits instead)",
+            why,
+            "still waiting for a model" if said is not None else "waiting for a model",
+            self._settings.poll_interval,
+            NOTHING_FOUND_REMINDER_S // 60,
+        )
 
     def _aspired(self, versions: list[int]) -> list[int]:
         """The versions the policy wants served, out of those on storage (ascending)."""

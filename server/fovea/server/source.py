@@ -52,26 +52,24 @@ class ModelSource:
         return {name: self.versions(name) for name in self.model_names()}
 
     def nothing_found(self) -> str:
-        """Why a scan found no version, and the layout it expects (one log line, blocking I/O)."""
+        """Why a scan found no version, and the layout it expects (one line, blocking I/O)."""
         base, s = self.base, self._storage
         if self._single:
             layout = posixpath.join(base, "<version>", contract.SAVED_MODEL_FILE)
         else:
             layout = posixpath.join(base, "<model name>", "<version>", contract.SAVED_MODEL_FILE)
         if not s.isdir(base):
-            return f"--model-dir {base} does not exist; waiting for it (expected {layout})"
+            return f"--model-dir {base} does not exist (expected {layout})"
         names = sorted(n for n in s.listdir(base) if n and not n.startswith("."))
         if not names:
-            return f"--model-dir {base} is empty; waiting for a model (expected {layout})"
+            return f"--model-dir {base} is empty (expected {layout})"
         parent = posixpath.dirname(base.rstrip("/"))
         if self._single:
-            return f"--model-dir {base} holds no complete version of {self._single} in {', '.join(names)}; waiting (expected {layout})"
+            return f"--model-dir {base} holds no complete version of {self._single} in {', '.join(names)} (expected {layout})"
         if contract.published_versions(base, s.listdir, s.exists):
             return f"--model-dir {base} is one model's folder (versions {', '.join(names)}): use its parent, {parent}"
         if contract.version_of(posixpath.basename(base.rstrip("/"))) and contract.published_versions(
             parent, s.listdir, s.exists
         ):
             return f"--model-dir {base} is a version folder: use the folder above its model, {posixpath.dirname(parent)}"
-        return (
-            f"--model-dir {base} has no complete version in {', '.join(names)}; waiting (expected {layout})"
-        )
+        return f"--model-dir {base} has no complete version in {', '.join(names)} (expected {layout})"
