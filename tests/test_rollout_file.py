@@ -14,8 +14,10 @@ def test_valid_file_round_trips(tmp_path):
     parsed = r.validate(data)
     assert parsed.pinned_versions() == {3, 4}
     path = r.write(str(tmp_path), parsed)
-    assert r.parse(open(path).read()) == parsed
-    assert json.load(open(path)) == data
+    text = (tmp_path / "rollout.json").read_text()
+    assert path == str(tmp_path / "rollout.json")
+    assert r.parse(text) == parsed
+    assert json.loads(text) == data
     assert [p.name for p in tmp_path.iterdir()] == ["rollout.json"]  # no temporary file left
 
 

@@ -16,11 +16,11 @@ import pytest
 
 pytest.importorskip("tensorflow", reason="the server tests need the server extra")
 
-from _models import export_tiny  # noqa: E402
-from _serving import sample, serving, wait_until  # noqa: E402
-from fovea.contract import rollout as rollout_file  # noqa: E402
-from fovea.v1 import classifier_pb2 as pb  # noqa: E402
-from fovea.v1 import classifier_pb2_grpc  # noqa: E402
+from _models import export_tiny
+from _serving import sample, serving, wait_until
+from fovea.contract import rollout as rollout_file
+from fovea.v1 import classifier_pb2 as pb
+from fovea.v1 import classifier_pb2_grpc
 
 MODEL = "tiny"
 SIZE = 16
