@@ -52,3 +52,50 @@ def test_routing_is_sticky_and_follows_the_shares():
     assert bucket("user-1") == bucket("user-1") != bucket("user-2")
     points = [bucket(f"k{i}") for i in range(2000)]
     assert 0.4 < sum(p < 0.5 for p in points) / len(points) < 0.6
+
+
+def _cli(*args: str) -> int:
+    from fovea.cli import main
+
+    return main(["rollout", *args])
+
+
+def _published(tmp_path, versions=(1, 2, 3)):
+    model = tmp_path / "demo"
+    for v in versions:
+        (model / str(v)).mkdir(parents=True)
+        (model / str(v) / "saved_model.pb").write_bytes(b"")
+    return model
+
+
+def test_cli_writes_validates_and_promotes(tmp_path, capsys):
+    model = _published(tmp_path)
+    assert _cli(str(model), "--label", "stable=1", "--label", "canary=2", "--traffic", "stable=80,canary=20",
+                "--shadow", "2:0.5") == 0  # fmt: skip
+    written = r.parse((model / "rollout.json").read_text())
+    assert written.labels == {"stable": 1, "canary": 2}
+    assert written.traffic == {"stable": 80, "canary": 20}
+    assert written.shadow == r.Shadow(2, 0.5)
+    assert "canary       version 2     traffic 20.0%" in capsys.readouterr().out
+    assert _cli(str(model), "--promote", "canary") == 0
+    promoted = r.parse((model / "rollout.json").read_text())
+    assert promoted.labels == {"stable": 2, "canary": 2} and promoted.traffic == {"stable": 100}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--label", "canary=9"], "version 9 is not published"),
+        (["--traffic", "blue=1"], "does not define"),
+        (["--shadow", "2:3"], "shadow.share"),
+        (["--promote", "nope"], "no such label"),
+        (["--label", "canary"], "not LABEL=VALUE"),
+    ],
+)
+def test_cli_refuses_a_bad_change_and_keeps_the_file(tmp_path, capsys, args, message):
+    model = _published(tmp_path)
+    assert _cli(str(model), "--label", "stable=1") == 0
+    before = (model / "rollout.json").read_text()
+    assert _cli(str(model), *args) != 0
+    assert message in capsys.readouterr().err
+    assert (model / "rollout.json").read_text() == before

@@ -186,3 +186,16 @@ def test_label_of_a_removed_version_is_failed_precondition(server, stub, models,
         assert "version 2" in err.value.details()
     finally:
         shutil.move(str(tmp_path / "2"), str(models / MODEL / "2"))
+
+
+def test_cli_status_reads_the_servers_figures(server, stub, models, capsys):
+    from fovea.cli import main
+
+    settle(stub, models, labels={"stable": 1}, traffic={"stable": 1}, shadow={"version": 1, "share": 1.0})
+    predict(stub)
+    wait_until(lambda: sample(server, "fovea_shadow_images_total", model=MODEL, version="1"), timeout=30)
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    assert main(["rollout", str(models / MODEL), "--metrics", url]) == 0
+    out = capsys.readouterr().out
+    assert "label stable       version 1     traffic 100.0%" in out
+    assert "shadow version 1:" in out and "top-1 agreement 100.00%" in out
