@@ -45,6 +45,7 @@ class TrainMetrics:
     parent_mode: str = ""  # "continue" (same classes) or "new head" (other classes)
     run_id: str = ""  # one per training run, kept across restarts: a rerun never publishes twice
     total_seconds: float | None = None  # set once the run (export included) is over
+    gate: dict[str, Any] | None = None  # the publish gate's comparison (gate.GateDecision), None when off
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
