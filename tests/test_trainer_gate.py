@@ -71,3 +71,16 @@ def test_gate_publishes_or_rejects_end_to_end(tmp_path):
     assert second.version_path.endswith("/2")
     gate = meta["metrics"]["gate"]
     assert gate["passed"] and gate["reference_version"] == 1 and not gate["skipped"]
+
+
+def test_report_section_shows_both_sides():
+    from fovea.trainer.gate import gate_html
+
+    worse = _eval([0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1, 0, 0])
+    decision = decide(worse, REFERENCE, 0.01, 0.05, version=3)
+    page = gate_html(decision.to_dict(), worse.confusion_matrix, LABELS)
+    assert "REJECTED: test accuracy 0.6250" in page and "Confusion, version 3" in page
+    assert "<td>0.750</td><td>0.500</td><td>-0.250</td>" in page  # dog: reference, candidate, change
+    assert "not gated: no published" in gate_html(
+        {"skipped": True, "reason": "no published version"}, [], LABELS
+    )

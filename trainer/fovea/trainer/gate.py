@@ -164,3 +164,40 @@ def keep_rejected(models: str, name: str, report_dir: str, decision: GateDecisio
     with open(os.path.join(target, "gate.json"), "w") as f:
         json.dump(decision.to_dict(), f, indent=2)
     return target
+
+
+def gate_html(
+    gate: dict[str, Any] | None, candidate_confusion: list[list[int]], labels: Sequence[str]
+) -> str:
+    """The report's publish-gate section: the decision, a per-class side-by-side, both confusion matrices."""
+    import html
+
+    e = html.escape
+    if not gate:
+        return "<h2>Publish gate</h2><p>off (--no-gate)</p>"
+    if gate.get("skipped"):
+        return f"<h2>Publish gate</h2><p>not gated: {e(gate['reason'])}</p>"
+    verdict = "passed" if gate["passed"] else f"REJECTED: {gate['reason']}"
+    rows = "".join(
+        f"<tr><td>{e(label)}</td><td>{c['reference_recall']:.3f}</td><td>{c['candidate_recall']:.3f}</td>"
+        f"<td>{c['delta']:+.3f}</td></tr>"
+        for label, c in gate["per_class"].items()
+    )
+
+    def matrix(m: list[list[int]]) -> str:
+        head = "".join(f"<th>{e(label)}</th>" for label in labels)
+        body = "".join(
+            f"<tr><th>{e(labels[i])}</th>{''.join(f'<td>{v}</td>' for v in row)}</tr>"
+            for i, row in enumerate(m)
+        )
+        return f"<table><tr><th>truth \\ predicted</th>{head}</tr>{body}</table>"
+
+    return (
+        f"<h2>Publish gate: against version {gate['reference_version']}</h2>"
+        f"<p>{e(verdict)}. Test accuracy {gate['candidate_accuracy']:.4f} (this run) vs "
+        f"{gate['reference_accuracy']:.4f} (version {gate['reference_version']}); tolerance "
+        f"{gate['tolerance']:g}, per-class recall tolerance {gate['class_tolerance']:g}.</p>"
+        "<table><tr><th>class</th><th>reference recall</th><th>candidate recall</th><th>change</th></tr>"
+        f"{rows}</table><h3>Confusion, this run</h3>{matrix(candidate_confusion)}"
+        f"<h3>Confusion, version {gate['reference_version']}</h3>{matrix(gate['reference_confusion_matrix'])}"
+    )
