@@ -244,6 +244,9 @@ class Core:
         except ServingError as exc:
             self._count_version(served, request, exc.code)
             raise
+        except Exception:
+            self._count_version(served, request, "INTERNAL")  # what rpc.py answers for it
+            raise
         self._count_version(served, request, "OK")
         self._metrics.version_duration.labels(served.name, str(served.version)).observe(
             time.perf_counter() - started
