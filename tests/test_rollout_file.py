@@ -99,3 +99,48 @@ def test_cli_refuses_a_bad_change_and_keeps_the_file(tmp_path, capsys, args, mes
     assert _cli(str(model), *args) != 0
     assert message in capsys.readouterr().err
     assert (model / "rollout.json").read_text() == before
+
+
+def test_shadow_is_dropped_and_counted_while_live_work_is_queued():
+    pytest.importorskip("prometheus_client", reason="the server extra is not installed")
+    import asyncio
+    import contextlib
+    from types import SimpleNamespace
+
+    import numpy as np
+    from fovea.server.metrics import Metrics
+    from fovea.server.rollout import run_shadow
+
+    meta = SimpleNamespace(input_height=2, input_width=2, labels=["a", "b"])
+    calls = []
+
+    class Version:
+        name, metadata = "m", meta
+
+        def __init__(self, depth: int) -> None:
+            self.queue_depth = depth
+
+        @contextlib.contextmanager
+        def leased(self):
+            yield self
+
+        async def infer(self, rows, deadline):
+            calls.append(len(rows))
+            return np.array([[0.2, 0.8]], np.float32)
+
+    metrics = Metrics()
+    live = np.array([[0.3, 0.7]], np.float32)
+    for depth in (1, 0):
+        shadow = Version(depth)
+        manager = SimpleNamespace(lookup=lambda name, version, shadow=shadow: shadow)
+        asyncio.run(run_shadow(metrics, manager, Version(0), 2, [np.zeros((2, 2, 3), np.uint8)], live))
+
+    def value(name, **labels):
+        return metrics.registry.get_sample_value(name, {"model": "m", "version": "2", **labels})
+
+    assert calls == [1]  # the busy one never reached the model
+    assert value("fovea_shadow_requests_total", outcome="dropped_busy") == 1
+    assert value("fovea_shadow_requests_total", outcome="computed") == 1
+    assert value("fovea_shadow_top1_equal_total") == 1
+    assert value("fovea_shadow_score_abs_diff_sum_total") == pytest.approx(0.1)
+    assert value("fovea_shadow_top1_pairs_total", live="b", shadow="b") == 1
