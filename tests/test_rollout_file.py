@@ -144,3 +144,19 @@ def test_shadow_is_dropped_and_counted_while_live_work_is_queued():
     assert value("fovea_shadow_top1_equal_total") == 1
     assert value("fovea_shadow_score_abs_diff_sum_total") == pytest.approx(0.1)
     assert value("fovea_shadow_top1_pairs_total", live="b", shadow="b") == 1
+
+
+def test_routing_skips_labels_whose_version_is_not_loaded():
+    pytest.importorskip("prometheus_client", reason="the server extra is not installed")
+    from fovea.server.metrics import Metrics
+    from fovea.server.rollout import Rollouts
+
+    rollouts = Rollouts(Metrics().rollout_file_errors)
+    rollouts.update("m", b'{"labels": {"stable": 1, "canary": 2}, "traffic": {"stable": 50, "canary": 50}}')
+    assert {rollouts.route("m", f"k{i}", {1, 2}) for i in range(50)} == {"stable", "canary"}
+    assert {rollouts.route("m", f"k{i}", {1}) for i in range(50)} == {"stable"}  # 2 still loading
+    assert rollouts.route("m", None, {1, 2}) in ("stable", "canary")
+    rollouts.update("m", b"{")  # invalid: the last good file stays
+    assert rollouts.get("m").labels == {"stable": 1, "canary": 2}
+    rollouts.update("m", None)  # removed: no rollout
+    assert rollouts.route("m", "k", {1, 2}) == ""

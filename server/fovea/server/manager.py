@@ -80,7 +80,7 @@ class ModelManager:
         versions = self._versions_of(name)
         model = self._name_or_only(name)
         if not version and not label:
-            label = self.rollouts.route(model, route)
+            label = self.rollouts.route(model, route, set(versions))
             if not label:
                 return versions[max(versions)]
         if label:

@@ -94,19 +94,23 @@ class Rollouts:
         r = self._files.get(name)
         return r.pinned_versions() if r else set()
 
-    def route(self, name: str, key: str | None) -> str:
+    def route(self, name: str, key: str | None, loaded: set[int] | frozenset[int] = frozenset()) -> str:
         """The label an unlabelled request goes to ("" when the model has no traffic shares).
 
         `key` None: not a prediction (metadata); the label with the largest share answers.
         "" : a random draw by the shares. Otherwise the key's fixed bucket (sticky).
+        Only labels whose version is in `loaded` share the traffic, so a version still loading after
+        the file named it does not fail its share of the callers who named no version; when none is
+        loaded, the largest share's label is returned (and refused by the caller's lookup).
         """
         r = self._files.get(name)
         if r is None or not r.traffic:
             return ""
-        if key is None:
-            return max(sorted(r.traffic), key=lambda label: r.traffic[label])
+        traffic = {k: v for k, v in r.traffic.items() if v > 0 and r.labels[k] in loaded}
+        if key is None or not traffic:
+            return max(sorted(traffic or r.traffic), key=lambda label: r.traffic[label])
         point = bucket(key) if key else self._rng.random()
-        return pick(r.traffic, point)
+        return pick(traffic, point)
 
     def sample_shadow(self, name: str) -> int:
         """The shadow version a live request should also run on now (0: none)."""
