@@ -147,6 +147,7 @@ class Server:
         self.metrics_port: int | None = None
         self.http_port: int | None = None
         self._http: web.AppRunner | None = None
+        self.rest: v2_http.V2Http | None = None
         self._server: grpc.aio.Server | None = None
         self._draining = False
         self._health_tasks: set[asyncio.Task] = set()
@@ -244,10 +245,24 @@ class Server:
     async def _start_http(self) -> None:
         """The v2 REST routes on the same event loop as gRPC, so both share the core and its batchers."""
         s = self.settings
-        routes = v2_http.V2Http(self.v2, self.metrics, s.max_message_mb * 1024 * 1024, s.max_concurrent_rpcs)
+        self.rest = v2_http.V2Http(
+            self.v2, self.metrics, s.max_message_mb * 1024 * 1024, s.max_concurrent_rpcs, s.http_body_timeout
+        )
         # By cleanup time the core has drained, so what is still open is idle or nearly done.
         self._http = web.AppRunner(
-            routes.app(), access_log=None, handle_signals=False, shutdown_timeout=min(5.0, s.grace_period)
+            self.rest.app(),
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=min(5.0, s.grace_period),
+            # aiohttp would inflate a Content-Encoding on the event loop, bomb and all: v2_http inflates
+            # on its parse thread, bounded by the message limit (http_body.inflate).
+            auto_decompress=False,
+            # aiohttp closes a connection idle this long, including one still sending its headers.
+            keepalive_timeout=s.http_body_timeout,
+            # After an early answer (429, 408), unread body is drained at most this long, then the
+            # connection closes (aiohttp's default, 10 s, would let a slow client keep it).
+            lingering_time=1.0,
+            logger=v2_http.aiohttp_logger,
         )
         await self._http.setup()
         context = v2_http.ssl_context(s.tls_cert, s.tls_key, s.tls_client_ca) if s.tls_cert else None

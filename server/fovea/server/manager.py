@@ -317,15 +317,7 @@ class ModelManager:
         served = ServedVersion(
             model,
             pool=self._pool,
-            batcher_options={
-                "max_batch_size": s.max_batch_size,
-                "batch_timeout_s": s.batch_timeout_ms / 1000.0,
-                "wait_fraction": s.batch_wait_fraction,
-                "allowed_batch_sizes": s.allowed_batch_sizes,
-                "max_in_flight": s.max_in_flight_batches,
-                "max_queue_size": s.max_queue_size,
-                "max_queue_wait_s": s.max_queue_wait_ms / 1000.0,
-            },
+            batcher_options=s.batcher_options(),
             stats=self._metrics.batcher_stats(name, version),
         )
         self._metrics.model_loads.labels(name).inc()

@@ -294,6 +294,13 @@ class V2:
         images = self._images(request, inp, meta)
         classes = len(meta.labels)
         wanted = request.outputs or [RequestedOutput(OUTPUT)]
+        if len(wanted) > 1:
+            # Each requested output is a copy of the result in the answer: 100,000 of the same one made
+            # a 267 MB response from a 4.9 MB request. The model has one output; name it once.
+            raise InvalidArgument(
+                f"{len(wanted)} outputs requested; model '{_cut(request.model_name)}' has one, {out.text()}: "
+                "request it once (with the classification parameter for top-k)"
+            )
         for o in wanted:
             if o.name != OUTPUT:
                 raise InvalidArgument(
@@ -306,7 +313,7 @@ class V2:
         top_k = max((min(o.classification, classes) for o in wanted), default=0)
         timeout_us = _int_parameter(request.parameters, "timeout")
         if timeout_us and timeout_us > 0:
-            limit = time.monotonic() + timeout_us / 1e6
+            limit = time.monotonic() + min(timeout_us, 10**15) / 1e6  # a huge integer overflows a float
             deadline = limit if deadline is None else min(deadline, limit)
         result = await self._core.predict(
             core.PredictRequest(
@@ -333,7 +340,9 @@ class V2:
 
     def _images(self, request: InferRequest, spec: TensorSpec, meta: ModelMetadata) -> list:
         model = _cut(request.model_name)
-        received = ", ".join(t.text() for t in request.inputs) or "none"
+        received = ", ".join(t.text() for t in request.inputs[:3]) or "none"
+        if len(request.inputs) > 3:
+            received += f" and {len(request.inputs) - 3} more"
         if spec.datatype == "BYTES":
             hint = f" (for UINT8 pixels use model '{model[: -len(ENCODED_SUFFIX)]}')"
         else:
@@ -361,7 +370,12 @@ class V2:
         if tensor.raw is not None:
             elements = unpack_bytes(tensor.raw, f"input '{spec.name}'", most=shape[0])
         else:
-            elements = [v.encode() if isinstance(v, str) else bytes(v) for v in tensor.values or ()]
+            values = tensor.values or ()
+            if len(values) != shape[0]:
+                raise InvalidArgument(
+                    f"input {tensor.text()} holds {len(values)} elements; its shape says {shape[0]}"
+                )
+            elements = [_element(v, tensor) for v in values]
         if len(elements) != shape[0]:
             held = f"more than {shape[0]}" if len(elements) > shape[0] else str(len(elements))
             raise InvalidArgument(f"input {tensor.text()} holds {held} elements; its shape says {shape[0]}")
@@ -386,11 +400,27 @@ class V2:
         if tensor.raw is not None:
             data = memoryview(tensor.raw)
         else:
-            array = np.asarray(values, dtype=np.int64)
+            try:
+                array = np.asarray(values, dtype=np.int64)
+            except (TypeError, ValueError, OverflowError):
+                raise InvalidArgument(
+                    f"input {tensor.text()} has values that are not integers 0..255"
+                ) from None
             if array.size and (array.min() < 0 or array.max() > 255):
                 raise InvalidArgument(f"input {tensor.text()} has values outside 0..255")
             data = memoryview(array.astype(np.uint8).tobytes())
         return [core.RawImage("uint8", (h, w, 3), data[i * size : (i + 1) * size]) for i in range(shape[0])]
+
+
+def _element(value: Any, tensor: Tensor) -> bytes:
+    """One BYTES element as bytes; never `bytes(n)` of a number a client wrote (that allocates n bytes)."""
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    raise InvalidArgument(
+        f"input {tensor.text()} holds a {type(value).__name__}; BYTES elements are strings or bytes"
+    )
 
 
 def _int_parameter(parameters: Mapping[str, Any], key: str) -> int | None:
@@ -399,7 +429,7 @@ def _int_parameter(parameters: Mapping[str, Any], key: str) -> int | None:
         return None
     try:
         return int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise InvalidArgument(f"parameter {key!r} must be an integer, not {_cut(str(value))!r}") from None
 
 
