@@ -22,6 +22,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "health": ("fovea.client.client_commands", "ask a server whether it is serving"),
     "metadata": ("fovea.client.client_commands", "show a served model's labels, input size and metrics"),
     "models": ("fovea.client.client_commands", "list the models a server has loaded"),
+    "rollout": (
+        "fovea.client.rollout_command",
+        "show or change a model's version labels, traffic shares and shadow (rollout.json)",
+    ),
     "perf-data": ("fovea.client.perf_data", "write perf_analyzer's --input-data JSON from image files"),
     "train": (
         "fovea.trainer.train_command",

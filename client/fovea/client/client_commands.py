@@ -258,8 +258,13 @@ def _models(client: Client, args: argparse.Namespace) -> int:
 def format_models(models: Sequence[ModelStatus]) -> str:
     if not models:
         return "no models"
-    rows = [["MODEL", "VERSIONS", "READY"]]
-    rows += [[m.name, ",".join(map(str, m.versions)) or "-", "yes" if m.ready else "no"] for m in models]
+    labelled = any(m.version_labels for m in models)  # the LABELS column only once a rollout exists
+    rows = [["MODEL", "VERSIONS", "READY"] + (["LABELS"] if labelled else [])]
+    for m in models:
+        row = [m.name, ",".join(map(str, m.versions)) or "-", "yes" if m.ready else "no"]
+        if labelled:
+            row.append(",".join(f"{k}={v}" for k, v in sorted(m.version_labels.items())) or "-")
+        rows.append(row)
     return "\n".join(_table(rows))
 
 

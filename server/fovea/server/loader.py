@@ -105,6 +105,14 @@ class GFileStorage:
     def exists(self, path: str) -> bool:
         return tf.io.gfile.exists(path)
 
+    def read(self, path: str) -> bytes | None:
+        """A small file's bytes; None when it does not exist (other errors raise)."""
+        try:
+            with tf.io.gfile.GFile(path, "rb") as f:
+                return f.read()
+        except tf.errors.NotFoundError:
+            return None
+
 
 def read_metadata(path: str, name: str, version: int) -> ModelMetadata:
     """fovea.json of a version folder; without one (or without labels in it), labels.txt gives the labels."""

@@ -19,8 +19,9 @@ from collections.abc import Callable
 
 from fovea.server.batcher import warmup_sizes
 from fovea.server.config import Settings
-from fovea.server.errors import InvalidArgument, NotFound, Unavailable, clip
+from fovea.server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, clip
 from fovea.server.metrics import Metrics
+from fovea.server.rollout import Rollouts
 from fovea.server.servable import Model, ServedVersion
 from fovea.server.source import ModelSource
 
@@ -54,6 +55,7 @@ class ModelManager:
         self._ready = False
         self._task: asyncio.Task | None = None
         self._nothing_said: tuple[str, float] | None = None  # the last "nothing found" line, and when
+        self.rollouts = Rollouts(metrics.rollout_file_errors)
         # TF loads run on their own thread so a slow load never competes with the serving threads'
         # event loop; one at a time keeps memory peaks to one extra model.
         self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fovea-loader")
@@ -67,21 +69,51 @@ class ModelManager:
     def ready(self) -> bool:
         return self._ready
 
-    def lookup(self, name: str, version: int) -> ServedVersion:
-        """The version a model spec names: `name` "" for the only model, `version` 0 for the latest."""
+    def lookup(self, name: str, version: int, label: str = "", route: str | None = None) -> ServedVersion:
+        """The version a model spec names: `name` "" for the only model, `version` 0 for the latest.
+
+        `label` names a version through the model's rollout file. With neither version nor label, a
+        model whose rollout file has traffic shares is routed by them (`route`: see Rollouts.route).
+        """
         if version < 0:
             raise InvalidArgument(
                 f"model_spec.version must be 0 (latest) or a positive integer, not {version}"
             )
+        if version and label:
+            raise InvalidArgument("set model_spec.version or model_spec.version_label, not both")
         versions = self._versions_of(name)
-        if version == 0:
-            return versions[max(versions)]
+        model = self._name_or_only(name)
+        if not version and not label:
+            label = self.rollouts.route(model, route, set(versions))
+            if not label:
+                return versions[max(versions)]
+        if label:
+            return self._by_label(model, versions, label)
         if version not in versions:
             raise NotFound(
-                f"version {version} of model {clip(self._name_or_only(name))} is not loaded; loaded versions: "
-                f"{sorted(versions)}"
+                f"version {version} of model {clip(model)} is not loaded; loaded versions: {sorted(versions)}"
             )
         return versions[version]
+
+    def _by_label(self, model: str, versions: dict[int, ServedVersion], label: str) -> ServedVersion:
+        rollout = self.rollouts.get(model)
+        labels = rollout.labels if rollout else {}
+        if label not in labels:
+            known = ", ".join(sorted(labels)) or "(none: the model has no rollout.json)"
+            raise NotFound(f"model {clip(model)} has no version label {clip(label)}; its labels: {known}")
+        version = labels[label]
+        if version not in versions:
+            # Never a silent fallback to another version: the caller asked for this one.
+            raise FailedPrecondition(
+                f"label {clip(label)} of model {clip(model)} names version {version}, which is not loaded "
+                f"(loaded versions: {sorted(versions)}); fix rollout.json or wait for the version to load"
+            )
+        return versions[version]
+
+    def labels(self, name: str) -> dict[str, int]:
+        """The model's version labels from its last good rollout file."""
+        rollout = self.rollouts.get(name)
+        return dict(rollout.labels) if rollout else {}
 
     def loaded_versions(self, name: str) -> list[int]:
         return sorted(self._models.get(name, {}))
@@ -145,20 +177,25 @@ class ModelManager:
     async def poll_once(self) -> None:
         """Scan storage once and converge on it; raises (changing nothing) if the scan fails."""
         listed = await asyncio.get_running_loop().run_in_executor(None, self._source.scan)
+        for name in listed:
+            await self._read_rollout(name)
         self._known = [n for n, v in listed.items() if v]
         if not self._known:
             await self._say_nothing_found()
         else:
             self._nothing_said = None
         for name, versions in listed.items():
-            aspired = self._aspired(versions)
+            # Versions the rollout file names stay loaded whatever the policy says.
+            pinned = sorted(v for v in self.rollouts.pinned(name) if v in versions)
+            aspired = sorted(set(self._aspired(versions)) | set(pinned))
             if self._settings.version_policy == "latest":
-                await self._sync_latest(name, versions)  # the newest that loads, if the newest does not
+                await self._sync_latest(name, versions, pinned)  # the newest that loads, if it does not
             else:
                 await self._sync_model(name, aspired)
             pending = [v for v in aspired if v not in self._models.get(name, {})]
             self._metrics.versions_pending.labels(name).set(len(pending))
         for name in [n for n in self._models if n not in listed]:
+            self.rollouts.forget(name)
             log.info("model %s disappeared from %s; unloading it", name, self._source.base)
             await self._sync_model(name, [])
         self._metrics.last_scan.set(time.time())
@@ -180,6 +217,20 @@ class ModelManager:
             NOTHING_FOUND_REMINDER_S // 60,
         )
 
+    async def _read_rollout(self, name: str) -> None:
+        try:
+            text = await asyncio.get_running_loop().run_in_executor(None, self._source.rollout, name)
+        except Exception as exc:
+            # Unreadable now (a storage hiccup): keep the last good file rather than drop the rollout.
+            self._metrics.rollout_file_errors.labels(name).inc()
+            log.warning(
+                "reading the rollout file of %s failed; keeping the last good one: %s",
+                name,
+                clip(exc, 300, quote=False),
+            )
+            return
+        self.rollouts.update(name, text)
+
     def _aspired(self, versions: list[int]) -> list[int]:
         """The versions the policy wants served, out of those on storage (ascending)."""
         if not versions:
@@ -191,7 +242,7 @@ class ModelManager:
             return versions
         return [versions[-1]]
 
-    async def _sync_latest(self, name: str, versions: list[int]) -> None:
+    async def _sync_latest(self, name: str, versions: list[int], pinned: list[int]) -> None:
         """Serve the newest version that loads: a broken newest one falls back to the next older.
 
         A version that failed to load is retried with exponential backoff, not at every poll, and
@@ -212,7 +263,9 @@ class ModelManager:
                 wanted = [version]
                 break
         if wanted or not versions:
-            await self._sync_model(name, wanted)
+            await self._sync_model(name, sorted(set(wanted) | set(pinned)))
+        elif pinned:
+            await self._sync_model(name, pinned)
 
     def _backing_off(self, name: str, version: int) -> bool:
         retry_at = self._retry_at.get((name, version))

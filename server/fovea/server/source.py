@@ -13,6 +13,7 @@ import posixpath
 from typing import Protocol
 
 from fovea import contract
+from fovea.contract.rollout import ROLLOUT_FILE
 
 
 class Storage(Protocol):
@@ -23,6 +24,10 @@ class Storage(Protocol):
     def isdir(self, path: str) -> bool: ...
 
     def exists(self, path: str) -> bool: ...
+
+    def read(self, path: str) -> bytes | None:
+        """A small file's bytes; None when it does not exist."""
+        ...
 
 
 class ModelSource:
@@ -46,6 +51,10 @@ class ModelSource:
     def versions(self, name: str) -> list[int]:
         """The complete published versions of one model, ascending (the contract's rule)."""
         return contract.published_versions(self.root(name), self._storage.listdir, self._storage.exists)
+
+    def rollout(self, name: str) -> bytes | None:
+        """The model's rollout.json (fovea.contract.rollout), None without one (blocking I/O)."""
+        return self._storage.read(posixpath.join(self.root(name), ROLLOUT_FILE))
 
     def scan(self) -> dict[str, list[int]]:
         """Every model folder and its published versions (blocking: run it off the event loop)."""

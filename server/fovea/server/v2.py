@@ -99,6 +99,7 @@ class InferRequest:
     outputs: list[RequestedOutput] = field(default_factory=list)
     id: str = ""
     parameters: Mapping[str, Any] = field(default_factory=dict)
+    route_key: str = ""  # x-fovea-route-key: sticky routing by the rollout's traffic shares
 
 
 @dataclass
@@ -147,16 +148,19 @@ def unpack_bytes(raw: bytes | memoryview, what: str, most: int | None = None) ->
     return out
 
 
-def parse_version(version: str) -> int:
-    """'' means the newest loaded version (0 for the core); otherwise a positive integer."""
+def parse_version(version: str) -> tuple[int, str]:
+    """The core's (version, label): '' the default (0), a positive integer that version, else a label
+    of the model's rollout.json (an unknown one is NOT_FOUND there)."""
     if version == "":
-        return 0
+        return 0, ""
     number = contract.version_of(version)
     if number is not None:
-        return number
-    raise InvalidArgument(
-        f"model version {_cut(version)!r} is not a positive integer; leave it empty for the newest"
-    )
+        return number, ""
+    if version.isdigit() or version.startswith("-"):
+        raise InvalidArgument(
+            f"model version {_cut(version)!r} is not a positive integer; leave it empty for the newest"
+        )
+    return 0, version
 
 
 class V2:
@@ -186,9 +190,11 @@ class V2:
             inp = TensorSpec(INPUT_IMAGES, "UINT8", (-1, meta.input_height, meta.input_width, 3))
         return inp, TensorSpec(OUTPUT, "FP32", (-1, len(meta.labels)))
 
-    def _describe(self, name: str, version: str) -> tuple[str, bool, core.ModelDescription]:
+    def _describe(
+        self, name: str, version: str, route_key: str | None = None
+    ) -> tuple[str, bool, core.ModelDescription]:
         base, encoded = self.resolve(name)
-        return base, encoded, self._core.metadata(base, parse_version(version))
+        return base, encoded, self._core.metadata(base, *parse_version(version), route_key)
 
     # -- health and metadata ---------------------------------------------------------------------
 
@@ -198,7 +204,7 @@ class V2:
     def model_ready(self, name: str, version: str) -> bool:
         try:
             base, _ = self.resolve(name)
-            return self._core.model_ready(base, parse_version(version))
+            return self._core.model_ready(base, *parse_version(version))
         except ServingError:
             return False
 
@@ -260,7 +266,10 @@ class V2:
             state = "READY" if m.ready else "UNAVAILABLE"
             reason = "" if m.ready else "no version loaded yet"
             for name in (m.name, m.name + ENCODED_SUFFIX):
-                rows.append({"name": name, "version": version, "state": state, "reason": reason})
+                row = {"name": name, "version": version, "state": state, "reason": reason}
+                if m.labels:  # fovea's addition: the rollout's version labels
+                    row["version_labels"] = {k: str(v) for k, v in sorted(m.labels.items())}
+                rows.append(row)
         return rows
 
     def statistics(self, name: str, version: str) -> list[dict[str, Any]]:
@@ -272,13 +281,14 @@ class V2:
         if not name:
             aliases = {m.name: [m.name, m.name + ENCODED_SUFFIX] for m in self._core.list_models()}
             return [_stats(a, s) for s in self._core.statistics() for a in aliases.get(s.name, ())]
-        base, _, _ = self._describe(name, version)  # NOT_FOUND for what is not served
-        return [_stats(name, s) for s in self._core.statistics(base, parse_version(version))]
+        base, _, d = self._describe(name, version)  # NOT_FOUND for what is not served
+        number = d.metadata.version if version else 0  # a label resolved to its version
+        return [_stats(name, s) for s in self._core.statistics(base, number)]
 
     # -- inference -------------------------------------------------------------------------------
 
     async def infer(self, request: InferRequest, deadline: float | None) -> InferResponse:
-        base, encoded, d = self._describe(request.model_name, request.model_version)
+        base, encoded, d = self._describe(request.model_name, request.model_version, request.route_key)
         meta = d.metadata
         inp, out = self.specs(meta, encoded)
         images = self._images(request, inp, meta)

@@ -19,6 +19,7 @@ import numpy as np
 from aiohttp import http_exceptions, web
 from fovea.server import calls, http_body, logs, memory, v2
 from fovea.server.errors import InvalidArgument, ResourceExhausted, ServingError, clip
+from fovea.server.rollout import route_key
 
 log = logging.getLogger(__name__)
 # A repository-index body is `{"ready": true}`; more is refused before it is parsed.
@@ -39,6 +40,7 @@ REQUEST_ID = "X-Request-Id"
 HTTP_STATUS = {
     "INVALID_ARGUMENT": 400,
     "NOT_FOUND": 404,
+    "FAILED_PRECONDITION": 400,
     "RESOURCE_EXHAUSTED": 429,
     "UNAVAILABLE": 503,
     "DEADLINE_EXCEEDED": 504,
@@ -181,6 +183,7 @@ class V2Http:
                 self._parser, _parse_infer, request, body, self._max_body, self._max_body // memory.JSON_SHARE
             )
             del body  # binary tensors keep their part of it; a JSON body is packed into bytes by now
+            infer_request.route_key = route_key(request.headers.items())
             result = await self._v2.infer(infer_request, None)
         response = _infer_response(result, binary_outputs)
         if "Accept-Encoding" in request.headers:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from fovea.trainer.config import TrainConfig
+from fovea.trainer.gate import gate_html
 from fovea.trainer.results import TrainMetrics
 
 # A point is an outlier of a curve when it is this many times the next largest value; the axis is
@@ -381,6 +382,7 @@ th {{ background: #f2f2f2; }} img {{ max-width: 100%; border: 1px solid #eee; }}
 <table>{"".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in summary)}</table>
 <h2>Per class (test split)</h2>
 <table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>{rows}</table>
+{gate_html(metrics.gate, test.confusion_matrix, labels) if metrics.gate is not None else ""}
 {figures}
 {f"<h2>Skipped files</h2><ul>{skipped}</ul>" if skipped else ""}
 </body></html>

@@ -50,6 +50,7 @@ class TrainMetrics:
     input_size: int = 0  # pixels, square
     weights: str = ""  # what the base started from, in words (chance.weights_text)
     warnings: list[str] = dataclasses.field(default_factory=list)  # e.g. a test accuracy near chance
+    gate: dict[str, Any] | None = None  # the publish gate's comparison (gate.GateDecision), None when off
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

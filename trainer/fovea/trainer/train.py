@@ -269,6 +269,17 @@ def _run(
         if version_path:
             log(f"this run already published {version_path}: not publishing it again")
         else:
+            from fovea.trainer import gate
+
+            decision = gate.run_gate(
+                cfg,
+                dataset.labels,
+                evaluation,
+                dataset.files["test"],
+                np.asarray(dataset.targets["test"]),
+                log,
+            )
+            metrics.gate = decision.to_dict() if decision else None
             with tempfile.TemporaryDirectory(prefix="fovea-report-") as report_dir:
                 report.write_report(
                     report_dir,
@@ -283,6 +294,10 @@ def _run(
                         test_truth=truth,
                     ),
                 )
+                if decision is not None and not decision.passed:
+                    kept = gate.keep_rejected(cfg.models, cfg.name, report_dir, decision)
+                    backup.remove()  # a rejected run is over: its rerun trains anew
+                    raise gate.GateRejected(f"not published: {decision.reason}; report in {kept}")
                 version_path = _export(cfg, final_weights, dataset.labels, metrics, report_dir)
             log(f"published {version_path}")
             notify("published", model, base)
