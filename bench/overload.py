@@ -89,10 +89,10 @@ def memory_bound_mb(flags: list[str], warm_mb: float, input_size: tuple[int, int
 def capacity(models: Path, payload: Path, flags: list[str]) -> tuple[dict, dict]:
     """Saturated throughput (closed loop, the better of concurrency 8 and 32) and the idle latency.
 
-    Measured without the queue's time bound (--max-queue-wait-ms 0), so no request of the
+    Measured without the queue's bound in batches (--max-queue-batches 0), so no request of the
     measurement is shed: the capacity is what the model and decoding sustain.
     """
-    server = serve(models, [*flags, "--max-queue-wait-ms", "0"])
+    server = serve(models, [*flags, "--max-queue-batches", "0"])
     try:
         idle = loadgen(
             server, payload, "--mode", "closed", "--concurrency", "1", "--warmup", "1", "--duration", "4"

@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / d) for d in ("client", "server", "trainer")]
 OUT = ROOT / "docs" / "configuration.md"
-COMMANDS = ("train", "demo-data", "serve", "predict", "health", "metadata", "models", "demo")
+COMMANDS = ("train", "demo-data", "serve", "predict", "health", "metadata", "models", "rollout", "demo")
 
 
 def _row(action: argparse.Action) -> str | None:

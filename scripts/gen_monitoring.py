@@ -86,6 +86,23 @@ PANELS: list[tuple[str, str, str, list[dict]]] = [
         _t(_quantile(0.9, "fovea_model_load_duration_seconds", window="1h"), "load"),
         _t(_quantile(0.9, "fovea_model_warmup_duration_seconds", window="1h"), "warm-up"),
     ]),
+    ("Predictions per version", "reqps", "Predictions per second by version and label (rollout.json): the canary's share.", [
+        _t(_agg("sum", _rate("fovea_version_predictions_total"), "model, version, label"), "{{model}} v{{version}} {{label}}"),
+    ]),
+    ("Error ratio per version", "percentunit", "Server-side failures per version: a canary beside stable.", [
+        _t(_agg("sum", _rate("fovea_version_predictions_total", ',code=~"INTERNAL|UNKNOWN|UNAVAILABLE|DATA_LOSS"'), "model, version")
+           + " / " + _agg("sum", _rate("fovea_version_predictions_total"), "model, version"), "{{model}} v{{version}}"),
+    ]),
+    ("Latency per version (p99)", "s", "Version resolution to result, per version: compare the canary with stable.", [
+        _t(f"histogram_quantile(0.99, {_agg('sum', _rate('fovea_version_predict_duration_seconds_bucket'), 'le, model, version')})", "{{model}} v{{version}}"),
+    ]),
+    ("Shadow agreement", "percentunit", "Share of mirrored images whose top-1 class equals the live answer, per shadow version.", [
+        _t(_agg("sum", _rate("fovea_shadow_top1_equal_total"), "model, version")
+           + " / " + _agg("sum", _rate("fovea_shadow_images_total"), "model, version"), "{{model}} v{{version}}"),
+    ]),
+    ("Shadow requests", "reqps", "Sampled requests computed on the shadow, and dropped (live work queued, unloaded, ...).", [
+        _t(_agg("sum", _rate("fovea_shadow_requests_total"), "model, version, outcome"), "{{model}} v{{version}} {{outcome}}"),
+    ]),
     ("Memory (RSS)", "bytes", "Resident memory per pod (compare with the container's memory limit).", [
         _t(f"process_resident_memory_bytes{{{SEL}}}", "{{pod}}"),
     ]),

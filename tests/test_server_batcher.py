@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import random
 import threading
 import time
 
 import numpy as np
 import pytest
+from fovea.devtools.virtual_time import CostModelSleeper, VirtualExecutor, VirtualTimeLoop
+from fovea.server.batch_costs import EXPLORE_EVERY, FasterOf
 from fovea.server.batcher import Batcher, BatcherStats, warmup_sizes
 from fovea.server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 
@@ -353,9 +356,9 @@ async def test_expected_wait_is_learned_and_sheds_before_any_work() -> None:
     gate.clear()
     running = asyncio.ensure_future(b.submit(rows(1, 2)))  # 2 rows computing: 4 s ahead
     await until(lambda: b.expected_wait() == 4.0)
-    with b.admit(0):  # nothing more fits in the 5 s bound beyond what is already ahead
-        pass
-    with pytest.raises(ResourceExhausted, match=r"expected wait is 6\.00 s"), b.admit(1):
+    # 4 s ahead of the first: its own 2 s never count against the 5 s bound, but they count for the
+    # request behind it, 6 s ahead of that one.
+    with b.admit(1), pytest.raises(ResourceExhausted, match=r"expected wait is 6\.00 s"), b.admit(1):
         pass
     # The caller's deadline counts too: 4 s ahead plus its own 2 s would end after it.
     b.max_queue_wait_s = 100.0
@@ -430,59 +433,126 @@ class InlineExecutor(concurrent.futures.Executor):
         return future
 
 
-async def _closed_loop(b: Batcher, callers: int, rounds: int) -> None:
-    """`callers` clients, each sending its next request a "round trip" after its answer. The round
-    trips are event-loop turns, not time (caller i takes i + 1 turns), so the callers come back one
-    by one while the fake clock stands still."""
+def _virtual(main) -> None:
+    """Run `main(loop)` on a virtual-time loop: nothing sleeps, and every run gives the same batches."""
+    loop = VirtualTimeLoop()
+    try:
+        loop.run_until_complete(main(loop))
+    finally:
+        loop.close()
+
+
+def _virtual_batcher(loop: VirtualTimeLoop, cost, **options) -> tuple[Batcher, CostModelSleeper]:
+    model = CostModelSleeper(cost, loop)
+    return Batcher(model, executor=VirtualExecutor(loop), clock=loop.clock, **options), model
+
+
+def _warm(b: Batcher, model: CostModelSleeper) -> None:
+    """What the server's warm-up does: each batch size it can emit ran once (1 and the maximum)."""
+    b.seed_costs({n: model.cost(n) for n in (1, b.max_batch_size)})
+
+
+async def _closed_loop(b: Batcher, callers: int, rounds: int, rtt: float = 0.01) -> None:
+    """`callers` clients, each sending its next request a round trip after its answer (caller i's
+    round trip is (i + 1) * rtt virtual seconds, so they come back one by one)."""
 
     async def caller(i: int) -> None:
         for r in range(rounds):
-            assert values(await b.submit(rows(i * 1000 + r))) == [10 * (i * 1000 + r)]
-            for _ in range(i + 1):
-                await asyncio.sleep(0)
+            assert values(await b.submit(rows(i * 1000 + r))) == [i * 1000 + r]
+            await asyncio.sleep((i + 1) * rtt)
 
     await asyncio.gather(*(caller(i) for i in range(callers)))
 
 
 @pytest.mark.parametrize("callers", [4, 16])
-async def test_closed_loop_batches_carry_every_caller(callers: int) -> None:
-    # Compute takes 1 (fake) second, so the batcher may wait 0.1 s for the callers it answered.
-    model = TimedModel(lambda n: 1.0)
-    b = Batcher(model, max_batch_size=32, clock=model.clock, executor=InlineExecutor())
-    await _closed_loop(b, callers=callers, rounds=12)
-    # After a ramp (a lone first caller teaches the batcher what a small batch costs) and before the
-    # tail (callers finish a round apart), batches carry every caller: at least half of them do.
-    # Without the wait the sizes alternate (1/3/1/3 for four callers) and almost none do.
-    assert model.sizes.count(callers) >= len(model.sizes) // 2, model.sizes
-    assert b.formation_waits > 0
-    await b.close()
+def test_closed_loop_batches_carry_every_caller(callers: int) -> None:
+    async def main(loop: VirtualTimeLoop) -> None:
+        # Compute takes 1 s whatever the size, and callers return within 0.16 s: waiting pays.
+        b, model = _virtual_batcher(loop, lambda n: 1.0, max_batch_size=32)
+        _warm(b, model)
+        await _closed_loop(b, callers=callers, rounds=12)
+        sizes = model.sizes
+        # After the first round (callers arrive at once) batches carry every caller: at least all but
+        # the first and the last (callers finish a round apart). Without the wait sizes alternate
+        # (1/3/1/3 for four callers) and almost none do.
+        assert sizes.count(callers) >= 10, sizes
+        assert b.formation_waits > 0
+        await b.close()
+
+    _virtual(main)
 
 
-async def test_closed_loop_never_waits_past_max_batch_size() -> None:
-    model = TimedModel(lambda n: 1.0)
-    b = Batcher(model, max_batch_size=4, clock=model.clock, executor=InlineExecutor())
-    await _closed_loop(b, callers=8, rounds=8)
-    assert max(model.sizes) == 4 and sum(model.sizes) == 64
-    await b.close()
+def test_eager_formation_alternates_small_batches() -> None:
+    # Without the wait, callers that come back one by one split into alternating small batches:
+    # the pattern the adaptive formation exists to prevent.
+    async def main(loop: VirtualTimeLoop) -> None:
+        b, model = _virtual_batcher(loop, lambda n: 1.0, max_batch_size=32, formation="eager")
+        _warm(b, model)
+        await _closed_loop(b, callers=4, rounds=6)
+        assert b.formation_waits == 0
+        assert sum(model.sizes) == 24 and 1 in model.sizes
+        await b.close()
+
+    _virtual(main)
 
 
-async def test_no_wait_when_a_bigger_batch_does_not_pay() -> None:
+def test_closed_loop_never_waits_past_max_batch_size() -> None:
+    async def main(loop: VirtualTimeLoop) -> None:
+        b, model = _virtual_batcher(loop, lambda n: 1.0, max_batch_size=4)
+        _warm(b, model)
+        await _closed_loop(b, callers=8, rounds=8)
+        assert max(model.sizes) == 4 and sum(model.sizes) == 64
+        await b.close()
+
+    _virtual(main)
+
+
+def test_no_wait_when_a_bigger_batch_does_not_pay() -> None:
     # Compute grows in proportion to the batch (no fixed cost to share): waiting for the callers
     # would only add idle time, so the batcher never waits.
-    model = TimedModel(lambda n: 1.0 * n)
-    b = Batcher(model, max_batch_size=32, clock=model.clock, executor=InlineExecutor())
-    await _closed_loop(b, callers=4, rounds=8)
-    assert b.formation_waits == 0
-    await b.close()
+    async def main(loop: VirtualTimeLoop) -> None:
+        b, model = _virtual_batcher(loop, lambda n: 1.0 * n, max_batch_size=32)
+        _warm(b, model)
+        await _closed_loop(b, callers=4, rounds=8)
+        assert b.formation_waits == 0
+        await b.close()
+
+    _virtual(main)
 
 
-async def test_a_lone_caller_is_never_held() -> None:
-    model = TimedModel(lambda n: 1.0)
-    b = Batcher(model, max_batch_size=32, clock=model.clock)
-    await _closed_loop(b, callers=1, rounds=10)
-    assert model.sizes == [1] * 10
-    assert b.formation_waits == 0
-    await b.close()
+def test_arrivals_that_do_not_follow_answers_are_not_waited_for() -> None:
+    # Open loop: Poisson arrivals at half the model's speed. After a few batches the batcher has seen
+    # that arrivals keep coming after the answered callers would be back, and stops waiting.
+    async def main(loop: VirtualTimeLoop) -> None:
+        b, model = _virtual_batcher(loop, lambda n: 0.01 + 0.001 * n, max_batch_size=32)
+        _warm(b, model)
+        rng = random.Random(1)
+        tasks = []
+        for i in range(400):
+            tasks.append(asyncio.ensure_future(b.submit(rows(i))))
+            await asyncio.sleep(rng.expovariate(0.5 * 32 / 0.042))
+        await asyncio.gather(*tasks)
+        early = b.formation_waits
+        for i in range(400):
+            tasks.append(asyncio.ensure_future(b.submit(rows(i))))
+            await asyncio.sleep(rng.expovariate(0.5 * 32 / 0.042))
+        await asyncio.gather(*tasks)
+        assert b.formation_waits - early <= 4, (early, b.formation_waits)  # the learned state holds
+        await b.close()
+
+    _virtual(main)
+
+
+def test_a_lone_caller_is_never_held() -> None:
+    async def main(loop: VirtualTimeLoop) -> None:
+        b, model = _virtual_batcher(loop, lambda n: 1.0, max_batch_size=32)
+        _warm(b, model)
+        await _closed_loop(b, callers=1, rounds=10)
+        assert model.sizes == [1] * 10
+        assert b.formation_waits == 0
+        await b.close()
+
+    _virtual(main)
 
 
 async def test_next_batch_waits_for_rows_being_decoded() -> None:
@@ -490,7 +560,8 @@ async def test_next_batch_waits_for_rows_being_decoded() -> None:
     # the CPU their decoding needs. Without the wait the batches here are 1, 1, 2.
     model = TimedModel(lambda n: 1.0)
     b = Batcher(model, max_batch_size=8, clock=model.clock, executor=InlineExecutor())
-    await b.submit(rows(0))  # learns the compute time; the next batch forms right after it
+    await b.submit(rows(*range(8)))  # the warm-up: batch sizes 8 and 1 cost the same (a fixed cost)
+    await b.submit(rows(0))  # the next batch forms right after this one
     with b.admit(2) as place:  # two rows being decoded
         first = asyncio.ensure_future(b.submit(rows(1)))
         for _ in range(5):  # event-loop turns, not time: the batcher sees the queued row
@@ -498,33 +569,8 @@ async def test_next_batch_waits_for_rows_being_decoded() -> None:
         assert not first.done()
         rest = await b.submit(rows(2, 3), place=place)
     assert values(await first) == [10] and values(rest) == [20, 30]
-    assert model.sizes == [1, 3]
+    assert model.sizes == [8, 1, 3]
     assert b.formation_waits == 1
-    await b.close()
-
-
-async def test_arrivals_that_do_not_follow_completions_are_not_waited_for() -> None:
-    # Open loop: requests arrive every 20 ms whatever the server does; compute takes 0.05 fake
-    # seconds, so the window after a batch (5 ms) rarely sees an arrival and nothing waits.
-    model = TimedModel(lambda n: 0.05)
-    b = Batcher(model, max_batch_size=32, clock=model.clock)
-    tasks = []
-    for i in range(10):
-        tasks.append(asyncio.ensure_future(b.submit(rows(i))))
-        await asyncio.sleep(0.02)
-    assert [values(await t) for t in tasks] == [[10 * i] for i in range(10)]
-    assert b.formation_waits == 0
-    await b.close()
-
-
-async def test_zero_wait_fraction_turns_the_wait_off() -> None:
-    # Without the wait, callers that come back one by one split into alternating small batches:
-    # the pattern the wait exists to prevent.
-    model = TimedModel(lambda n: 1.0)
-    b = Batcher(model, max_batch_size=32, wait_fraction=0.0, clock=model.clock, executor=InlineExecutor())
-    await _closed_loop(b, callers=4, rounds=6)
-    assert b.formation_waits == 0
-    assert sum(model.sizes) == 24 and 1 in model.sizes
     await b.close()
 
 
@@ -543,3 +589,19 @@ async def test_tiny_batches_with_nothing_behind_them_run_on_the_loop() -> None:
     assert b2.inline_batches == 0  # a model slower than the bound always runs on the worker
     await b.close()
     await b2.close()
+
+
+def test_the_faster_way_is_learned_from_serving_calls() -> None:
+    # Timed quietly, way 1 (XLA, say) looked faster; under load it takes 3 s against way 0's 1 s.
+    # Its first serving call moves the choice to way 0, which keeps it.
+    choice = FasterOf(1.0, 0.5)
+    cost = {0: 1.0, 1: 3.0}
+    picks = []
+    for _ in range(200):
+        way = choice.pick()
+        picks.append(way)
+        choice.record(way, cost[way])
+    assert choice.preferred == 0
+    assert picks[0] == 1 and picks[1:15] == [0] * 14
+    # Way 1 from then on only when it is re-timed, one call in EXPLORE_EVERY.
+    assert picks[-96:].count(1) == 96 // EXPLORE_EVERY

@@ -48,6 +48,10 @@ class FakeStorage:
         self._check()
         return True
 
+    def read(self, path: str) -> bytes | None:
+        self._check()
+        return None  # no rollout file
+
 
 class FakeModel:
     def __init__(self, name: str, version: int) -> None:

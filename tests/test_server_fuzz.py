@@ -47,8 +47,9 @@ MAX_IMAGES = 16
 WINDOW = 48  # RPCs in flight at once
 
 
-def rss_growth_bound_mib() -> float:
-    """Peak RSS growth over the warm, idle server that docs/memory.md's formula allows these settings."""
+def rss_growth_bound_mib(**overrides: int) -> float:
+    """Peak RSS growth over the warm, idle server that docs/memory.md's formula allows these settings
+    (and the `overrides` of another fuzz test's server)."""
     from fovea.server import config, memory
 
     settings = config.Settings(
@@ -56,6 +57,7 @@ def rss_growth_bound_mib() -> float:
         max_message_mb=MAX_MESSAGE_MB,
         max_images_per_request=MAX_IMAGES,
         max_batch_size=8,
+        **overrides,
     )
     return memory.budget(settings, 0, 0, input_size=(SIZE, SIZE)).total / 2**20
 
@@ -329,8 +331,8 @@ def peak_rss_mib(pid: int) -> float:
     return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def start_fuzz_server(tmp_path_factory, *more: str) -> ServerProcess:
+    """A `fovea serve` of the tiny model with this module's limits, plus `more` flags (later flags win)."""
     models = tmp_path_factory.mktemp("models")
     export_tiny(models, "tiny", SIZE, seed=3)
     extra = [
@@ -338,9 +340,14 @@ def server(tmp_path_factory):
         "--max-images-per-request", str(MAX_IMAGES), "--max-batch-size", "8", "--log-level", "WARNING",
         # XLA compiles in the background after SERVING and then answers within 1e-4, not bit for bit:
         # off, so "the same answer before and after" compares like with like.
-        "--no-xla",
+        "--no-xla", *more,
     ]  # fmt: skip
-    process = ServerProcess(models, extra, env=subprocess_env()).start(ready_timeout=120)
+    return ServerProcess(models, extra, env=subprocess_env()).start(ready_timeout=120)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    process = start_fuzz_server(tmp_path_factory)
     yield process
     process.stop()
 

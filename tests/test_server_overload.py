@@ -99,7 +99,17 @@ def test_queue_of_one_sheds_excess_requests_quickly(server) -> None:
     assert sample(server, "fovea_shed_requests_total", model="slow") - shed_before == 4
 
 
-def test_request_whose_deadline_passes_in_the_queue_is_never_computed(server) -> None:
+@pytest.fixture
+def unlearned_server(models_dir):
+    """A server that has not timed its model yet (no warm-up, nothing computed): admission cannot
+    foresee that a request will outlive its deadline, so the queue's own deadline check must act."""
+    srv = slow_server(models_dir, warmup=False)
+    yield srv
+    stop_server(srv)
+
+
+def test_request_whose_deadline_passes_in_the_queue_is_never_computed(unlearned_server) -> None:
+    server = unlearned_server
     expired_before = sample(server, "fovea_expired_requests_total", model="slow")
     inferred_before = sample(server, "fovea_images_inferred_total", model="slow")
     batches_before = sample(server, "fovea_batches_total", model="slow")
@@ -147,9 +157,10 @@ def test_stop_drains_in_flight_work_and_refuses_new(models_dir) -> None:
 
 
 def test_queue_is_bounded_in_time_and_sheds_before_decoding(models_dir) -> None:
-    # A queue of 10 but a 0.7 s bound on the expected wait: with 0.5 s per call learned, a request
-    # behind one that computes would wait about 1 s, so it is shed on arrival, never computed.
-    srv = slow_server(models_dir, max_queue_size=10, max_queue_wait_ms=700)
+    # A queue of 10 but a 0.3 s cap on the expected wait ahead: with 0.5 s per call learned, a
+    # request behind one that just started computing would wait about 0.5 s before its own call,
+    # so it is shed on arrival, never computed.
+    srv = slow_server(models_dir, max_queue_size=10, max_queue_wait_ms=300)
     try:
         with connected_client(srv.port) as fovea, ThreadPoolExecutor(1) as pool:
             assert timed_call(fovea)[0] == "OK"  # one call teaches the batcher its compute time
@@ -255,5 +266,26 @@ def test_grpc_refuses_calls_beyond_the_concurrent_rpc_limit(models_dir) -> None:
             code, _ = timed_call(fovea)  # a third RPC: gRPC refuses it before reading the message
             assert code == "RESOURCE_EXHAUSTED"
             assert [f.result()[0] for f in running] == ["OK", "OK"]
+    finally:
+        stop_server(srv)
+
+
+def test_a_folder_larger_than_the_bounds_is_answered_by_an_idle_server(models_dir, tmp_path) -> None:
+    # 12 PNGs, sent 8 per request one part after another: each part alone is 4 model calls (2 s),
+    # far above the 0.3 s cap and the 3-batch bound. A request's own size never refuses it, and an
+    # idle server admits anything within the per-request limits (before, the expected wait counted
+    # the request's own compute, so such a folder was refused on every retry).
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(12):
+        Image.fromarray(np.full((SIZE, SIZE, 3), i * 20, np.uint8)).save(folder / f"{i:02d}.png")
+    srv = slow_server(models_dir, max_queue_size=10, max_queue_wait_ms=300, max_queue_batches=1)
+    try:
+        with connected_client(srv.port) as fovea:
+            predictions = fovea.predict(folder, timeout=60)
+        assert len(predictions) == 12
+        assert sample(srv, "fovea_shed_requests_total", model="slow") == 0
     finally:
         stop_server(srv)

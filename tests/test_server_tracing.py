@@ -84,3 +84,41 @@ def test_off_unless_otel_variables_ask():
     assert not tracing.configured({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "x"})
     assert not tracing.configured({"OTEL_SDK_DISABLED": "true", "OTEL_TRACES_EXPORTER": "otlp"})
     assert not tracing.enabled()
+
+
+def test_rest_requests_get_the_same_spans(exporter, tmp_path):
+    # One request wrapper (calls.Call) serves both ports: REST gets a server span continuing the
+    # caller's traceparent header, with decode, queue wait and compute under it, and the outcome code.
+    import json
+    import urllib.error
+    import urllib.request
+
+    export_tiny(tmp_path, "tiny", 16)
+    srv = start_server(tmp_path)
+    try:
+        wait_until(lambda: srv.manager.ready, what="ready")
+        body = {
+            "inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, 16, 16, 3], "data": [0] * 768}]
+        }
+        headers = {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01", "Content-Type": "application/json"}
+        url = f"http://127.0.0.1:{srv.http_port}/v2/models/tiny/infer"
+        request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            assert answer.status == 200
+        bad = urllib.request.Request(url, data=b'{"inputs": 5}', headers=headers)
+        try:
+            urllib.request.urlopen(bad, timeout=30)
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 400
+    finally:
+        stop_server(srv)
+    spans = exporter.get_finished_spans()
+    servers = [s for s in spans if s.name == "v2-http/ModelInfer"]
+    assert [s.attributes["rpc.grpc.status_code"] for s in servers] == ["OK", "INVALID_ARGUMENT"]
+    ok = servers[0]
+    assert ok.kind == SpanKind.SERVER and ok.attributes["rpc.system"] == "http"
+    assert format(ok.context.trace_id, "032x") == TRACE_ID
+    assert format(ok.parent.span_id, "016x") == PARENT_ID
+    for name in ("decode", "queue wait", "compute"):
+        (child,) = [s for s in spans if s.name == name]
+        assert child.parent.span_id == ok.context.span_id, name

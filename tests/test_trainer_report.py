@@ -204,3 +204,49 @@ def test_tensorboard_logs_and_retraining_from_a_published_version(tmp_path: Path
             assert second[name].shape[-1] == 3 and value.shape[-1] == 2
         else:
             np.testing.assert_array_equal(second[name], value, err_msg=name)
+
+
+def test_chance_level_is_told_apart_by_a_binomial_margin() -> None:
+    from fovea.trainer import chance
+
+    # The run: 3 classes, 90 images from scratch, 9 test images, accuracy 0.333.
+    told = chance.warnings(
+        accuracy=0.333, classes=3, test_images=9, train_images={"a": 24, "b": 24, "c": 24}, weights="none"
+    )
+    assert "near chance" in told[0] and "0.648" in told[0], told  # 1/3 + 2 sqrt(2/9 / 9)
+    assert (
+        "--weights imagenet" in told[1] and "--weights PATH.h5" in told[1] and "24 training images" in told[1]
+    )
+    assert "9 test images are few" in told[2]
+    # Well above the margin, or 0.5 on 300 test images (the margin is then 0.388): nothing to say.
+    assert (
+        chance.warnings(accuracy=0.9, classes=3, test_images=9, train_images={"a": 1}, weights="none") == []
+    )
+    assert (
+        chance.warnings(accuracy=0.5, classes=3, test_images=300, train_images={"a": 1}, weights="imagenet")
+        == []
+    )
+    pretrained = chance.warnings(
+        accuracy=0.36, classes=3, test_images=300, train_images={"a": 5}, weights="imagenet"
+    )
+    assert len(pretrained) == 2 and "--weights" not in " ".join(pretrained), pretrained
+    assert "Check that each folder holds the class it is named for" in pretrained[1]
+
+
+def test_report_names_what_was_trained_and_warns_near_chance(tmp_path: Path) -> None:
+    truth = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2])
+    metrics = _metrics(
+        truth, np.zeros_like(truth), backbone="vgg16", input_size=32, weights="random (--weights none: trained from scratch)",
+        warnings=["test accuracy 0.333 is near chance: <guessing>"], train_seconds=161.2,
+    )  # fmt: skip
+    index = report.write_report(tmp_path, metrics=metrics, labels=LABELS)
+    page = index.read_text()
+    assert "<th>model</th><td>vgg16, input 32x32 px</td>" in page
+    assert "<th>base weights</th><td>random (--weights none: trained from scratch)</td>" in page
+    assert (
+        "<div class='warning'><h2>Warning</h2><p>test accuracy 0.333 is near chance: &lt;guessing&gt;" in page
+    )
+    assert "161 s on 1 replica(s)" in page
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["warnings"] == metrics.warnings and saved["train_seconds"] == 161.2
+    assert "total_seconds" not in saved

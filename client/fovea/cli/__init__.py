@@ -14,12 +14,18 @@ import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 
-# name -> (module that defines `add_arguments(parser)` and `run(args) -> int`, one-line help)
+# name -> (module that defines `add_arguments(parser)` and `run(args) -> int`, one-line help). A module
+# may also define `check_arguments(command, args)`, raising CLIError, which runs before TensorFlow is
+# imported: a bad flag of `fovea train` or `fovea serve` is then reported in well under a second.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("fovea.client.client_commands", "classify images with a running server"),
     "health": ("fovea.client.client_commands", "ask a server whether it is serving"),
     "metadata": ("fovea.client.client_commands", "show a served model's labels, input size and metrics"),
     "models": ("fovea.client.client_commands", "list the models a server has loaded"),
+    "rollout": (
+        "fovea.client.rollout_command",
+        "show or change a model's version labels, traffic shares and shadow (rollout.json)",
+    ),
     "perf-data": ("fovea.client.perf_data", "write perf_analyzer's --input-data JSON from image files"),
     "train": (
         "fovea.trainer.train_command",
@@ -128,6 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         module = _import_subcommand(SUBCOMMANDS[command][0])
         args = build_parser(command).parse_args(rest)
         args.command = command
+        check = getattr(module, "check_arguments", None)
+        if check is not None:
+            check(command, args)
         if command in TF_COMMANDS:
             if args.tf_logs:
                 os.environ[TF_LOGS_ENV] = "1"  # and to the subprocesses of `fovea demo`

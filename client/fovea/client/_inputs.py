@@ -94,23 +94,30 @@ def _from_pil(image: Any, name: str) -> EncodedInput:
     return _raw(np.asarray(image), name)
 
 
-def _from_path(path: Path) -> list[EncodedInput]:
-    if path.is_dir():
-        files = sorted(
-            p
-            for p in path.iterdir()
-            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+def image_files(path: Path) -> list[Path]:
+    """The image files a path names: a folder's, sorted by name (hidden files and subfolders not
+    searched), or the path itself. INVALID_ARGUMENT for a folder without any."""
+    if not path.is_dir():
+        return [path]
+    files = sorted(
+        p
+        for p in path.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+    if not files:
+        raise invalid_argument(
+            f"{path}: the folder holds no {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} files "
+            "(subfolders are not searched)"
         )
-        if not files:
-            raise invalid_argument(
-                f"{path}: the folder holds no {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} files "
-                "(subfolders are not searched)"
-            )
-        return [_read_file(p) for p in files]
-    return [_read_file(path)]
+    return files
 
 
-def _read_file(path: Path) -> EncodedInput:
+def _from_path(path: Path) -> list[EncodedInput]:
+    return [read_file(p) for p in image_files(path)]
+
+
+def read_file(path: Path) -> EncodedInput:
+    """One image file, read and checked by its magic number; INVALID_ARGUMENT naming it otherwise."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -122,6 +129,8 @@ def _read_file(path: Path) -> EncodedInput:
 
 def _one(item: Any, position: int | None) -> list[EncodedInput]:
     suffix = "" if position is None else f" {position}"
+    if isinstance(item, EncodedInput):
+        return [item]  # already read and checked (the CLI does so file by file)
     if isinstance(item, (str, os.PathLike)):
         return _from_path(Path(item))
     if isinstance(item, (bytes, bytearray, memoryview)):
@@ -139,9 +148,9 @@ def _one(item: Any, position: int | None) -> list[EncodedInput]:
 
 def encode_inputs(images: Any) -> list[EncodedInput]:
     """Expand one input or a list of inputs into EncodedInputs, in order."""
-    if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, np.ndarray)) or _is_pil_image(
-        images
-    ):
+    if isinstance(
+        images, (str, os.PathLike, bytes, bytearray, memoryview, np.ndarray, EncodedInput)
+    ) or _is_pil_image(images):
         out = _one(images, None)
     elif isinstance(images, Iterable):
         out = [encoded for i, item in enumerate(images) for encoded in _one(item, i)]

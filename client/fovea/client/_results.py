@@ -79,6 +79,7 @@ class ModelMetadata:
         metrics: Evaluation metrics recorded at training time, e.g. ``test_accuracy``.
         created_at: When the version was exported (RFC 3339).
         max_images_per_request: The most images the server accepts in one request (0 if unknown).
+        version_labels: The model's version labels (its rollout.json), label -> version.
     """
 
     name: str
@@ -91,6 +92,7 @@ class ModelMetadata:
     metrics: dict[str, float] = field(default_factory=dict)
     created_at: str = ""
     max_images_per_request: int = 0
+    version_labels: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)
@@ -104,11 +106,13 @@ class ModelStatus:
         name: The model name.
         versions: The versions loaded and serving, ascending.
         ready: Whether at least one version is loaded and warm.
+        version_labels: The model's version labels (its rollout.json), label -> version.
     """
 
     name: str
     versions: tuple[int, ...]
     ready: bool
+    version_labels: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)
@@ -142,8 +146,17 @@ def metadata_from_response(response: classifier_pb2.GetModelMetadataResponse) ->
         metrics={k: float(v) for k, v in sorted(response.metrics.items())},
         created_at=response.created_at,
         max_images_per_request=int(response.max_images_per_request),
+        version_labels={k: int(v) for k, v in sorted(response.version_labels.items())},
     )
 
 
 def models_from_response(response: classifier_pb2.ListModelsResponse) -> list[ModelStatus]:
-    return [ModelStatus(m.name, tuple(int(v) for v in m.versions), bool(m.ready)) for m in response.models]
+    return [
+        ModelStatus(
+            m.name,
+            tuple(int(v) for v in m.versions),
+            bool(m.ready),
+            {k: int(v) for k, v in sorted(m.version_labels.items())},
+        )
+        for m in response.models
+    ]

@@ -39,6 +39,9 @@ class RetryPolicy:
             refused, unknown host, TLS handshake failed), raise UNAVAILABLE "cannot connect: <reason>"
             at once instead of retrying until the deadline (the CLI sets this: a wrong --target should
             not take 10 s). Connection failures after something answered are still retried.
+        fail_fast_no_model: When the server answers that it has no model loaded at all (its model
+            folder holds no published version), raise at once instead of retrying until the deadline
+            (the CLI sets this). A model whose version is still loading is retried as usual.
     """
 
     initial_backoff: float = 0.05
@@ -46,6 +49,7 @@ class RetryPolicy:
     multiplier: float = 2.0
     max_attempts: int | None = None
     fail_fast_unreachable: bool = False
+    fail_fast_no_model: bool = False
 
     def backoff(self, retry: int, rng: random.Random | None = None) -> float:
         cap = min(self.max_backoff, self.initial_backoff * self.multiplier ** min(retry, 64))
@@ -95,6 +99,36 @@ def tls_failure(
         "TLS handshake with the server failed: the server may require a client certificate (mTLS: pass "
         "certificate_chain and private_key), or the certificates are not trusted by the other side "
         f"(root_certificates); not retried. gRPC said: {err.details}",
+    )
+
+
+# How grpc reports a plain HTTP/1.x server at the target (fovea serve's REST port, a web server):
+# the connection works, the protocol does not, so retrying cannot help.
+_HTTP1 = re.compile(r"http1\.x server|parsing http/2|expected settings frame", re.IGNORECASE)
+# What a fovea server answers while no model at all is loaded (manager.py).
+NO_MODEL = "no model is loaded yet"
+
+
+def http1_failure(err: FoveaError) -> FoveaError | None:
+    """A clear, non-retryable error when the target answered in HTTP/1.x instead of gRPC, else None."""
+    if err.code != grpc.StatusCode.UNAVAILABLE or not _HTTP1.search(err.details):
+        return None
+    return FoveaError(
+        grpc.StatusCode.UNAVAILABLE,
+        "cannot connect: it answers HTTP/1.x, not gRPC: that is likely the REST port (fovea serve's "
+        "default 8080); gRPC is on --port, 8500 by default; not retried. "
+        f"gRPC said: {err.details}",
+    )
+
+
+def no_model_failure(err: FoveaError) -> FoveaError | None:
+    """A clear error when the server says it has no model loaded at all, else None."""
+    if err.code != grpc.StatusCode.UNAVAILABLE or NO_MODEL not in err.details:
+        return None
+    return FoveaError(
+        grpc.StatusCode.UNAVAILABLE,
+        "the server has no model loaded: its --model-dir holds no published version yet (its log says "
+        "why; `fovea models` lists what it serves); not retried",
     )
 
 
@@ -150,6 +184,11 @@ def _next_wait(
     tls = tls_failure(err, attempts, tls_without_client_cert)
     if tls is not None:
         raise tls
+    http1 = http1_failure(err)
+    if http1 is not None:
+        raise http1
+    if policy.fail_fast_no_model and no_model_failure(err) is not None:
+        raise no_model_failure(err)
     if not _retryable(err):
         raise err
     if policy.fail_fast_unreachable and attempts == 1:

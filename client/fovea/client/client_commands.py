@@ -8,11 +8,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from fovea.cli import CLIError
 from fovea.client import Client, FoveaError, ModelMetadata, ModelStatus, Prediction, RetryPolicy
+from fovea.client._inputs import EncodedInput, image_files, read_file
 
 DEFAULT_TARGET = "localhost:8500"
 CLI_DEFAULT_TIMEOUT = 10.0
@@ -95,7 +99,8 @@ def _client(args: argparse.Namespace) -> Client:
         certificate_chain=args.client_cert,
         private_key=args.client_key,
         # A wrong --target or a dead server: one line at once, not retries until the deadline.
-        retry_policy=RetryPolicy(fail_fast_unreachable=True),
+        # A server without any model: say so at once too; waiting for the deadline would not help.
+        retry_policy=RetryPolicy(fail_fast_unreachable=True, fail_fast_no_model=True),
     )
 
 
@@ -112,18 +117,86 @@ def _one_line(target: str, err: FoveaError) -> str:
 
 
 def _predict(client: Client, args: argparse.Namespace) -> int:
-    predictions = client.predict(
-        args.images,
-        top_k=args.top_k,
-        model=args.model,
-        version=args.version,
-        return_probabilities=args.probabilities,
-    )
-    if args.json:
-        print(json.dumps([p.to_dict() for p in predictions], indent=2))
-    else:
-        print(format_predictions(predictions))
+    """Classify every file that can be; name each one that cannot on stderr, and exit 1 if any."""
+    deadline = time.monotonic() + args.timeout
+    inputs, bad = read_images(args.images)
+    predictions: list[Prediction] = []
+    if inputs:
+        predictions, rejected = _predict_inputs(client, inputs, args, deadline)
+        bad += rejected
+    if predictions:
+        if args.json:
+            print(json.dumps([p.to_dict() for p in predictions], indent=2))
+        else:
+            print(format_predictions(predictions))
+    for line in bad:
+        print(f"fovea predict: error: {line}", file=sys.stderr)
+    if bad:
+        total = len(predictions) + len(bad)
+        if total > 1:
+            print(f"fovea predict: {len(bad)} of {total} images could not be classified", file=sys.stderr)
+        return 1
     return 0
+
+
+def read_images(paths: Sequence[str]) -> tuple[list[EncodedInput], list[str]]:
+    """Each file read and checked on its own (folders expanded): (the good ones, one line per bad one
+    naming it). A bad file no longer hides the answers of the others."""
+    good: list[EncodedInput] = []
+    bad: list[str] = []
+    for path in paths:
+        try:
+            files = image_files(Path(path))
+        except FoveaError as err:
+            bad.append(err.details)
+            continue
+        for file in files:
+            try:
+                good.append(read_file(file))
+            except FoveaError as err:
+                bad.append(err.details)
+    return good, bad
+
+
+# The server names a bad image by its index in the request: images[2].encoded could not be decoded.
+_IMAGE_INDEX = re.compile(r"^images\[\d+\](?:\.encoded)?")
+
+
+def _predict_inputs(
+    client: Client, inputs: list[EncodedInput], args: argparse.Namespace, deadline: float
+) -> tuple[list[Prediction], list[str]]:
+    """All inputs in one call; when the server rejects one image of it (INVALID_ARGUMENT naming
+    images[i], e.g. a truncated file whose header looked right), each image again on its own, to
+    answer the good ones and name the bad ones."""
+
+    def predict(images: list[EncodedInput]) -> list[Prediction]:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise CLIError(f"{args.target}: DEADLINE_EXCEEDED: deadline of {args.timeout:g} s exceeded")
+        return client.predict(
+            images, top_k=args.top_k, model=args.model, version=args.version,
+            return_probabilities=args.probabilities, timeout=remaining,
+        )  # fmt: skip
+
+    try:
+        return predict(inputs), []
+    except FoveaError as err:
+        if not _names_an_image(err):
+            raise
+    predictions: list[Prediction] = []
+    bad: list[str] = []
+    for item in inputs:
+        try:
+            predictions += predict([item])
+        except FoveaError as err:
+            if not _names_an_image(err):
+                raise
+            bad.append(_IMAGE_INDEX.sub(item.source, " ".join(err.details.split()), count=1))
+    return predictions, bad
+
+
+def _names_an_image(err: FoveaError) -> bool:
+    return err.code.name == "INVALID_ARGUMENT" and bool(_IMAGE_INDEX.match(err.details))
 
 
 def format_predictions(predictions: Sequence[Prediction]) -> str:
@@ -185,8 +258,13 @@ def _models(client: Client, args: argparse.Namespace) -> int:
 def format_models(models: Sequence[ModelStatus]) -> str:
     if not models:
         return "no models"
-    rows = [["MODEL", "VERSIONS", "READY"]]
-    rows += [[m.name, ",".join(map(str, m.versions)) or "-", "yes" if m.ready else "no"] for m in models]
+    labelled = any(m.version_labels for m in models)  # the LABELS column only once a rollout exists
+    rows = [["MODEL", "VERSIONS", "READY"] + (["LABELS"] if labelled else [])]
+    for m in models:
+        row = [m.name, ",".join(map(str, m.versions)) or "-", "yes" if m.ready else "no"]
+        if labelled:
+            row.append(",".join(f"{k}={v}" for k, v in sorted(m.version_labels.items())) or "-")
+        rows.append(row)
     return "\n".join(_table(rows))
 
 

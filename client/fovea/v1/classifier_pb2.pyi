@@ -17,12 +17,14 @@ DATA_TYPE_UINT8: DataType
 DATA_TYPE_FLOAT32: DataType
 
 class ModelSpec(_message.Message):
-    __slots__ = ("name", "version")
+    __slots__ = ("name", "version", "version_label")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    VERSION_LABEL_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+    version_label: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., version_label: _Optional[str] = ...) -> None: ...
 
 class RawImage(_message.Message):
     __slots__ = ("dtype", "shape", "data")
@@ -87,7 +89,7 @@ class GetModelMetadataRequest(_message.Message):
     def __init__(self, model_spec: _Optional[_Union[ModelSpec, _Mapping]] = ...) -> None: ...
 
 class GetModelMetadataResponse(_message.Message):
-    __slots__ = ("model_spec", "labels", "input_height", "input_width", "backbone", "loaded_versions", "metrics", "created_at", "max_images_per_request")
+    __slots__ = ("model_spec", "labels", "input_height", "input_width", "backbone", "loaded_versions", "metrics", "created_at", "max_images_per_request", "version_labels")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +97,13 @@ class GetModelMetadataResponse(_message.Message):
         key: str
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class VersionLabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     MODEL_SPEC_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     INPUT_HEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +113,7 @@ class GetModelMetadataResponse(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    VERSION_LABELS_FIELD_NUMBER: _ClassVar[int]
     model_spec: ModelSpec
     labels: _containers.RepeatedScalarFieldContainer[str]
     input_height: int
@@ -113,21 +123,31 @@ class GetModelMetadataResponse(_message.Message):
     metrics: _containers.ScalarMap[str, float]
     created_at: str
     max_images_per_request: int
-    def __init__(self, model_spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., labels: _Optional[_Iterable[str]] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., backbone: _Optional[str] = ..., loaded_versions: _Optional[_Iterable[int]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., created_at: _Optional[str] = ..., max_images_per_request: _Optional[int] = ...) -> None: ...
+    version_labels: _containers.ScalarMap[str, int]
+    def __init__(self, model_spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., labels: _Optional[_Iterable[str]] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., backbone: _Optional[str] = ..., loaded_versions: _Optional[_Iterable[int]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., created_at: _Optional[str] = ..., max_images_per_request: _Optional[int] = ..., version_labels: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ModelStatus(_message.Message):
-    __slots__ = ("name", "versions", "ready")
+    __slots__ = ("name", "versions", "ready", "version_labels")
+    class VersionLabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
+    VERSION_LABELS_FIELD_NUMBER: _ClassVar[int]
     name: str
     versions: _containers.RepeatedScalarFieldContainer[int]
     ready: bool
-    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[int]] = ..., ready: _Optional[bool] = ...) -> None: ...
+    version_labels: _containers.ScalarMap[str, int]
+    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[int]] = ..., ready: _Optional[bool] = ..., version_labels: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

@@ -6,6 +6,7 @@ back from the line the server prints, then readiness taken from grpc.health.v1 t
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -98,6 +99,12 @@ class ServerProcess:
         if time.monotonic() > deadline:
             self.kill()
             raise ServerStartError(f"`fovea serve` {late}")
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds the server has used so far (/proc/PID/stat)."""
+        assert self.process is not None
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM (the server drains), then wait; kill and raise TimeoutError if it does not exit."""

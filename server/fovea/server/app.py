@@ -21,6 +21,7 @@ from fovea.server import loader, rpc, tfserving, tracing, v2, v2_grpc, v2_http
 from fovea.server.batcher import warmup_sizes
 from fovea.server.config import Settings
 from fovea.server.core import Core
+from fovea.server.errors import clip
 from fovea.server.manager import ModelManager
 from fovea.server.metrics import Metrics
 from fovea.server.ports_line import format_ports_line
@@ -139,20 +140,23 @@ class Server:
         self.metrics = Metrics()
         self.metrics.queue_capacity.set(settings.max_queue_size)
         self.health = health.aio.HealthServicer()
-        source = ModelSource(settings.model_dir, loader.GFileStorage(), settings.model_name)
-        self.manager = ModelManager(settings, self.metrics, source, load, self._on_ready_change)
+        self.source = ModelSource(settings.model_dir, loader.GFileStorage(), settings.model_name)
+        self.manager = ModelManager(settings, self.metrics, self.source, load, self._on_ready_change)
         self.core = Core(settings, self.manager, self.metrics)
         self.v2 = v2.V2(self.core)
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.http_port: int | None = None
         self._http: web.AppRunner | None = None
+        self.rest: v2_http.V2Http | None = None
         self._server: grpc.aio.Server | None = None
         self._draining = False
         self._health_tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         s = self.settings
+        if not s.wait_for_model_dir:
+            await self._require_a_model()
         server = grpc.aio.server(options=grpc_options(s), maximum_concurrent_rpcs=s.max_concurrent_rpcs)
         classifier_pb2_grpc.add_ClassifierServiceServicer_to_server(
             ClassifierServicer(self.core, self.metrics), rpc.tolerant(server)
@@ -241,13 +245,40 @@ class Server:
         )
         self.manager.start()
 
+    async def _require_a_model(self) -> None:
+        """--no-wait-for-model-dir: refuse to start when --model-dir holds no version to serve."""
+        source, loop = self.source, asyncio.get_running_loop()
+        try:
+            listed = await loop.run_in_executor(None, source.scan)
+        except Exception as exc:
+            raise StartupError(
+                f"cannot read --model-dir {source.base}: {clip(exc, 300, quote=False)}"
+            ) from None
+        if not any(listed.values()):
+            _, why = await loop.run_in_executor(None, source.nothing_found)
+            raise StartupError(f"{why}; not waiting for one (--no-wait-for-model-dir)")
+
     async def _start_http(self) -> None:
         """The v2 REST routes on the same event loop as gRPC, so both share the core and its batchers."""
         s = self.settings
-        routes = v2_http.V2Http(self.v2, self.metrics, s.max_message_mb * 1024 * 1024, s.max_concurrent_rpcs)
+        self.rest = v2_http.V2Http(
+            self.v2, self.metrics, s.max_message_mb * 1024 * 1024, s.max_concurrent_rpcs, s.http_body_timeout
+        )
         # By cleanup time the core has drained, so what is still open is idle or nearly done.
         self._http = web.AppRunner(
-            routes.app(), access_log=None, handle_signals=False, shutdown_timeout=min(5.0, s.grace_period)
+            self.rest.app(),
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=min(5.0, s.grace_period),
+            # aiohttp would inflate a Content-Encoding on the event loop, bomb and all: v2_http inflates
+            # on its parse thread, bounded by the message limit (http_body.inflate).
+            auto_decompress=False,
+            # aiohttp closes a connection idle this long, including one still sending its headers.
+            keepalive_timeout=s.http_body_timeout,
+            # After an early answer (429, 408), unread body is drained at most this long, then the
+            # connection closes (aiohttp's default, 10 s, would let a slow client keep it).
+            lingering_time=1.0,
+            logger=v2_http.aiohttp_logger,
         )
         await self._http.setup()
         context = v2_http.ssl_context(s.tls_cert, s.tls_key, s.tls_client_ca) if s.tls_cert else None

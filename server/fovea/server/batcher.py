@@ -6,28 +6,26 @@ batcher: time is measured with a monotonic clock from the first queued item; can
 dropped before a batch runs; a result is set only `if not fut.done()`; the number of results is
 checked against the batch.
 
-The queue is bounded in count (max_queue_size) and in time: `admit` refuses a request whose expected
-wait (what remains of the running batch, then the rows ahead of it in full batches, at the compute
-times learned per batch size) exceeds max_queue_wait_s or its deadline, before the caller spends
-anything decoding it, as Triton's queue policy does. Admitted rows count as ahead of later requests
+The queue is bounded in count (max_queue_size) and in batches: `admit` decides before the caller
+spends anything decoding (Triton's queue policy). A request that arrives at an idle batcher is always
+admitted, whatever its size; otherwise it is refused when its expected finish would pass its deadline,
+or when the work ahead of it exceeds max_queue_batches full batches and arrivals do not follow
+answers (an open loop: a closed loop bounds itself by its number of callers, so shedding it only
+makes them retry). Every bound is in the model's learned seconds (batch_costs), so the same settings
+hold on a CPU and on a GPU a hundred times faster. Admitted rows count as ahead of later requests
 while they are still being decoded. At most max_in_flight batches compute at once; when all slots
 are busy and a full batch is queued, it is formed ahead and handed to the executor, where it starts
 in the worker thread the moment a slot frees, without waiting for the event loop.
-How a batch forms (the default, `batch_timeout_s=0`): a batch starts as soon as a compute slot is
-free, except right after a batch finished, when the batcher may wait a moment for the callers it
-just answered. In a closed loop (each caller sends its next request once answered) they come back
-within a round trip, and starting without them would split the load into alternating small batches
-(1/3 at 4 callers, 8/8 at 16) that run below the model's speed at the full size. So when a batch
-finishes, the next one aims at what is queued plus the rows just answered, provided that after
-earlier batches most answered rows came back within the window (learned: open-loop traffic, whose
-arrivals do not follow answers, does not wait). The wait starts when the slot frees, lasts at most
-`wait_fraction` of the learned compute time of the target size, ends as soon as the target is
-queued, and happens only if the bigger batch would pay for the whole window in throughput (by the
-learned compute times). A lone caller (concurrency 1) is never held: the target is what it alone
-sends. Compute time per batch size is learned from the batcher's own timings (an EWMA), see
-`expected_compute_s`. Likewise, right after a batch, the next one waits a little for rows admitted and still being
-decoded (see DECODE_WAIT_FRACTION). A positive `batch_timeout_s` replaces all this with the classic rule: wait for
-a full batch at most that long after the first queued item.
+
+How a batch forms (the default, `formation="adaptive"`): a batch starts as soon as a compute slot is
+free, except right after a batch finished, when it may wait for the callers it just answered if they
+come back (batch_formation.ReturnWatch tells a closed loop from an open one, and how soon callers
+return), and for rows admitted and still being decoded, until their expected decode end. Either wait
+ends as soon as the rows are queued and is never longer than the break-even wait of
+`ComputeCosts.worth_waiting`: the bigger batch must pay for the idle time in throughput. A lone
+caller (concurrency 1) is never held. `formation="eager"` is Triton's max_queue_delay 0: start
+whatever is queued at once. A positive `batch_timeout_s` replaces both with the classic rule: wait
+for a full batch at most that long after the first queued item.
 """
 
 from __future__ import annotations
@@ -44,6 +42,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from fovea.server.batch_costs import ComputeCosts
+from fovea.server.batch_formation import ReturnWatch
 from fovea.server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
@@ -96,35 +96,31 @@ def _live(item: _Item, now: float) -> bool:
 
 
 class Place:
-    """Rows admitted to a batcher and not yet queued (being decoded); released once, when queued."""
+    """Rows admitted to a batcher and not yet queued (being decoded); released once, when queued.
 
-    def __init__(self, batcher: Batcher, rows: int, chunks: int) -> None:
+    `ready_at` is when their decoding is expected to end (batcher clock), for the batch that may
+    wait for them."""
+
+    def __init__(self, batcher: Batcher, rows: int, chunks: int, ready_at: float) -> None:
         self._batcher: Batcher | None = batcher
-        self.rows, self.chunks = rows, chunks
+        self.rows, self.chunks, self.ready_at = rows, chunks, ready_at
 
     def release(self) -> None:
         if self._batcher is not None:
             self._batcher._admitted_rows -= self.rows
             self._batcher._admitted_chunks -= self.chunks
+            self._batcher._places.discard(self)
             self._batcher = None
 
 
-_EWMA = 0.3  # weight of the newest sample in the learned compute times and return share
 # A batch expected to compute faster than this, with nothing queued behind it and no other batch
 # running, runs on the event loop itself: the hop to a worker thread and back (a submit, a
 # self-pipe write, two context switches) costs about as much as a tiny model's whole call.
 INLINE_BELOW_S = 0.001
-# The share of just-answered rows that must come back within the window (on average) before the
-# batcher waits for them. A closed loop brings back nearly all; in an open loop the share is the
-# arrivals the window happens to catch over the batch size, which Poisson bursts push up now and then.
-CLOSED_LOOP_SHARE = 0.8
-# After a batch, the next one waits for rows already admitted and still being decoded, at most this
-# fraction of the learned compute time of the batch they would make. While they decode, a small batch
-# computing beside them takes the CPU they need: with 2000x2000 JPEGs at 4x capacity on 2 cores, the
-# model ran batches of 5 and left the decoders 0.7 cores (goodput 60-82% of capacity); waiting a
-# quarter of a batch made batches of 14 and goodput 95%, accepted p99 0.85 s. 0.5 reached 100% with
-# p99 1.02 s.
-DECODE_WAIT_FRACTION = 0.25
+# The work ahead of a request, in full batches, beyond which an open loop is shed (TF Serving's
+# max_enqueued_batches). Two keep the model busy (one running, one formed ahead); more is latency.
+MAX_QUEUE_BATCHES = 3
+FORMATIONS = ("adaptive", "eager")
 
 
 def warmup_sizes(max_batch_size: int, allowed_batch_sizes: Sequence[int]) -> list[int]:
@@ -154,7 +150,8 @@ class Batcher:
         max_in_flight: int = 1,
         max_queue_size: int = 256,
         max_queue_wait_s: float = 0.0,
-        wait_fraction: float = 0.1,
+        max_queue_batches: float = MAX_QUEUE_BATCHES,
+        formation: str = "adaptive",
         inline_below_s: float = INLINE_BELOW_S,
         executor: concurrent.futures.Executor | None = None,
         stats: BatcherStats | None = None,
@@ -170,7 +167,10 @@ class Batcher:
         self.max_in_flight = max_in_flight
         self.max_queue_size = max_queue_size
         self.max_queue_wait_s = max_queue_wait_s
-        self.wait_fraction = wait_fraction
+        self.max_queue_batches = max_queue_batches
+        if formation not in FORMATIONS:
+            raise ValueError(f"formation must be one of {FORMATIONS}")
+        self.formation = formation
         self.inline_below_s = inline_below_s
         self.inline_batches = 0  # batches computed on the event loop (tests read it)
         self._stats = stats or BatcherStats()
@@ -180,6 +180,7 @@ class Batcher:
         self._queued_rows = 0
         self._admitted_rows = 0  # admitted by `admit`, not yet submitted (being decoded)
         self._admitted_chunks = 0
+        self._places: set[Place] = set()  # their places, each with its expected decode end
         # Batches handed to the executor and not finished (computing, or formed ahead), oldest first.
         self._in_flight: list[_InFlight] = []
         self._wakeup = asyncio.Event()
@@ -193,21 +194,13 @@ class Batcher:
         self._tasks: set[asyncio.Task] = set()
         self._closing = False
         self._loop_task: asyncio.Task | None = None
-        # Learned compute seconds per padded batch size (EWMA of this batcher's own timings).
-        self._compute_s: dict[int, float] = {}
-        self._known_sizes: list[int] = []  # its keys, sorted: read on every admission
-        # The last finished batch: when, how many rows it answered, what was queued then, and the
-        # window after it in which arrivals are counted (they are the callers coming back).
+        self._costs = ComputeCosts(max_batch_size, self._padded_size)
+        self._watch = ReturnWatch()
+        # The last finished batch: when, how many rows it answered, and what was queued then.
         self._done_at: float | None = None
         self._answered = 0
         self._queued_at_done = 0
-        self._window_end = float("-inf")
-        self._window_rows = 0
-        self._window_answered = 0  # rows answered by the batch whose window is counting
-        # EWMA of (rows arrived in the window) / (rows answered), 0..1; it starts by assuming that
-        # callers come back (a closed loop), which costs an open loop one short wait at most.
-        self._return_share = 1.0
-        self.formation_waits = 0  # batches that waited for callers to come back (tests read it)
+        self.formation_waits = 0  # batches that waited for callers or decodes (tests read it)
 
     # -- public ---------------------------------------------------------------------------------
 
@@ -230,87 +223,91 @@ class Batcher:
         batch on average: under overload the queue then never held a full batch, batches stayed
         at about half the maximum, and goodput fell to 55-60% of capacity.
         """
-        if not self._compute_s:
+        if not self._costs:
             return 0.0  # nothing measured yet: warm-up already ran every batch size, so admit
         now = self._clock()
         seconds = 0.0
         for batch in self._in_flight:
-            expected = self.expected_compute_s(batch.size)
+            expected = self._costs(batch.size)
             seconds += expected if batch.started is None else max(0.0, expected - (now - batch.started))
-        full, rest = divmod(self._queued_rows + self._admitted_rows + rows, self.max_batch_size)
-        seconds += full * self.expected_compute_s(self.max_batch_size) + self.expected_compute_s(rest)
+        seconds += self._costs.rows_seconds(self._queued_rows + self._admitted_rows + rows)
         return seconds / self.max_in_flight
 
     @contextlib.contextmanager
     def admit(self, rows: int, deadline: float | None = None, before: float = 0.0) -> Iterator[Place]:
         """Hold a place for `rows` rows that are about to be prepared and submitted, or shed at once.
 
-        Raises ResourceExhausted when the queue is full in count, or when the expected wait exceeds
-        max_queue_wait_s or would pass `deadline` (on the batcher's clock); Unavailable when closing.
-        Pass the place to `submit`, which hands it over to the queue. `before` is the caller's own
-        expected wait ahead of the queue (decoding), added to the queue's.
+        Raises ResourceExhausted when the queue is full in count, or (unless the batcher is idle) when
+        the expected finish would pass `deadline` (on the batcher's clock), or the work ahead exceeds
+        max_queue_batches full batches in an open loop, or max_queue_wait_s; Unavailable when
+        closing. A request's own size never refuses it: an idle batcher admits anything that passed
+        the per-request limits. Pass the place to `submit`, which hands it over to the queue.
+        `before` is the caller's own expected wait ahead of the queue (decoding).
         """
         if self._closing:
             raise Unavailable("this model version is shutting down; retry")
+        now = self._clock()
+        self._watch.arrived(now)
         chunks = math.ceil(rows / self.max_batch_size)
         waiting = len(self._queue) + self._admitted_chunks
         if waiting and waiting + chunks > self.max_queue_size:
-            self._stats.shed()
-            raise ResourceExhausted(
-                f"server overloaded: {waiting} requests already queued (--max-queue-size "
-                f"{self.max_queue_size}); retry with backoff"
+            self._shed(
+                f"{waiting} requests already queued (--max-queue-size {self.max_queue_size}); "
+                "retry with backoff"
             )
-        wait = before + self.expected_wait(rows)
-        limit = self.max_queue_wait_s
-        if limit > 0 and (waiting or self._in_flight or before):  # limit 0: no time bound at all
-            if wait > limit:
-                self._stats.shed()
-                raise ResourceExhausted(
-                    f"server overloaded: the expected wait is {wait:.2f} s, above the {limit:g} s limit "
-                    "(--max-queue-wait-ms); retry with backoff or on another replica"
-                )
-            if deadline is not None and self._clock() + wait > deadline:
-                self._stats.shed()
-                raise ResourceExhausted(
-                    f"server overloaded: the expected wait of {wait:.2f} s would pass the request's deadline; "
-                    "retry with a longer deadline or on another replica"
-                )
-        place = Place(self, rows, chunks)
+        if (waiting or self._in_flight) and self._costs:
+            self._check_wait(rows, now, deadline, before)
+        place = Place(self, rows, chunks, now + before)
         self._admitted_rows += rows
         self._admitted_chunks += chunks
+        self._places.add(place)
         try:
             yield place
         finally:
             place.release()
 
+    def _check_wait(self, rows: int, now: float, deadline: float | None, before: float) -> None:
+        """The time bounds of `admit`, for a batcher with work ahead of the request."""
+        ahead = self.expected_wait()
+        if deadline is not None:
+            finish = before + self.expected_wait(rows)
+            if now + finish > deadline:
+                self._shed(
+                    f"it would finish in about {finish:.3g} s, past the request's deadline; retry with a "
+                    "longer deadline or on another replica"
+                )
+        if self.max_queue_batches > 0 and not self._watch.closed_loop:
+            batch_s = self._costs(self.max_batch_size)
+            if batch_s > 0 and ahead > self.max_queue_batches * batch_s:
+                self._shed(
+                    f"{ahead / batch_s:.1f} full batches of work are ahead of it (--max-queue-batches "
+                    f"{self.max_queue_batches:g}); retry with backoff or on another replica"
+                )
+        if self.max_queue_wait_s > 0 and ahead > self.max_queue_wait_s:
+            self._shed(
+                f"the expected wait is {ahead:.2f} s, above the {self.max_queue_wait_s:g} s limit "
+                "(--max-queue-wait-ms); retry with backoff or on another replica"
+            )
+
+    def _shed(self, why: str) -> None:
+        self._stats.shed()
+        raise ResourceExhausted(f"server overloaded: {why}")
+
     def poke(self) -> None:
         """Re-read the clock now: a waiting batch runs if its timeout passed (tests with a fake clock)."""
         self._wakeup.set()
 
+    def seed_costs(self, seconds_by_size: dict[int, float]) -> None:
+        """Start the learned compute times from measurements made elsewhere (the version's warm-up
+        runs every batch size once), so admission and batch formation know the model's costs from
+        the first request on."""
+        for size, seconds in seconds_by_size.items():
+            self._costs.learn(self._padded_size(size), seconds)
+
     def expected_compute_s(self, size: int) -> float:
         """Learned seconds the model takes for a batch of `size` rows (after padding); 0.0 until a
-        batch has run. Sizes not yet seen are interpolated between the nearest seen sizes, extended
-        along the slope of the two largest above them, and scaled by rows below the smallest."""
-        if not self._compute_s or size < 1:
-            return 0.0
-        size = self._padded_size(min(size, self.max_batch_size)) if self._allowed else size
-        known = self._known_sizes
-        if size in self._compute_s:
-            return self._compute_s[size]
-        if size < known[0]:
-            return self._compute_s[known[0]] * size / known[0]  # a lower bound, as if no fixed cost
-        if size > known[-1]:
-            # The slope of the two largest sizes seen; with one size only, time per row (an upper
-            # bound: a batch also has a fixed cost that does not grow with it).
-            top = self._compute_s[known[-1]]
-            if len(known) == 1:
-                return top * size / known[-1]
-            slope = max(0.0, (top - self._compute_s[known[-2]]) / (known[-1] - known[-2]))
-            return top + slope * (size - known[-1])
-        hi = bisect.bisect_left(known, size)
-        a, b = known[hi - 1], known[hi]
-        ta, tb = self._compute_s[a], self._compute_s[b]
-        return ta + (tb - ta) * (size - a) / (b - a)
+        batch has run (see ComputeCosts)."""
+        return self._costs(size)
 
     def start(self) -> None:
         if self._loop_task is None:
@@ -340,15 +337,14 @@ class Batcher:
             place.release()  # the bound was checked by `admit`; the rows now count as queued
         # An empty queue always admits, so a request split into more chunks than the bound still runs.
         elif self._queue and len(self._queue) + len(chunks) > self.max_queue_size:
-            self._stats.shed()
-            raise ResourceExhausted(
-                f"server overloaded: {len(self._queue)} requests already queued (--max-queue-size "
-                f"{self.max_queue_size}); retry with backoff"
+            self._shed(
+                f"{len(self._queue)} requests already queued (--max-queue-size {self.max_queue_size}); "
+                "retry with backoff"
             )
+        else:
+            self._watch.arrived(self._clock())  # not admitted first: it arrives now
         loop = asyncio.get_running_loop()
         now = self._clock()
-        if now <= self._window_end:
-            self._window_rows += len(rows)
         futures = []
         for chunk in chunks:
             fut = loop.create_future()
@@ -470,53 +466,49 @@ class Batcher:
 
     def _target(self) -> tuple[int, float]:
         """Rows worth waiting for, and until when (see the module docstring)."""
-        if self._done_at is None or self.wait_fraction <= 0:
+        if self._done_at is None or self.formation == "eager":
             return 0, float("-inf")
-        closed = self._closed_loop_target()
+        return max(self._returns_target(), self._decoding_target())
+
+    def _returns_target(self) -> tuple[int, float]:
+        """The callers the last batch answered, if they come back (a closed loop) and it pays."""
+        target = min(self.max_batch_size, self._queued_at_done + self._answered)
+        queued = self._queued_rows
+        if target <= max(queued, 1):
+            return 0, float("-inf")
+        now = self._clock()
+        until = min(self._watch.window(now), now + self._costs.worth_waiting(queued, target))
+        expected = self._watch.delay.value
+        if until <= now or (expected is not None and until < self._done_at + expected):
+            return 0, float("-inf")  # they would come back too late to pay for the wait
+        return target, until
+
+    def _decoding_target(self) -> tuple[int, float]:
+        """Rows admitted and still being decoded: worth waiting for until their expected decode end,
+        if the bigger batch pays. While they decode, a small batch computing beside them would also
+        take the CPU their decoding needs."""
         if not self._admitted_rows:
-            return closed
-        # Rows admitted and still being decoded will be queued soon (see DECODE_WAIT_FRACTION).
+            return 0, float("-inf")
         queued = self._queued_rows
         target = min(self.max_batch_size, queued + self._admitted_rows)
         if target <= max(queued, 1):
-            return closed
-        decoding = (target, self._clock() + DECODE_WAIT_FRACTION * self.expected_compute_s(target))
-        return max(closed, decoding)
-
-    def _closed_loop_target(self) -> tuple[int, float]:
-        """The callers the last batch answered, if they come back (a closed loop) and it pays."""
-        if self._return_share < CLOSED_LOOP_SHARE:
-            return 0, float("-inf")  # arrivals do not follow answers: an open loop, nothing to wait for
-        target = min(self.max_batch_size, self._queued_at_done + self._answered)
-        # Wait only if the bigger batch pays for the idle time, even if it took the whole window:
-        # near saturation of an open loop a few more arrivals are not worth a tenth of a batch.
-        queued = max(self._queued_rows, 1)
-        if target <= queued:
             return 0, float("-inf")
         now = self._clock()
-        wait = max(0.0, self._window_end - now)
-        now_s, later_s = self.expected_compute_s(queued), wait + self.expected_compute_s(target)
-        if now_s <= 0 or target * now_s <= queued * later_s:
+        worth = self._costs.worth_waiting(queued, target)
+        ready = max(place.ready_at for place in self._places) - now
+        if ready > worth:
             return 0, float("-inf")
-        return target, self._window_end
+        # An overdue or unknown decode end: they are expected any moment, within the break-even wait.
+        return target, now + (worth if ready <= 0 else min(worth, 2 * ready))
 
-    def _finished(self, rows: int, size: int, compute_s: float) -> None:
-        """Learn from a finished batch and open the window in which its callers may come back."""
-        old = self._compute_s.get(size)
-        if old is None:
-            bisect.insort(self._known_sizes, size)
-        self._compute_s[size] = compute_s if old is None else old + _EWMA * (compute_s - old)
-        if self._window_answered:
-            share = min(1.0, self._window_rows / self._window_answered)
-            self._return_share += _EWMA * (share - self._return_share)
+    def _finished(self, requests: int, rows: int, size: int, compute_s: float) -> None:
+        """Learn from a finished batch; its callers may come back (see `_returns_target`)."""
+        self._costs.learn(size, compute_s)
         now = self._clock()
+        self._watch.answered(now, requests)
         self._done_at = now
         self._answered = rows
         self._queued_at_done = self._queued_rows
-        expected = self.expected_compute_s(min(self.max_batch_size, self._queued_rows + rows))
-        self._window_end = now + self.wait_fraction * expected
-        self._window_rows = 0
-        self._window_answered = rows
 
     def _take(self) -> list[_Item]:
         now = self._clock()
@@ -560,9 +552,10 @@ class Batcher:
 
     def _inline(self, size: int) -> bool:
         """Whether to compute on the loop: a known-tiny batch with nothing else to do meanwhile."""
-        if self._in_flight or self._queue or size not in self._compute_s:
+        if self._in_flight or self._queue:
             return False
-        return self._compute_s[size] < self.inline_below_s
+        known = self._costs.known(size)
+        return known is not None and known < self.inline_below_s
 
     def _compute(self, batch: list[_Item], record: _InFlight) -> tuple[list[_Item], Sequence, float, float]:
         """Run the model on the batch's live items; return them, the output rows, and when the
@@ -612,7 +605,7 @@ class Batcher:
             if len(outputs) != size:
                 raise RuntimeError(f"the model returned {len(outputs)} rows for a batch of {size}")
             self._stats.batch(rows, size - rows, [start - item.enqueued for item in live], compute_s)
-            self._finished(rows, size, compute_s)
+            self._finished(len(live), rows, size, compute_s)
             offset = 0
             for item in live:
                 if item.timing is not None:

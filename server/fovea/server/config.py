@@ -43,21 +43,31 @@ class Settings:
         "KServe v2 / Open Inference Protocol REST port (/v2/..., KServe's default 8080), on --host; "
         "0 picks a free one, -1 turns it off. gRPC clients of every protocol use --port.",
     )
+    http_body_timeout: float = _setting(
+        10.0,
+        "Seconds a REST request's headers may take to arrive, and its body too, plus one second per MB "
+        "of body (a minimum rate of 1 MB/s); past it the request is answered 408 and its connection "
+        "closed. Idle keep-alive connections close after it as well. A body slower than 1 MB/s "
+        "(counted from its headers) no longer counts against --max-concurrent-rpcs, so slow clients cannot "
+        "hold the port.",
+    )
     max_batch_size: int = _setting(32, "Most images in one model call.")
     batch_timeout_ms: float = _setting(
         0.0,
         "Longest a queued image waits for a full batch, counted from the first queued image (a fixed "
         "delay, as Triton's max_queue_delay). 0, the default, lets batches follow the load instead: "
-        "see --batch-wait-fraction.",
+        "see --batch-formation.",
     )
-    batch_wait_fraction: float = _setting(
-        0.1,
-        "With --batch-timeout-ms 0: when a batch finishes, the next one waits for the callers it just "
-        "answered (in a closed loop they come back within a round trip) at most this fraction of the "
-        "learned compute time of the batch they would make, and starts as soon as they are queued. A "
-        "lone caller never waits, and traffic whose arrivals do not follow answers learns not to wait. "
-        "It also waits (at most a quarter of that compute time) for images admitted and still being "
-        "decoded. 0 starts whatever is queued at once (batches then alternate in size under steady load).",
+    batch_formation: str = _setting(
+        "adaptive",
+        "With --batch-timeout-ms 0, how batches form. adaptive: a batch starts as soon as the model is "
+        "free, except that right after a batch it waits for the callers it just answered when they come "
+        "back (a closed loop, learned from the timing of arrivals) and for images admitted and still "
+        "being decoded, never longer than the wait the bigger batch pays for in throughput (learned "
+        "compute times). A lone caller never waits, and traffic whose arrivals do not follow answers "
+        "(an open loop) is not held. eager: start whatever is queued at once (Triton's max_queue_delay "
+        "0; under steady closed-loop load batches then alternate in size).",
+        choices=("adaptive", "eager"),
     )
     allowed_batch_sizes: tuple[int, ...] = _setting(
         (),
@@ -83,13 +93,20 @@ class Settings:
     max_queue_size: int = _setting(
         256, "Most requests waiting per model version; beyond it requests are shed (RESOURCE_EXHAUSTED)."
     )
+    max_queue_batches: float = _setting(
+        3.0,
+        "Most work ahead of a request, in full batches at the learned compute time, that it is admitted "
+        "behind when arrivals do not follow answers (an open loop); beyond it RESOURCE_EXHAUSTED at once, "
+        "before decoding, so accepted requests wait a few batch times whatever the model's speed. A "
+        "request that would finish past its deadline is refused too. A closed loop (callers that wait for "
+        "their answer) and a request arriving at an idle model are never refused for time. 0 turns "
+        "this bound off.",
+    )
     max_queue_wait_ms: float = _setting(
-        500.0,
-        "Longest expected wait in the batch queue that a request is admitted with, checked before its "
-        "images are decoded. The expected wait is learned from the batcher's own compute times; a "
-        "request that would wait longer, or past its deadline, is shed with RESOURCE_EXHAUSTED at once, "
-        "so accepted requests wait about a batch and goodput stays near capacity. 0 turns the time bound "
-        "off (deadlines are then only checked when a batch forms).",
+        0.0,
+        "An optional absolute cap: the longest expected wait ahead of a request that it is admitted "
+        "with (learned compute times). 0, the default, sets none: the bound is --max-queue-batches, in "
+        "the model's own batch times, and the caller's deadline.",
     )
     max_inflight_images: int = _setting(
         1024,
@@ -104,7 +121,8 @@ class Settings:
     max_concurrent_rpcs: int = _setting(
         64,
         "RPCs handled at once, all services together; beyond it gRPC itself refuses new calls with "
-        "RESOURCE_EXHAUSTED. The v2 REST port allows as many requests with a body at once (429 beyond). "
+        "RESOURCE_EXHAUSTED. The v2 REST port allows as many requests with a body at once (429 beyond; "
+        "bodies arriving slower than 1 MB/s do not count, see --http-body-timeout). "
         "With --max-message-mb it bounds the memory of received messages (docs/memory.md).",
     )
     preprocess_threads: int = _setting(
@@ -120,6 +138,13 @@ class Settings:
         "seen (one minute by default), have missed it; then it is retired. A scan that fails "
         "(I/O or permission error) or finds no version at all (the volume unmounted, unreadable or "
         "emptied) never retires anything. 1 retires at the first scan that misses it.",
+    )
+    wait_for_model_dir: bool = _setting(
+        True,
+        "When --model-dir does not exist or holds no complete version, keep serving health (NOT_SERVING) "
+        "and wait for one to appear, as a Kubernetes pod whose volume is filled later should; the log says "
+        "why once, then again only when that changes or every 10 minutes. --no-wait-for-model-dir exits "
+        "with that reason at start instead.",
     )
     version_policy: str = _setting(
         "latest",
@@ -176,8 +201,12 @@ class Settings:
             )
         if self.batch_timeout_ms < 0:
             problems.append("--batch-timeout-ms must not be negative")
-        if not 0 <= self.batch_wait_fraction <= 1:
-            problems.append("--batch-wait-fraction must be between 0 and 1")
+        if self.batch_formation not in ("adaptive", "eager"):
+            problems.append("--batch-formation must be adaptive or eager")
+        if self.max_queue_batches < 0:
+            problems.append("--max-queue-batches must not be negative")
+        if not 0 < self.http_body_timeout < float("inf"):
+            problems.append("--http-body-timeout must be a positive number of seconds")
         if self.poll_interval <= 0:
             problems.append("--poll-interval must be positive")
         if self.retire_after_scans < 1:
@@ -198,6 +227,20 @@ class Settings:
     def retire_grace_s(self) -> float:
         """Least time a loaded version stays missing from storage before it is retired."""
         return self.retire_after_scans * self.poll_interval
+
+    def batcher_options(self) -> dict[str, Any]:
+        """The keyword arguments of each version's `Batcher` (the simulator builds its batchers from
+        them too, so it measures the defaults the server runs)."""
+        return {
+            "max_batch_size": self.max_batch_size,
+            "batch_timeout_s": self.batch_timeout_ms / 1000.0,
+            "formation": self.batch_formation,
+            "allowed_batch_sizes": self.allowed_batch_sizes,
+            "max_in_flight": self.max_in_flight_batches,
+            "max_queue_size": self.max_queue_size,
+            "max_queue_wait_s": self.max_queue_wait_ms / 1000.0,
+            "max_queue_batches": self.max_queue_batches,
+        }
 
     def decode_threads(self) -> int:
         """Threads of the decode/resize pool: --preprocess-threads, else the CPUs this process may use."""

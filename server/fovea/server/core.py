@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from fovea.contract import ModelMetadata
-from fovea.server import imageinfo, tracing
+from fovea.server import imageinfo, rollout, tracing
 from fovea.server.config import Settings
 from fovea.server.errors import InvalidArgument, ResourceExhausted, ServingError, Unavailable
 from fovea.server.lease import Gate, GateClosed
@@ -55,6 +55,8 @@ class PredictRequest:
     images: Sequence[EncodedImage | RawImage | None]  # None: the caller sent an empty image
     model_name: str = ""  # "" for the only model served
     model_version: int = 0  # 0 for the latest loaded; negative is INVALID_ARGUMENT
+    model_label: str = ""  # a version label of the model's rollout file, instead of model_version
+    route_key: str = ""  # a sticky routing key (x-fovea-route-key) for requests naming no version
     top_k: int = 0  # 0 for min(5, classes)
     return_probabilities: bool = False
     deadline: float | None = None  # time.monotonic() seconds
@@ -80,6 +82,7 @@ class ModelDescription:
     metadata: ModelMetadata  # a copy; input size filled in from the signature when the file lacks it
     loaded_versions: list[int]
     max_images_per_request: int
+    labels: dict[str, int] = dataclasses.field(default_factory=dict)  # the model's version labels
 
 
 @dataclass
@@ -87,6 +90,7 @@ class ModelStatus:
     name: str
     versions: list[int]  # loaded (serving) versions, ascending
     ready: bool  # at least one version serves
+    labels: dict[str, int] = dataclasses.field(default_factory=dict)  # version labels (rollout.json)
 
 
 @dataclass
@@ -170,6 +174,7 @@ class Core:
         self._metrics = metrics
         self._running = Gate()  # predictions in flight; closed by drain()
         self._tasks: set[asyncio.Task] = set()  # their tasks, stopped if the drain times out
+        self._shadows: set[asyncio.Task] = set()  # shadow runs after their live answers (rollout.py)
         self._aborting = False
         self._decoding = _Counter()  # encoded images admitted and not yet decoded
         self._decode_threads = settings.decode_threads()
@@ -229,7 +234,47 @@ class Core:
                 f"the request has {count} images; this server accepts at most "
                 f"{self._settings.max_images_per_request} per request: split it"
             )
-        with self._manager.lookup(request.model_name, request.model_version).leased() as served:
+        served = self._manager.lookup(
+            request.model_name, request.model_version, request.model_label, request.route_key
+        )
+        shadow = self._manager.rollouts.sample_shadow(served.name)
+        started = time.perf_counter()
+        try:
+            result, rows = await self._predict_on(request, served, keep_scores=bool(shadow))
+        except ServingError as exc:
+            self._count_version(served, request, exc.code)
+            raise
+        except Exception:
+            self._count_version(served, request, "INTERNAL")  # what rpc.py answers for it
+            raise
+        self._count_version(served, request, "OK")
+        self._metrics.version_duration.labels(served.name, str(served.version)).observe(
+            time.perf_counter() - started
+        )
+        if shadow:
+            scores = np.stack([p.probabilities for p in result.predictions])
+            if not request.return_probabilities:
+                for p in result.predictions:
+                    p.probabilities = None
+            task = asyncio.get_running_loop().create_task(
+                rollout.run_shadow(self._metrics, self._manager, served, shadow, rows, scores)
+            )
+            self._shadows.add(task)  # a reference, so the task is not collected mid-run
+            task.add_done_callback(self._shadows.discard)
+        return result
+
+    def _count_version(self, served: ServedVersion, request: PredictRequest, code: str) -> None:
+        label = request.model_label
+        if not label:
+            current = self._manager.rollouts.get(served.name)
+            label = ",".join(current.labels_of(served.version)) if current else ""
+        self._metrics.version_predictions.labels(served.name, str(served.version), label, code).inc()
+
+    async def _predict_on(
+        self, request: PredictRequest, served: ServedVersion, keep_scores: bool
+    ) -> tuple[PredictResult, list[np.ndarray]]:
+        count = len(request.images)
+        with served.leased():
             classes = len(served.metadata.labels)
             top_k = request.top_k
             if top_k == 0:
@@ -255,13 +300,17 @@ class Core:
                 probabilities = await served.infer(rows, request.deadline, timings, place=place)
                 tracing.record_batches(timings)
         labels = served.metadata.labels
+        keep = request.return_probabilities or keep_scores
         # argsort on a stable, descending key: ties keep index order, as a reader would expect.
         order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
         predictions = []
         for row, idx in zip(probabilities, order.tolist(), strict=True):
             top = [(i, labels[i], float(row[i])) for i in idx]
-            predictions.append(Prediction(top, row if request.return_probabilities else None))
-        return PredictResult(served.name, served.version, predictions)
+            predictions.append(Prediction(top, row if keep else None))
+        top1 = self._metrics.version_top1
+        for index in order[:, 0].tolist():
+            top1.labels(served.name, str(served.version), labels[index]).inc()
+        return PredictResult(served.name, served.version, predictions), rows
 
     def _decode_wait(self, served: ServedVersion, images: int) -> float:
         """Expected seconds until `images` more encoded images are decoded: the decode pool's queue."""
@@ -353,24 +402,29 @@ class Core:
                 f"{self._settings.max_pixels} (--max-pixels): downscale it before sending"
             )
 
-    def metadata(self, name: str = "", version: int = 0) -> ModelDescription:
-        served = self._manager.lookup(name, version)
+    def metadata(
+        self, name: str = "", version: int = 0, label: str = "", route_key: str | None = None
+    ) -> ModelDescription:
+        """A version's description. `route_key` is for adapters resolving a prediction's version
+        (traffic shares apply); None for a metadata call (the largest share's label answers)."""
+        served = self._manager.lookup(name, version, label, route_key)
         return ModelDescription(
             metadata=copy.deepcopy(served.metadata),
             loaded_versions=self._manager.loaded_versions(served.name),
             max_images_per_request=self._settings.max_images_per_request,
+            labels=self._manager.labels(served.name),
         )
 
     def list_models(self) -> list[ModelStatus]:
         """Every model on storage or loaded, with its loaded versions."""
-        return [ModelStatus(n, v, r) for n, v, r in self._manager.status()]
+        return [ModelStatus(n, v, r, self._manager.labels(n)) for n, v, r in self._manager.status()]
 
-    def model_ready(self, name: str = "", version: int = 0) -> bool:
+    def model_ready(self, name: str = "", version: int = 0, label: str = "") -> bool:
         """Whether a spec resolves to a serving version now (never raises; False while draining)."""
         if self.draining:
             return False
         try:
-            self._manager.lookup(name, version)
+            self._manager.lookup(name, version, label)
         except ServingError:
             return False
         return True

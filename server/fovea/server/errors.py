@@ -29,6 +29,12 @@ class NotFound(ServingError):
     code = "NOT_FOUND"
 
 
+class FailedPrecondition(ServingError):
+    """The request is valid but the server's state cannot serve it (a label naming an unloaded version)."""
+
+    code = "FAILED_PRECONDITION"
+
+
 class Unavailable(ServingError):
     """Not ready, or draining for shutdown: retry elsewhere or later."""
 

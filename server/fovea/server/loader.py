@@ -9,7 +9,9 @@ With `xla_sizes`, warm-up also starts compiling the image signature with XLA
 (`tf.function(jit_compile=True)`) for each of those batch sizes, on a background thread: compiling
 ResNet50 for six sizes takes longer than the rest of a cold start, and the plain signature is warm
 and serves meanwhile. Each compiled size is checked against the plain signature (within 1e-4) and
-both are timed; a size is switched to its compiled function only where that was faster. XLA
+both are timed; from then on each compiled size is served by whichever of the two is faster in the
+calls that serve traffic (`batch_costs.FasterOf`: one call in 16 tries the other, so a choice made
+on a quiet machine follows what the server does under load). XLA
 compiles per input shape, so only those sizes can be compiled; any other batch size runs the plain
 signature as it comes, unpadded (padding a batch of 5 to 8 would spend what XLA gains).
 """
@@ -37,6 +39,7 @@ from fovea.contract import (
     parse_labels,
 )
 from fovea.server import cpus
+from fovea.server.batch_costs import FasterOf
 from fovea.server.errors import ResourceExhausted
 
 log = logging.getLogger(__name__)
@@ -106,6 +109,15 @@ class GFileStorage:
         with _os_errors():
             return tf.io.gfile.exists(path)
 
+    def read(self, path: str) -> bytes | None:
+        """A small file's bytes; None when it does not exist (other errors raise)."""
+        with _os_errors():
+            try:
+                with tf.io.gfile.GFile(path, "rb") as f:
+                    return f.read()
+            except tf.errors.NotFoundError:
+                return None
+
 
 @contextlib.contextmanager
 def _os_errors() -> Iterator[None]:
@@ -142,9 +154,11 @@ class LoadedModel:
     def __init__(self, path: str, name: str, version: int, *, xla_sizes: Sequence[int] = ()) -> None:
         self.metadata = read_metadata(path, name, version)
         self.xla_sizes = sorted(set(xla_sizes))
-        # Batch size -> the XLA-compiled signature: every compiled size, and those served (faster).
+        self.warmup_seconds: dict[int, float] = {}  # batch size -> seconds, timed by warm_up
+        # Batch size -> the XLA-compiled signature (every compiled size), and for those that agree
+        # with the plain signature, which of the two serves faster (learned while serving).
         self._built: dict[int, Callable[[tf.Tensor], tf.Tensor]] = {}
-        self._compiled: dict[int, Callable[[tf.Tensor], tf.Tensor]] = {}
+        self._choices: dict[int, FasterOf] = {}
         self._compile_done = threading.Event()
         # Batch size -> (plain seconds, compiled seconds) as timed at warm-up.
         self.xla_timings: dict[int, tuple[float, float]] = {}
@@ -177,10 +191,14 @@ class LoadedModel:
     def predict(self, images: np.ndarray) -> np.ndarray:
         """uint8 [N, H, W, 3] -> float32 probabilities [N, classes]."""
         with _out_of_memory(f"computing a batch of {len(images)}"):
-            compiled = self._compiled.get(len(images))
-            if compiled is not None:
-                return compiled(tf.constant(images)).numpy()
-            return self.predict_plain(images)
+            choice = self._choices.get(len(images))
+            if choice is None:
+                return self.predict_plain(images)
+            way = choice.pick()
+            start = time.perf_counter()
+            out = self.predict_plain(images) if way == 0 else self.predict_compiled(images)
+            choice.record(way, time.perf_counter() - start)
+            return out
 
     def predict_plain(self, images: np.ndarray) -> np.ndarray:
         """The signature as exported, never compiled (the reference the compiled sizes must match)."""
@@ -193,8 +211,8 @@ class LoadedModel:
 
     @property
     def compiled_sizes(self) -> list[int]:
-        """Batch sizes served XLA-compiled."""
-        return sorted(self._compiled)
+        """Batch sizes served XLA-compiled (now: the choice follows the serving calls' times)."""
+        return sorted(size for size, choice in self._choices.items() if choice.preferred == 1)
 
     def decode(self, data: bytes) -> np.ndarray:
         """Encoded bytes -> uint8 [H, W, 3] at the model's size; ValueError if they do not decode."""
@@ -214,12 +232,20 @@ class LoadedModel:
         """Run every batch size and every preprocessing path once, so the first request is not slow."""
         h, w = self.metadata.input_height, self.metadata.input_width
         for size in sorted({*batch_sizes, *self.xla_sizes}):
-            out = self.predict(np.zeros((size, h, w, 3), np.uint8))
+            batch = np.zeros((size, h, w, 3), np.uint8)
+            out = self.predict(batch)
             if out.shape != (size, self.num_classes):
                 raise ValueError(
                     f"signature returned shape {out.shape} for a batch of {size}; expected "
                     f"({size}, {self.num_classes}) from {self.num_classes} labels"
                 )
+            if size in batch_sizes:
+                # Timed on a second call (the first one builds the graph): the batcher starts its
+                # learned compute times from these, so admission and batching know the model's
+                # costs from the first request.
+                start = time.perf_counter()
+                self.predict(batch)
+                self.warmup_seconds[size] = time.perf_counter() - start
         if self.xla_sizes:
             threading.Thread(target=self._compile_logged, name="fovea-xla", daemon=True).start()
         else:
@@ -294,8 +320,7 @@ class LoadedModel:
                 continue
             plain_s, compiled_s = _best_times(self.predict_plain, self.predict_compiled, images)
             self.xla_timings[size] = (plain_s, compiled_s)
-            if compiled_s < plain_s:
-                self._compiled[size] = fn
+            self._choices[size] = FasterOf(plain_s, compiled_s)
         log.info(
             "XLA: compiled %d sizes in %.1fs; serving %s compiled (%s)",
             len(built),
@@ -308,7 +333,7 @@ class LoadedModel:
         )
 
     def release(self) -> None:
-        self._compiled, self._built = {}, {}
+        self._choices, self._built = {}, {}
         self._signature = None
         self._loaded = None
 

@@ -9,6 +9,7 @@ import logging
 import sys
 import time
 import uuid
+from typing import Any
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("fovea_request_id", default="-")
 
@@ -70,24 +71,54 @@ class Throttle:
     of log, one line per request) costs a few lines a second plus "N more not logged".
     """
 
-    def __init__(self, logger: logging.Logger, per_second: float = 10.0, clock=time.monotonic) -> None:
+    def __init__(
+        self,
+        logger: logging.Logger,
+        per_second: float = 10.0,
+        clock=time.monotonic,
+        what: str = "rejected requests",
+    ) -> None:
         self._log = logger
+        self._what = what
         self._per_second = per_second
         self._clock = clock
         self._window = clock()
         self._lines = 0
         self._suppressed = 0
 
-    def log(self, level: int, msg: str, *args: object) -> None:
+    def log(self, level: int, msg: str, *args: object, **kwargs: Any) -> None:
         if not self._log.isEnabledFor(level):
             return
         now = self._clock()
         if now - self._window >= 1.0:
             if self._suppressed:
-                self._log.log(level, "%d more rejected requests were not logged", self._suppressed)
+                self._log.log(level, "%d more %s were not logged", self._suppressed, self._what)
             self._window, self._lines, self._suppressed = now, 0, 0
         if self._lines >= self._per_second:
             self._suppressed += 1
             return
         self._lines += 1
-        self._log.log(level, msg, *args)
+        self._log.log(level, msg, *args, **kwargs)
+
+
+class ThrottledLogger(logging.LoggerAdapter):
+    """A logger whose every line goes through a `Throttle`: handed to aiohttp as its server logger, so
+    its "Error handling request" lines (one traceback per malformed request: a Content-Length that
+    lies, a bad request line) cost a few lines a second under a flood, as fovea's own rejections do.
+    Protocol errors a client caused are one line without a traceback; anything else keeps its traceback.
+    """
+
+    def __init__(self, logger: logging.Logger, client_errors: tuple[type[BaseException], ...] = ()) -> None:
+        super().__init__(logger, {})
+        self._throttle = Throttle(logger, what="connection errors")
+        self._client_errors = client_errors
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info")
+        if exc is True:
+            exc = sys.exc_info()[1]
+        if isinstance(exc, self._client_errors):
+            kwargs.pop("exc_info")
+            level = min(level, logging.INFO)
+            msg, args = f"{msg}: %s: %s", (*args, type(exc).__name__, " ".join(str(exc).split())[:200])
+        self._throttle.log(level, str(msg), *args, **kwargs)

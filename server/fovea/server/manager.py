@@ -21,8 +21,9 @@ from collections.abc import Callable
 
 from fovea.server.batcher import warmup_sizes
 from fovea.server.config import Settings
-from fovea.server.errors import InvalidArgument, NotFound, Unavailable, clip
+from fovea.server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, clip
 from fovea.server.metrics import Metrics
+from fovea.server.rollout import Rollouts
 from fovea.server.servable import Model, ServedVersion
 from fovea.server.source import ModelSource, failure_reason
 
@@ -50,6 +51,11 @@ class _Missing:
     scans: int = 0
 
 
+# While nothing is found, why is logged once, then again only when it changes or after this long: a
+# pod waiting for its volume must not fill its log with the same line every --poll-interval.
+NOTHING_FOUND_REMINDER_S = 600.0
+
+
 class ModelManager:
     def __init__(
         self,
@@ -75,6 +81,8 @@ class ModelManager:
         self._scan_error: BaseException | None = None
         self._ready = False
         self._task: asyncio.Task | None = None
+        self._nothing_said: tuple[str, float] | None = None  # the last "nothing found" line, and when
+        self.rollouts = Rollouts(metrics.rollout_file_errors)
         # TF loads run on their own thread so a slow load never competes with the serving threads'
         # event loop; one at a time keeps memory peaks to one extra model.
         self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fovea-loader")
@@ -88,21 +96,51 @@ class ModelManager:
     def ready(self) -> bool:
         return self._ready
 
-    def lookup(self, name: str, version: int) -> ServedVersion:
-        """The version a model spec names: `name` "" for the only model, `version` 0 for the latest."""
+    def lookup(self, name: str, version: int, label: str = "", route: str | None = None) -> ServedVersion:
+        """The version a model spec names: `name` "" for the only model, `version` 0 for the latest.
+
+        `label` names a version through the model's rollout file. With neither version nor label, a
+        model whose rollout file has traffic shares is routed by them (`route`: see Rollouts.route).
+        """
         if version < 0:
             raise InvalidArgument(
                 f"model_spec.version must be 0 (latest) or a positive integer, not {version}"
             )
+        if version and label:
+            raise InvalidArgument("set model_spec.version or model_spec.version_label, not both")
         versions = self._versions_of(name)
-        if version == 0:
-            return versions[max(versions)]
+        model = self._name_or_only(name)
+        if not version and not label:
+            label = self.rollouts.route(model, route, set(versions))
+            if not label:
+                return versions[max(versions)]
+        if label:
+            return self._by_label(model, versions, label)
         if version not in versions:
             raise NotFound(
-                f"version {version} of model {clip(self._name_or_only(name))} is not loaded; loaded versions: "
-                f"{sorted(versions)}"
+                f"version {version} of model {clip(model)} is not loaded; loaded versions: {sorted(versions)}"
             )
         return versions[version]
+
+    def _by_label(self, model: str, versions: dict[int, ServedVersion], label: str) -> ServedVersion:
+        rollout = self.rollouts.get(model)
+        labels = rollout.labels if rollout else {}
+        if label not in labels:
+            known = ", ".join(sorted(labels)) or "(none: the model has no rollout.json)"
+            raise NotFound(f"model {clip(model)} has no version label {clip(label)}; its labels: {known}")
+        version = labels[label]
+        if version not in versions:
+            # Never a silent fallback to another version: the caller asked for this one.
+            raise FailedPrecondition(
+                f"label {clip(label)} of model {clip(model)} names version {version}, which is not loaded "
+                f"(loaded versions: {sorted(versions)}); fix rollout.json or wait for the version to load"
+            )
+        return versions[version]
+
+    def labels(self, name: str) -> dict[str, int]:
+        """The model's version labels from its last good rollout file."""
+        rollout = self.rollouts.get(name)
+        return dict(rollout.labels) if rollout else {}
 
     def loaded_versions(self, name: str) -> list[int]:
         return sorted(self._models.get(name, {}))
@@ -182,26 +220,31 @@ class ModelManager:
                 failure_reason(exc), f"scanning {self._source.base} failed: {clip(exc, 300, quote=False)}"
             )
             raise
+        if nothing is not None and self._models:
+            self._storage_problem(*nothing)  # the rollouts read last keep applying too
+            return
+        for name in listed:
+            await self._read_rollout(name)
         if nothing is not None:
-            reason, why = nothing
-            if self._models:
-                self._storage_problem(reason, why)
-                return
-            log.warning(why)  # waiting for a first model: said at each scan
+            self._say_nothing_found(nothing[1])  # waiting for a first model
         else:
+            self._nothing_said = None
             self._storage_back()
             listed = self._hold_missing(listed)
         self._known = [n for n, v in listed.items() if v]
         for name, versions in listed.items():
-            aspired = self._aspired(versions)
+            # Versions the rollout file names stay loaded whatever the policy says.
+            pinned = sorted(v for v in self.rollouts.pinned(name) if v in versions)
+            aspired = sorted(set(self._aspired(versions)) | set(pinned))
             if self._settings.version_policy == "latest":
-                await self._sync_latest(name, versions)  # the newest that loads, if the newest does not
+                await self._sync_latest(name, versions, pinned)  # the newest that loads, if it does not
             else:
                 await self._sync_model(name, aspired)
             pending = [v for v in aspired if v not in self._models.get(name, {})]
             self._metrics.versions_pending.labels(name).set(len(pending))
         for name in [n for n in self._models if n not in listed]:
-            log.info("model %s is gone from %s; unloading it", name, self._source.base)
+            self.rollouts.forget(name)
+            log.info("model %s disappeared from %s; unloading it", name, self._source.base)
             await self._sync_model(name, [])
         self._last_seen_at = time.monotonic()
         self._metrics.last_scan.set(time.time())
@@ -313,6 +356,35 @@ class ModelManager:
         for name in set(self._models) | set(counts):
             self._metrics.versions_missing.labels(name).set(counts.get(name, 0))
 
+    def _say_nothing_found(self, why: str) -> None:
+        now = time.monotonic()
+        said = self._nothing_said
+        if said is not None and said[0] == why and now - said[1] < NOTHING_FOUND_REMINDER_S:
+            return
+        self._nothing_said = (why, now)
+        log.warning(
+            "%s; %s: scanning every %gs, said again when this changes or every %d minutes "
+            "(--no-wait-for-model-dir exits instead)",
+            why,
+            "still waiting for a model" if said is not None else "waiting for a model",
+            self._settings.poll_interval,
+            NOTHING_FOUND_REMINDER_S // 60,
+        )
+
+    async def _read_rollout(self, name: str) -> None:
+        try:
+            text = await asyncio.get_running_loop().run_in_executor(None, self._source.rollout, name)
+        except Exception as exc:
+            # Unreadable now (a storage hiccup): keep the last good file rather than drop the rollout.
+            self._metrics.rollout_file_errors.labels(name).inc()
+            log.warning(
+                "reading the rollout file of %s failed; keeping the last good one: %s",
+                name,
+                clip(exc, 300, quote=False),
+            )
+            return
+        self.rollouts.update(name, text)
+
     def _aspired(self, versions: list[int]) -> list[int]:
         """The versions the policy wants served, out of those on storage (ascending)."""
         if not versions:
@@ -324,7 +396,7 @@ class ModelManager:
             return versions
         return [versions[-1]]
 
-    async def _sync_latest(self, name: str, versions: list[int]) -> None:
+    async def _sync_latest(self, name: str, versions: list[int], pinned: list[int]) -> None:
         """Serve the newest version that loads: a broken newest one falls back to the next older.
 
         A version that failed to load is retried with exponential backoff, not at every poll, and
@@ -345,7 +417,9 @@ class ModelManager:
                 wanted = [version]
                 break
         if wanted or not versions:
-            await self._sync_model(name, wanted)
+            await self._sync_model(name, sorted(set(wanted) | set(pinned)))
+        elif pinned:
+            await self._sync_model(name, pinned)
 
     def _backing_off(self, name: str, version: int) -> bool:
         retry_at = self._retry_at.get((name, version))
@@ -419,15 +493,7 @@ class ModelManager:
         served = ServedVersion(
             model,
             pool=self._pool,
-            batcher_options={
-                "max_batch_size": s.max_batch_size,
-                "batch_timeout_s": s.batch_timeout_ms / 1000.0,
-                "wait_fraction": s.batch_wait_fraction,
-                "allowed_batch_sizes": s.allowed_batch_sizes,
-                "max_in_flight": s.max_in_flight_batches,
-                "max_queue_size": s.max_queue_size,
-                "max_queue_wait_s": s.max_queue_wait_ms / 1000.0,
-            },
+            batcher_options=s.batcher_options(),
             stats=self._metrics.batcher_stats(name, version),
         )
         self._metrics.model_loads.labels(name).inc()

@@ -9,9 +9,12 @@ Every term is bounded by a setting, because the server admits or refuses work be
 - reload: a second copy of the model while a new version loads and warms beside the old one.
 - messages: --max-concurrent-rpcs x --max-message-mb, twice (the received bytes and the parsed
   message); gRPC refuses calls beyond the first setting and messages beyond the second.
-- http: the v2 REST port's bodies, --max-concurrent-rpcs x --max-message-mb (refused beyond both
-  before they are read), plus the one JSON parse at a time: JSON_PARSE_FACTOR x the largest JSON part
-  parsed (--max-message-mb / JSON_SHARE). A UINT8 JSON tensor is packed into bytes once parsed.
+- http: the v2 REST port's bodies: --max-concurrent-rpcs counted ones (arriving at 1 MB/s or more, or
+  in and being served; 429 beyond, before they are read) plus half as many held behind that rate (one
+  more evicts the slowest), each at most --max-message-mb compressed or inflated (413 beyond); the one
+  inflation at a time (its output beside its compressed body); and the one JSON parse at a time:
+  JSON_PARSE_FACTOR x the largest JSON part parsed (--max-message-mb / JSON_SHARE). A UINT8 JSON
+  tensor is packed into bytes once parsed.
 - decoders: decode threads x --max-pixels x 9 bytes, the largest per-pixel footprint of any decoder
   (a progressive 4:4:4 JPEG: 3 bytes of RGB output plus 6 of DCT coefficients; imageinfo.py sizes
   every image this way before decoding and refuses what exceeds --max-pixels).
@@ -81,12 +84,18 @@ def budget(
         warm=warm_bytes,
         reload=model_bytes,
         messages=2 * settings.max_concurrent_rpcs * settings.max_message_mb * MIB,
-        http=settings.max_concurrent_rpcs * settings.max_message_mb * MIB
+        http=rest_bodies(settings.max_concurrent_rpcs) * settings.max_message_mb * MIB
+        + settings.max_message_mb * MIB
         + JSON_PARSE_FACTOR * settings.max_message_mb * MIB // JSON_SHARE,
         decoders=threads * settings.max_pixels * DECODER_BYTES_PER_PIXEL,
         rows=settings.max_inflight_images * row
         + settings.max_in_flight_batches * settings.max_batch_size * row,
     )
+
+
+def rest_bodies(max_concurrent_rpcs: int) -> int:
+    """REST bodies held at once: the counted ones and the laggards beside them (http_body.Bodies)."""
+    return max_concurrent_rpcs + max(1, max_concurrent_rpcs // 2)
 
 
 def worst_case_bytes(settings: Settings, warm_bytes: int = 0, model_bytes: int = 0, **kw) -> int:

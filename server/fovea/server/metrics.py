@@ -184,6 +184,62 @@ class Metrics:
             "When the model directory was last scanned successfully (Unix time).",
             registry=r,
         )
+        # Rollouts (rollout.py): per-version outcomes so a canary's latency, errors and answers can be
+        # compared with stable's, and the agreement of shadow runs with the live answers.
+        self.rollout_file_errors = Counter(
+            "fovea_rollout_file_errors",
+            "Polls that found an invalid rollout.json (the last good one kept serving).",
+            ["model"],
+            registry=r,
+        )
+        self.version_predictions = Counter(
+            "fovea_version_predictions",
+            "Predictions that resolved a version, by version, label and outcome (ok or a gRPC code).",
+            ["model", "version", "label", "code"],
+            registry=r,
+        )
+        self.version_duration = Histogram(
+            "fovea_version_predict_duration_seconds",
+            "Time from version resolution to result, per version.",
+            ["model", "version"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.version_top1 = Counter(
+            "fovea_version_top1",
+            "Images answered, by version and top-1 class (the class distribution of each version).",
+            ["model", "version", "class"],
+            registry=r,
+        )
+        self.shadow_requests = Counter(
+            "fovea_shadow_requests",
+            "Sampled live requests for the shadow version, by outcome: computed, dropped_busy (live work "
+            "was queued), dropped_unloaded, dropped_input_size, failed.",
+            ["model", "version", "outcome"],
+            registry=r,
+        )
+        self.shadow_images = Counter(
+            "fovea_shadow_images", "Images computed on the shadow version.", ["model", "version"], registry=r
+        )
+        self.shadow_top1_equal = Counter(
+            "fovea_shadow_top1_equal",
+            "Shadow images whose top-1 class equals the live answer's.",
+            ["model", "version"],
+            registry=r,
+        )
+        self.shadow_abs_diff = Counter(
+            "fovea_shadow_score_abs_diff_sum",
+            "Sum over shadow images of the mean absolute difference of class scores, live vs shadow "
+            "(divide by fovea_shadow_images for the mean).",
+            ["model", "version"],
+            registry=r,
+        )
+        self.shadow_confusion = Counter(
+            "fovea_shadow_top1_pairs",
+            "Shadow images by live top-1 class and shadow top-1 class.",
+            ["model", "version", "live", "shadow"],
+            registry=r,
+        )
         # process_resident_memory_bytes, process_cpu_seconds_total...: the per-instance registry does
         # not get the default registry's process collector.
         ProcessCollector(registry=r)

@@ -1,9 +1,9 @@
 """What every gRPC servicer does around its method bodies, whatever the protocol.
 
-`RpcHandler.handle` sets the request id (from x-request-id, or a new one) for the logs and the
-trailer, maps a `ServingError` to its gRPC status, turns anything else into INTERNAL with a fixed
-message (the traceback goes to the log), and counts the outcome in fovea_requests_total and
-fovea_request_duration_seconds under the servicer's protocol label, and traces it (tracing.py). A servicer's methods then only
+`RpcHandler.handle` runs each call inside a `calls.Call` (request id from x-request-id or a new one,
+trace span, outcome metrics under the servicer's protocol label, throttled logs: the same wrapper the
+REST port uses) and maps its outcome to gRPC: a `ServingError` to its status, anything else to
+INTERNAL with a fixed message, the request id in the trailer. A servicer's methods then only
 translate messages: see servicer.py.
 
 `tolerant(server)` is what a servicer is registered on: its request deserializers return a
@@ -15,20 +15,14 @@ the Python exception class, uncounted). Any protocol's servicer registered this 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import grpc
-from fovea.server import logs, tracing
-from fovea.server.errors import INTERNAL_MESSAGE, MESSAGE_LIMIT, InvalidArgument, ServingError, clip
+from fovea.server import calls, logs
+from fovea.server.errors import InvalidArgument, ServingError, clip
 from fovea.server.metrics import Metrics
-
-log = logging.getLogger(__name__)
-# Rejected requests (bad input, unknown models, shedding) are routine under abuse or overload: a few
-# lines a second, not one per request.
-_rejections = logs.Throttle(log)
 
 
 class Malformed:
@@ -112,46 +106,29 @@ class RpcHandler:
         context: grpc.aio.ServicerContext,
     ) -> Response:
         metadata = context.invocation_metadata()
-        request_id = _request_id(metadata)
-        token = logs.request_id.set(request_id)
-        # The RPC's trace span (a no-op unless OTEL_* turned tracing on), child of the caller's traceparent.
-        span = tracing.start_server_span(self.service, method, metadata)
-        start = time.perf_counter()
-        code = "OK"
-        trailer = ((logs.REQUEST_ID_HEADER, request_id),)
-        try:
-            if isinstance(request, Malformed):
-                raise InvalidArgument(
-                    f"the request ({request.size} bytes) does not parse as {request.message_type}: "
-                    f"{request.reason}"
-                )
-            response = await fn(request, context)
-            context.set_trailing_metadata(trailer)
-            return response
-        except ServingError as exc:
-            code = exc.code
-            message = clip(exc.message, MESSAGE_LIMIT, quote=False)
-            level = logging.WARNING if code in ("INTERNAL", "RESOURCE_EXHAUSTED") else logging.INFO
-            _rejections.log(level, "%s: %s: %s", method, code, clip(message, 300, quote=False))
-            await context.abort(grpc.StatusCode[code], message, trailer)
-        except asyncio.CancelledError:
-            remaining = context.time_remaining()
-            # gRPC's deadline timer may fire a hair before time_remaining() reaches zero.
-            code = "DEADLINE_EXCEEDED" if remaining is not None and remaining < 0.05 else "CANCELLED"
-            raise
-        except grpc.aio.AbortError:
-            raise
-        except Exception:
-            code = "INTERNAL"
-            log.exception("%s failed", method)
-            await context.abort(
-                grpc.StatusCode.INTERNAL, f"{INTERNAL_MESSAGE} (request id {request_id})", trailer
-            )
-        finally:
-            self._metrics.requests.labels(self.protocol, method, code).inc()
-            self._durations[method].observe(time.perf_counter() - start)
-            span.finish(code)
-            logs.request_id.reset(token)
+        call = calls.Call(self._metrics, self.protocol, self.service, method, _request_id(metadata), metadata)
+        with call:
+            trailer = ((logs.REQUEST_ID_HEADER, call.request_id),)
+            try:
+                if isinstance(request, Malformed):
+                    raise InvalidArgument(
+                        f"the request ({request.size} bytes) does not parse as {request.message_type}: "
+                        f"{request.reason}"
+                    )
+                response = await fn(request, context)
+                context.set_trailing_metadata(trailer)
+                return response
+            except ServingError as exc:
+                await context.abort(grpc.StatusCode[exc.code], call.rejected(exc), trailer)
+            except asyncio.CancelledError:
+                remaining = context.time_remaining()
+                # gRPC's deadline timer may fire a hair before time_remaining() reaches zero.
+                call.code = "DEADLINE_EXCEEDED" if remaining is not None and remaining < 0.05 else "CANCELLED"
+                raise
+            except grpc.aio.AbortError:
+                raise
+            except Exception:
+                await context.abort(grpc.StatusCode.INTERNAL, call.failed(), trailer)
 
 
 def deadline(context: grpc.aio.ServicerContext) -> float | None:

@@ -18,6 +18,7 @@ from typing import Protocol
 
 import numpy as np
 from fovea.contract import ModelMetadata
+from fovea.server.batch_costs import Ewma
 from fovea.server.batcher import Batcher, BatcherStats, Place
 from fovea.server.errors import InvalidArgument
 from fovea.server.lease import Gate
@@ -91,7 +92,7 @@ class ServedVersion:
         self.metadata = model.metadata
         self.stats = VersionStats()
         self.leases = Gate()
-        self.prepare_s_per_image: float | None = None  # pool time per image, learned (see Core)
+        self._prepare_s = Ewma()  # pool time per image, learned like the compute times (see Core)
         self._pool = pool
         self._batcher = Batcher(
             model.predict,
@@ -100,6 +101,13 @@ class ServedVersion:
             **batcher_options,  # type: ignore[arg-type]
         )
         self._batcher.start()
+        # The warm-up's timings (a fake model in tests may have none).
+        self._batcher.seed_costs(getattr(model, "warmup_seconds", {}))
+
+    @property
+    def prepare_s_per_image(self) -> float | None:
+        """Learned pool seconds per image to decode/resize, None until an image was prepared."""
+        return self._prepare_s.value
 
     @property
     def name(self) -> str:
@@ -158,8 +166,7 @@ class ServedVersion:
         self.stats.preprocess_s += time.perf_counter() - start
         # Pool time per image (not the wait for a thread): what an expected decode wait is built on.
         per_image = busy / max(len(images), 1)
-        old = self.prepare_s_per_image
-        self.prepare_s_per_image = per_image if old is None else 0.8 * old + 0.2 * per_image
+        self._prepare_s.add(per_image)
         return dict(zip(images, rows, strict=True))
 
     async def infer(

@@ -19,7 +19,12 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     config.add_arguments(parser)
 
 
-def run(command: str, args: argparse.Namespace) -> int:
+def check_arguments(command: str, args: argparse.Namespace) -> None:
+    """Every flag and FOVEA_* variable, checked before the dispatcher imports TensorFlow."""
+    _settings(args)
+
+
+def _settings(args: argparse.Namespace) -> config.Settings:
     try:
         settings = config.from_args(args)
     except ValueError as exc:
@@ -32,6 +37,11 @@ def run(command: str, args: argparse.Namespace) -> int:
                 open(path, "rb").close()
             except OSError as exc:
                 raise CLIError(f"cannot read {path}: {exc.strerror}") from None
+    return settings
+
+
+def run(command: str, args: argparse.Namespace) -> int:
+    settings = _settings(args)
     logs.setup(settings.log_format, settings.log_level)
     from fovea.server.app import StartupError, serve  # TensorFlow loads here, after the flags are checked
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import grpc
 from fovea.server import core
 from fovea.server.metrics import Metrics
+from fovea.server.rollout import route_key
 from fovea.server.rpc import RpcHandler, deadline, rpc_method
 from fovea.v1 import classifier_pb2 as pb
 from fovea.v1 import classifier_pb2_grpc
@@ -49,6 +50,8 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServiceServicer):
                 images=images,
                 model_name=request.model_spec.name,
                 model_version=request.model_spec.version,
+                model_label=request.model_spec.version_label,
+                route_key=route_key(context.invocation_metadata()),
                 top_k=request.top_k,
                 return_probabilities=request.return_probabilities,
                 deadline=deadline(context),
@@ -68,7 +71,8 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServiceServicer):
     async def _metadata(
         self, request: pb.GetModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelMetadataResponse:
-        d = self._core.metadata(request.model_spec.name, request.model_spec.version)
+        spec = request.model_spec
+        d = self._core.metadata(spec.name, spec.version, spec.version_label)
         m = d.metadata
         return pb.GetModelMetadataResponse(
             model_spec=pb.ModelSpec(name=m.name, version=m.version),
@@ -80,6 +84,7 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServiceServicer):
             metrics=m.numeric_metrics(),
             created_at=m.created_at,
             max_images_per_request=d.max_images_per_request,
+            version_labels=d.labels,
         )
 
     async def _list_models(
@@ -87,7 +92,7 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServiceServicer):
     ) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(
             models=[
-                pb.ModelStatus(name=m.name, versions=m.versions, ready=m.ready)
+                pb.ModelStatus(name=m.name, versions=m.versions, ready=m.ready, version_labels=m.labels)
                 for m in self._core.list_models()
             ]
         )

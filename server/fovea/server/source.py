@@ -13,6 +13,7 @@ import posixpath
 from typing import Protocol
 
 from fovea import contract
+from fovea.contract.rollout import ROLLOUT_FILE
 
 
 class Storage(Protocol):
@@ -25,6 +26,10 @@ class Storage(Protocol):
     def isdir(self, path: str) -> bool: ...
 
     def exists(self, path: str) -> bool: ...
+
+    def read(self, path: str) -> bytes | None:
+        """A small file's bytes; None when it does not exist."""
+        ...
 
 
 class ModelSource:
@@ -49,6 +54,10 @@ class ModelSource:
         """The complete published versions of one model, ascending (the contract's rule)."""
         return contract.published_versions(self.root(name), self._storage.listdir, self._storage.exists)
 
+    def rollout(self, name: str) -> bytes | None:
+        """The model's rollout.json (fovea.contract.rollout), None without one (blocking I/O)."""
+        return self._storage.read(posixpath.join(self.root(name), ROLLOUT_FILE))
+
     def scan(self) -> dict[str, list[int]]:
         """Every model folder and its published versions (blocking: run it off the event loop)."""
         return {name: self.versions(name) for name in self.model_names()}
@@ -62,13 +71,13 @@ class ModelSource:
         else:
             layout = posixpath.join(base, "<model name>", "<version>", contract.SAVED_MODEL_FILE)
         if not s.isdir(base):
-            return MODEL_DIR_MISSING, f"--model-dir {base} does not exist; waiting for it (expected {layout})"
+            return MODEL_DIR_MISSING, f"--model-dir {base} does not exist (expected {layout})"
         names = sorted(n for n in s.listdir(base) if n and not n.startswith("."))
         if not names:
-            return MODEL_DIR_EMPTY, f"--model-dir {base} is empty; waiting for a model (expected {layout})"
+            return MODEL_DIR_EMPTY, f"--model-dir {base} is empty (expected {layout})"
         parent = posixpath.dirname(base.rstrip("/"))
         if self._single:
-            why = f"--model-dir {base} holds no complete version of {self._single} in {', '.join(names)}; waiting (expected {layout})"
+            why = f"--model-dir {base} holds no complete version of {self._single} in {', '.join(names)} (expected {layout})"
         elif contract.published_versions(base, s.listdir, s.exists):
             why = f"--model-dir {base} is one model's folder (versions {', '.join(names)}): use its parent, {parent}"
         elif contract.version_of(posixpath.basename(base.rstrip("/"))) and contract.published_versions(
@@ -76,7 +85,7 @@ class ModelSource:
         ):
             why = f"--model-dir {base} is a version folder: use the folder above its model, {posixpath.dirname(parent)}"
         else:
-            why = f"--model-dir {base} has no complete version in {', '.join(names)}; waiting (expected {layout})"
+            why = f"--model-dir {base} has no complete version in {', '.join(names)} (expected {layout})"
         return NO_COMPLETE_VERSION, why
 
 

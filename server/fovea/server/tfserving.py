@@ -20,6 +20,7 @@ from fovea.contract import INPUT_BYTES, INPUT_IMAGES, OUTPUT, SIGNATURE_BYTES, S
 from fovea.server import core
 from fovea.server.errors import InvalidArgument, clip
 from fovea.server.metrics import Metrics
+from fovea.server.rollout import route_key
 from fovea.server.rpc import RpcHandler, deadline, rpc_method
 from google.protobuf import any_pb2
 from tensorflow_serving.apis import (
@@ -49,23 +50,21 @@ def _cut(text: str, limit: int = 64) -> str:
     return clip(text, limit, quote=False)  # errors.clip: the one rule for echoed values
 
 
-def _version(spec: model_pb2.ModelSpec) -> int:
-    """ModelSpec.version or version_label -> the core's version (0: the newest loaded)."""
+def _version(spec: model_pb2.ModelSpec) -> tuple[int, str]:
+    """ModelSpec.version or version_label -> the core's (version, label); (0, "") for the default."""
     if spec.HasField("version"):
         if spec.version.value < 1:
             raise InvalidArgument(
                 f"model_spec.version is {spec.version.value}; versions are positive integers"
             )
-        return spec.version.value
+        return spec.version.value, ""
     label = spec.version_label
     if label in ("", "latest"):
-        return 0
+        return 0, ""
     version = contract.version_of(label)
     if version is not None:
-        return version  # fovea has no label table; a numeric label names that version
-    raise InvalidArgument(
-        f"model_spec.version_label {_cut(label)!r} is unknown; fovea knows 'latest' or a version number"
-    )
+        return version, ""  # a numeric label names that version
+    return 0, label  # a rollout.json label, resolved (or refused) by the core
 
 
 def _echo(name: str, version: int, signature: str = "") -> model_pb2.ModelSpec:
@@ -108,7 +107,9 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         unknown = [o for o in request.output_filter if o != OUTPUT]
         if unknown:
             raise InvalidArgument(f"output_filter names {_cut(unknown[0])!r}; the only output is {OUTPUT!r}")
-        meta = self._core.metadata(spec.name, _version(spec)).metadata
+        meta = self._core.metadata(
+            spec.name, *_version(spec), route_key(context.invocation_metadata())
+        ).metadata
         result = await self._core.predict(
             core.PredictRequest(
                 images=_predict_images(request, meta),
@@ -132,7 +133,9 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         self, request: classification_pb2.ClassificationRequest, context
     ) -> classification_pb2.ClassificationResponse:
         spec = request.model_spec
-        meta = self._core.metadata(spec.name, _version(spec)).metadata
+        meta = self._core.metadata(
+            spec.name, *_version(spec), route_key(context.invocation_metadata())
+        ).metadata
         result = await self._core.predict(
             core.PredictRequest(
                 images=[core.EncodedImage(b) for b in _example_images(request.input)],
@@ -159,7 +162,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                 f"metadata_field is {[_cut(f) for f in fields]}; fovea answers ['signature_def']"
             )
         spec = request.model_spec
-        meta = self._core.metadata(spec.name, _version(spec)).metadata
+        meta = self._core.metadata(spec.name, *_version(spec)).metadata
         packed = any_pb2.Any()
         packed.Pack(_signature_defs(meta))
         response = get_model_metadata_pb2.GetModelMetadataResponse(
@@ -180,8 +183,10 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         self, request: get_model_status_pb2.GetModelStatusRequest, context
     ) -> get_model_status_pb2.GetModelStatusResponse:
         spec = request.model_spec
-        version = _version(spec)
-        described = self._core.metadata(spec.name, version)
+        version, label = _version(spec)
+        described = self._core.metadata(spec.name, version, label)
+        if label:
+            version = described.metadata.version
         versions = [version] if version else described.loaded_versions
         available = get_model_status_pb2.ModelVersionStatus.AVAILABLE
         return get_model_status_pb2.GetModelStatusResponse(

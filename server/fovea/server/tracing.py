@@ -76,7 +76,7 @@ def use(provider: Any) -> None:
 
 
 class ServerSpan:
-    """The span of one RPC, current until finish(): the core's spans become its children."""
+    """The span of one request, current until finish(): the core's spans become its children."""
 
     def __init__(self, span: Any, token: Any) -> None:
         self._span, self._token = span, token
@@ -96,8 +96,11 @@ class ServerSpan:
 _OFF = ServerSpan(None, None)
 
 
-def start_server_span(service: str, method: str, metadata: Iterable[tuple[str, Any]] | None) -> ServerSpan:
-    """Start the RPC's span, continuing the caller's trace from `traceparent`/`tracestate` metadata."""
+def start_server_span(
+    service: str, method: str, metadata: Iterable[tuple[str, Any]] | None, system: str = "grpc"
+) -> ServerSpan:
+    """Start the request's span, continuing the caller's trace from `traceparent`/`tracestate` (gRPC
+    metadata or HTTP headers); `system` is the transport ("grpc" or "http")."""
     if _tracer is None:
         return _OFF
     from opentelemetry import context, trace
@@ -109,7 +112,7 @@ def start_server_span(service: str, method: str, metadata: Iterable[tuple[str, A
         f"{service}/{method}",
         context=parent,
         kind=trace.SpanKind.SERVER,
-        attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
+        attributes={"rpc.system": system, "rpc.service": service, "rpc.method": method},
     )
     return ServerSpan(span, context.attach(trace.set_span_in_context(span)))
 

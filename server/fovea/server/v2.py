@@ -99,6 +99,7 @@ class InferRequest:
     outputs: list[RequestedOutput] = field(default_factory=list)
     id: str = ""
     parameters: Mapping[str, Any] = field(default_factory=dict)
+    route_key: str = ""  # x-fovea-route-key: sticky routing by the rollout's traffic shares
 
 
 @dataclass
@@ -147,16 +148,19 @@ def unpack_bytes(raw: bytes | memoryview, what: str, most: int | None = None) ->
     return out
 
 
-def parse_version(version: str) -> int:
-    """'' means the newest loaded version (0 for the core); otherwise a positive integer."""
+def parse_version(version: str) -> tuple[int, str]:
+    """The core's (version, label): '' the default (0), a positive integer that version, else a label
+    of the model's rollout.json (an unknown one is NOT_FOUND there)."""
     if version == "":
-        return 0
+        return 0, ""
     number = contract.version_of(version)
     if number is not None:
-        return number
-    raise InvalidArgument(
-        f"model version {_cut(version)!r} is not a positive integer; leave it empty for the newest"
-    )
+        return number, ""
+    if version.isdigit() or version.startswith("-"):
+        raise InvalidArgument(
+            f"model version {_cut(version)!r} is not a positive integer; leave it empty for the newest"
+        )
+    return 0, version
 
 
 class V2:
@@ -186,9 +190,11 @@ class V2:
             inp = TensorSpec(INPUT_IMAGES, "UINT8", (-1, meta.input_height, meta.input_width, 3))
         return inp, TensorSpec(OUTPUT, "FP32", (-1, len(meta.labels)))
 
-    def _describe(self, name: str, version: str) -> tuple[str, bool, core.ModelDescription]:
+    def _describe(
+        self, name: str, version: str, route_key: str | None = None
+    ) -> tuple[str, bool, core.ModelDescription]:
         base, encoded = self.resolve(name)
-        return base, encoded, self._core.metadata(base, parse_version(version))
+        return base, encoded, self._core.metadata(base, *parse_version(version), route_key)
 
     # -- health and metadata ---------------------------------------------------------------------
 
@@ -198,7 +204,7 @@ class V2:
     def model_ready(self, name: str, version: str) -> bool:
         try:
             base, _ = self.resolve(name)
-            return self._core.model_ready(base, parse_version(version))
+            return self._core.model_ready(base, *parse_version(version))
         except ServingError:
             return False
 
@@ -260,7 +266,10 @@ class V2:
             state = "READY" if m.ready else "UNAVAILABLE"
             reason = "" if m.ready else "no version loaded yet"
             for name in (m.name, m.name + ENCODED_SUFFIX):
-                rows.append({"name": name, "version": version, "state": state, "reason": reason})
+                row = {"name": name, "version": version, "state": state, "reason": reason}
+                if m.labels:  # fovea's addition: the rollout's version labels
+                    row["version_labels"] = {k: str(v) for k, v in sorted(m.labels.items())}
+                rows.append(row)
         return rows
 
     def statistics(self, name: str, version: str) -> list[dict[str, Any]]:
@@ -272,18 +281,26 @@ class V2:
         if not name:
             aliases = {m.name: [m.name, m.name + ENCODED_SUFFIX] for m in self._core.list_models()}
             return [_stats(a, s) for s in self._core.statistics() for a in aliases.get(s.name, ())]
-        base, _, _ = self._describe(name, version)  # NOT_FOUND for what is not served
-        return [_stats(name, s) for s in self._core.statistics(base, parse_version(version))]
+        base, _, d = self._describe(name, version)  # NOT_FOUND for what is not served
+        number = d.metadata.version if version else 0  # a label resolved to its version
+        return [_stats(name, s) for s in self._core.statistics(base, number)]
 
     # -- inference -------------------------------------------------------------------------------
 
     async def infer(self, request: InferRequest, deadline: float | None) -> InferResponse:
-        base, encoded, d = self._describe(request.model_name, request.model_version)
+        base, encoded, d = self._describe(request.model_name, request.model_version, request.route_key)
         meta = d.metadata
         inp, out = self.specs(meta, encoded)
         images = self._images(request, inp, meta)
         classes = len(meta.labels)
         wanted = request.outputs or [RequestedOutput(OUTPUT)]
+        if len(wanted) > 1:
+            # Each requested output is a copy of the result in the answer: 100,000 of the same one made
+            # a 267 MB response from a 4.9 MB request. The model has one output; name it once.
+            raise InvalidArgument(
+                f"{len(wanted)} outputs requested; model '{_cut(request.model_name)}' has one, {out.text()}: "
+                "request it once (with the classification parameter for top-k)"
+            )
         for o in wanted:
             if o.name != OUTPUT:
                 raise InvalidArgument(
@@ -296,7 +313,7 @@ class V2:
         top_k = max((min(o.classification, classes) for o in wanted), default=0)
         timeout_us = _int_parameter(request.parameters, "timeout")
         if timeout_us and timeout_us > 0:
-            limit = time.monotonic() + timeout_us / 1e6
+            limit = time.monotonic() + min(timeout_us, 10**15) / 1e6  # a huge integer overflows a float
             deadline = limit if deadline is None else min(deadline, limit)
         result = await self._core.predict(
             core.PredictRequest(
@@ -323,7 +340,9 @@ class V2:
 
     def _images(self, request: InferRequest, spec: TensorSpec, meta: ModelMetadata) -> list:
         model = _cut(request.model_name)
-        received = ", ".join(t.text() for t in request.inputs) or "none"
+        received = ", ".join(t.text() for t in request.inputs[:3]) or "none"
+        if len(request.inputs) > 3:
+            received += f" and {len(request.inputs) - 3} more"
         if spec.datatype == "BYTES":
             hint = f" (for UINT8 pixels use model '{model[: -len(ENCODED_SUFFIX)]}')"
         else:
@@ -351,7 +370,12 @@ class V2:
         if tensor.raw is not None:
             elements = unpack_bytes(tensor.raw, f"input '{spec.name}'", most=shape[0])
         else:
-            elements = [v.encode() if isinstance(v, str) else bytes(v) for v in tensor.values or ()]
+            values = tensor.values or ()
+            if len(values) != shape[0]:
+                raise InvalidArgument(
+                    f"input {tensor.text()} holds {len(values)} elements; its shape says {shape[0]}"
+                )
+            elements = [_element(v, tensor) for v in values]
         if len(elements) != shape[0]:
             held = f"more than {shape[0]}" if len(elements) > shape[0] else str(len(elements))
             raise InvalidArgument(f"input {tensor.text()} holds {held} elements; its shape says {shape[0]}")
@@ -376,11 +400,27 @@ class V2:
         if tensor.raw is not None:
             data = memoryview(tensor.raw)
         else:
-            array = np.asarray(values, dtype=np.int64)
+            try:
+                array = np.asarray(values, dtype=np.int64)
+            except (TypeError, ValueError, OverflowError):
+                raise InvalidArgument(
+                    f"input {tensor.text()} has values that are not integers 0..255"
+                ) from None
             if array.size and (array.min() < 0 or array.max() > 255):
                 raise InvalidArgument(f"input {tensor.text()} has values outside 0..255")
             data = memoryview(array.astype(np.uint8).tobytes())
         return [core.RawImage("uint8", (h, w, 3), data[i * size : (i + 1) * size]) for i in range(shape[0])]
+
+
+def _element(value: Any, tensor: Tensor) -> bytes:
+    """One BYTES element as bytes; never `bytes(n)` of a number a client wrote (that allocates n bytes)."""
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    raise InvalidArgument(
+        f"input {tensor.text()} holds a {type(value).__name__}; BYTES elements are strings or bytes"
+    )
 
 
 def _int_parameter(parameters: Mapping[str, Any], key: str) -> int | None:
@@ -389,7 +429,7 @@ def _int_parameter(parameters: Mapping[str, Any], key: str) -> int | None:
         return None
     try:
         return int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise InvalidArgument(f"parameter {key!r} must be an integer, not {_cut(str(value))!r}") from None
 
 

@@ -15,6 +15,7 @@ from fovea.inference import grpc_service_pb2_grpc, model_config_pb2
 from fovea.server import v2
 from fovea.server.errors import InvalidArgument
 from fovea.server.metrics import Metrics
+from fovea.server.rollout import route_key
 from fovea.server.rpc import RpcHandler, deadline, rpc_method
 from google.protobuf import json_format
 
@@ -98,10 +99,14 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def _index(self, request: pb.RepositoryIndexRequest, context) -> pb.RepositoryIndexResponse:
         rows = self._v2.repository_index(request.ready)
-        return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**r) for r in rows])
+        index = pb.RepositoryIndexResponse.ModelIndex
+        fields = ("name", "version", "state", "reason")  # the message has no field for version labels
+        return pb.RepositoryIndexResponse(models=[index(**{k: r[k] for k in fields}) for r in rows])
 
     async def _infer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
-        result = await self._v2.infer(_infer_request(request), deadline(context))
+        infer_request = _infer_request(request)
+        infer_request.route_key = route_key(context.invocation_metadata())
+        result = await self._v2.infer(infer_request, deadline(context))
         response = pb.ModelInferResponse(
             model_name=result.model_name, model_version=result.model_version, id=result.id
         )

@@ -9,24 +9,29 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import json
 import logging
 import ssl
-import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
-from aiohttp import web
-from fovea.server import logs, memory, v2
-from fovea.server.errors import INTERNAL_MESSAGE, InvalidArgument, ResourceExhausted, ServingError, clip
+from aiohttp import http_exceptions, web
+from fovea.server import calls, http_body, logs, memory, v2
+from fovea.server.errors import InvalidArgument, ResourceExhausted, ServingError, clip
+from fovea.server.rollout import route_key
 
 log = logging.getLogger(__name__)
-# Rejections are logged a few a second at most, as the gRPC servicers' are (rpc.py).
-_rejections = logs.Throttle(log)
-# A repository-index body is `{"ready": true}`; more is refused before it is parsed on the loop.
+# A repository-index body is `{"ready": true}`; more is refused before it is parsed.
 INDEX_BODY_LIMIT = 64 * 1024
+# Deeper JSON is refused before json.loads recurses into it (a UINT8 batch as nested lists is 7 deep).
+MAX_JSON_DEPTH = 64
+# aiohttp's own log lines ("Error handling request", a Content-Length that lies, a bad request line):
+# through the throttle, and one line without a traceback when the client broke the protocol.
+aiohttp_logger = logs.ThrottledLogger(
+    logging.getLogger("fovea.server.http"),
+    client_errors=(http_exceptions.HttpProcessingError, ConnectionError),
+)
 
 PROTOCOL = "v2-http"  # the `protocol` label of the request metrics
 # The binary tensor extension: the JSON header's length when binary tensors follow it in the body.
@@ -35,6 +40,7 @@ REQUEST_ID = "X-Request-Id"
 HTTP_STATUS = {
     "INVALID_ARGUMENT": 400,
     "NOT_FOUND": 404,
+    "FAILED_PRECONDITION": 400,
     "RESOURCE_EXHAUSTED": 429,
     "UNAVAILABLE": 503,
     "DEADLINE_EXCEEDED": 504,
@@ -50,17 +56,19 @@ def _json(body: Any, status: int = 200) -> web.Response:
 class V2Http:
     """The /v2 routes; `app()` builds the aiohttp application."""
 
-    def __init__(self, ops: v2.V2, metrics: Any, max_body_bytes: int, max_bodies: int) -> None:
+    def __init__(
+        self, ops: v2.V2, metrics: Any, max_body_bytes: int, max_bodies: int, body_timeout_s: float = 10.0
+    ) -> None:
         self._v2 = ops
         self._metrics = metrics
         self._max_body = max_body_bytes
-        # Requests whose body is being read or served: at most max_bodies (--max-concurrent-rpcs, as
-        # gRPC's calls), refused beyond it before anything is read (docs/memory.md, "http").
-        self._max_bodies = max_bodies
-        self._bodies = 0
-        # JSON bodies parse one at a time: a parsed JSON tensor takes up to ~40x its text
-        # (JSON_PARSE_FACTOR in memory.py) until it is packed into bytes, and json.loads holds
-        # the GIL anyway, so parsing two at once would not be faster.
+        # Requests whose body is arriving at the minimum rate, or is in and being served: at most
+        # max_bodies (--max-concurrent-rpcs, as gRPC's calls), refused beyond it before anything is read;
+        # slower bodies are held apart and timed out (http_body.py; docs/memory.md, "http").
+        self.bodies = http_body.Bodies(max_bodies, body_timeout_s, max_body_bytes)
+        # Bodies inflate and JSON parses one at a time, off the event loop: a parsed JSON tensor takes
+        # up to ~40x its text (JSON_PARSE_FACTOR in memory.py) until it is packed into bytes, and
+        # json.loads and zlib hold the GIL anyway, so two at once would not be faster.
         self._parser = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fovea-json")
 
     def app(self) -> web.Application:
@@ -89,35 +97,34 @@ class V2Http:
         self, method: str, fn: Callable[[web.Request], Awaitable[web.Response]]
     ) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def handle(request: web.Request) -> web.Response:
-            request_id = (request.headers.get(REQUEST_ID) or logs.new_request_id())[:128]
-            token = logs.request_id.set(request_id)
-            start = time.perf_counter()
-            code = "OK"
-            try:
-                response = await fn(request)
-            except ServingError as exc:
-                code = exc.code
-                level = logging.WARNING if code in ("INTERNAL", "RESOURCE_EXHAUSTED") else logging.INFO
-                _rejections.log(
-                    level, "%s %s: %s: %s", PROTOCOL, method, code, clip(exc.message, 300, quote=False)
-                )
-                response = _json({"error": exc.message}, HTTP_STATUS.get(code, 500))
-            except web.HTTPException as exc:  # aiohttp's own refusals, such as a body over the limit
-                code = "RESOURCE_EXHAUSTED" if exc.status == 413 else "INVALID_ARGUMENT"
-                _rejections.log(logging.INFO, "%s %s: HTTP %d: %s", PROTOCOL, method, exc.status, exc.text)
-                response = _json({"error": exc.text or exc.reason}, exc.status)
-            except asyncio.CancelledError:
-                code = "CANCELLED"  # the caller went away
-                raise
-            except Exception:
-                code = "INTERNAL"
-                log.exception("%s %s failed", PROTOCOL, method)
-                response = _json({"error": f"{INTERNAL_MESSAGE} (request id {request_id})"}, 500)
-            finally:
-                self._metrics.requests.labels(PROTOCOL, method, code).inc()
-                self._metrics.request_duration.labels(PROTOCOL, method).observe(time.perf_counter() - start)
-                logs.request_id.reset(token)
-            response.headers[REQUEST_ID] = request_id
+            request_id = request.headers.get(REQUEST_ID) or logs.new_request_id()
+            carrier = request.headers.items()  # traceparent, tracestate
+            with calls.Call(self._metrics, PROTOCOL, PROTOCOL, method, request_id, carrier, "http") as call:
+                try:
+                    response = await fn(request)
+                except ServingError as exc:
+                    status = getattr(exc, "http_status", None) or HTTP_STATUS.get(exc.code, 500)
+                    response = _json({"error": call.rejected(exc)}, status)
+                    if status == 408:
+                        response.force_close()  # a client this slow does not get to send the rest
+                except web.HTTPException as exc:  # aiohttp's own refusals
+                    kind = ResourceExhausted if exc.status == 413 else InvalidArgument
+                    error = kind(exc.text or exc.reason)
+                    response = _json({"error": call.rejected(error)}, exc.status)
+                except (ConnectionError, http_exceptions.ContentLengthError):
+                    # The client went away mid-body (ContentLengthError: it closed before sending what
+                    # its Content-Length said): nobody is left to answer, and it is not a server error.
+                    call.code = "CANCELLED"
+                    response = _json({"error": "the client closed the connection"}, 499)
+                    response.force_close()
+                except http_exceptions.HttpProcessingError as exc:  # a malformed chunked body, say
+                    response = _json(
+                        {"error": call.rejected(InvalidArgument(f"bad request body: {exc}"))}, 400
+                    )
+                    response.force_close()
+                except Exception:
+                    response = _json({"error": call.failed()}, 500)
+            response.headers[REQUEST_ID] = call.request_id
             return response
 
         return handle
@@ -128,6 +135,7 @@ class V2Http:
         return _json({"live": True})
 
     async def _ready(self, request: web.Request) -> web.Response:
+        # Slow bodies cannot fill the REST port (http_body.py), so the core's readiness is the port's.
         ready = self._v2.server_ready()
         return _json({"ready": ready}, 200 if ready else 503)
 
@@ -159,42 +167,27 @@ class V2Http:
         return _json({"model_stats": self._v2.statistics(name, version)})
 
     async def _index(self, request: web.Request) -> web.Response:
-        with self._body():
-            data = await request.content.read(INDEX_BODY_LIMIT + 1)
-            if len(data) > INDEX_BODY_LIMIT:
-                raise web.HTTPRequestEntityTooLarge(max_size=INDEX_BODY_LIMIT, actual_size=len(data))
-            body = _json_body(data)
+        with self.bodies.slot() as arrival:
+            data = await self.bodies.read(request, arrival, INDEX_BODY_LIMIT)
+            body = _json_body(_decoded(request, data, INDEX_BODY_LIMIT))
         return _json(self._v2.repository_index(bool(body.get("ready", False))))
-
-    @contextlib.contextmanager
-    def _body(self) -> Iterator[None]:
-        if self._bodies >= self._max_bodies:
-            raise ResourceExhausted(
-                f"server overloaded: {self._bodies} HTTP requests already in flight (--max-concurrent-rpcs "
-                f"{self._max_bodies}); retry with backoff or on another replica"
-            )
-        self._bodies += 1
-        try:
-            yield
-        finally:
-            self._bodies -= 1
 
     # -- inference -------------------------------------------------------------------------------
 
     async def _infer(self, request: web.Request) -> web.Response:
-        with self._body():
-            body = await request.read()
-            # Parsing a JSON tensor is pure-Python work proportional to the body (up to the message
-            # limit): off the event loop, so one large request does not stall other calls and health.
+        with self.bodies.slot() as arrival:
+            body = await self.bodies.read(request, arrival)
+            # Inflating and parsing are pure-Python or zlib work proportional to the body (up to the
+            # message limit): off the event loop, so one large request does not stall other calls and health.
             infer_request, binary_outputs = await asyncio.get_running_loop().run_in_executor(
-                self._parser, _parse_infer, request, body, self._max_body // memory.JSON_SHARE
+                self._parser, _parse_infer, request, body, self._max_body, self._max_body // memory.JSON_SHARE
             )
             del body  # binary tensors keep their part of it; a JSON body is packed into bytes by now
+            infer_request.route_key = route_key(request.headers.items())
             result = await self._v2.infer(infer_request, None)
         response = _infer_response(result, binary_outputs)
         if "Accept-Encoding" in request.headers:
-            # gzip or deflate when the client asks (tritonclient's response_compression_algorithm);
-            # aiohttp also undoes a request's Content-Encoding before we read the body.
+            # gzip or deflate when the client asks (tritonclient's response_compression_algorithm).
             response.enable_compression()
         return response
 
@@ -218,8 +211,15 @@ def _spec(t: v2.TensorSpec) -> dict[str, Any]:
     return {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
 
 
-def _parse_infer(request: web.Request, body: bytes, max_json: int) -> tuple[v2.InferRequest, bool | set[str]]:
-    header, binary = _split_body(body, request.headers.get(HEADER_LENGTH))
+def _decoded(request: web.Request, body: bytes, limit: int) -> bytes | bytearray:
+    return http_body.inflate(body, request.headers.get("Content-Encoding", ""), limit)
+
+
+def _parse_infer(
+    request: web.Request, body: bytes, max_body: int, max_json: int
+) -> tuple[v2.InferRequest, bool | set[str]]:
+    """The v2 request a body holds; on the parse thread."""
+    header, binary = _split_body(_decoded(request, body, max_body), request.headers.get(HEADER_LENGTH))
     if len(header) > max_json:
         raise InvalidArgument(
             f"the request's JSON is {len(header) / 2**20:.1f} MiB; at most {max_json / 2**20:.1f} MiB "
@@ -230,22 +230,33 @@ def _parse_infer(request: web.Request, body: bytes, max_json: int) -> tuple[v2.I
     return _infer_request(request, _json_body(header), binary)
 
 
-def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
+def _split_body(body: bytes | bytearray, header_length: str | None) -> tuple[bytes, memoryview]:
     if header_length is None:
-        return body, memoryview(b"")
+        return bytes(body) if isinstance(body, bytearray) else body, memoryview(b"")
     if not header_length.isdigit() or int(header_length) > len(body):
         raise InvalidArgument(
             f"{HEADER_LENGTH} is {header_length[:32]!r}; it must be the JSON header's length in bytes, at most "
             f"the body's {len(body)}"
         )
     n = int(header_length)
-    return body[:n], memoryview(body)[n:]
+    return bytes(body[:n]), memoryview(body)[n:]
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _json_body(data: bytes) -> dict[str, Any]:
+    depth = http_body.json_depth(data)
+    if depth > MAX_JSON_DEPTH:
+        raise InvalidArgument(
+            f"the request's JSON is nested {depth} deep; at most {MAX_JSON_DEPTH} levels are parsed "
+            "(a batch of images as nested lists is 7)"
+        )
     try:
-        parsed = json.loads(data) if data else {}
-    except (ValueError, UnicodeDecodeError) as exc:
+        # NaN and Infinity are Python's extensions, not JSON: refused here, not met as a tensor value.
+        parsed = json.loads(data.decode("utf-8"), parse_constant=_no_constant) if data else {}
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise InvalidArgument(f"the request body is not valid JSON: {str(exc)[:120]}") from None
     if not isinstance(parsed, dict):
         raise InvalidArgument("the request body must be a JSON object")
@@ -256,8 +267,27 @@ def _object(value: Any, what: str) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise InvalidArgument(f"{what} must be a JSON object")
+        raise InvalidArgument(f"{what} must be a JSON object, not {_kind(value)}")
     return value
+
+
+def _string(value: Any, what: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{what} must be a string, not {_kind(value)}")
+    return value
+
+
+def _kind(value: Any) -> str:
+    """A JSON value's type, as a caller would name it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return f"the number {clip(value, 24, quote=False)}"
+    return {str: "a string", list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
 
 
 def _flatten(data: Any) -> list:
@@ -269,60 +299,76 @@ def _flatten(data: Any) -> list:
     return [data]
 
 
-def _pack_uint8(tensor: v2.Tensor) -> None:
-    """A UINT8 tensor's JSON values as bytes, when they are all integers in 0..255: the list of Python
-    ints takes 8-40x the body's size and would stay alive until the request is answered. Anything
-    else is left as it is, for v2.py to refuse with its usual message."""
-    if tensor.datatype != "UINT8" or not tensor.values:
-        return
-    if not all(type(v) is int for v in tensor.values):
-        return
-    try:
-        array = np.asarray(tensor.values, dtype=np.int64)
-    except (OverflowError, ValueError):
-        return
-    if array.min() < 0 or array.max() > 255:
-        return
-    tensor.raw, tensor.values = array.astype(np.uint8).tobytes(), None
+def _values(tensor: v2.Tensor, data: Any, what: str) -> None:
+    """A JSON tensor's `data`, checked element by element for its datatype (on the parse thread, before
+    anything is sized by them): UINT8 integers 0..255 are packed into bytes at once (the list of
+    Python ints takes 8-40x the body's size), BYTES elements must be strings."""
+    values = _flatten(data)
+    if tensor.datatype == "UINT8":
+        for i, v in enumerate(values):
+            if type(v) is not int or not 0 <= v <= 255:
+                raise InvalidArgument(
+                    f"{what}.data[{i}] is {_kind(v)}; UINT8 data must be integers 0..255 (row-major, flat or nested)"
+                )
+        tensor.raw = np.asarray(values, dtype=np.uint8).tobytes() if values else b""
+    elif tensor.datatype == "BYTES":
+        for i, v in enumerate(values):
+            if not isinstance(v, str):
+                raise InvalidArgument(f"{what}.data[{i}] is {_kind(v)}; BYTES data must be strings")
+        tensor.values = values
+    else:
+        tensor.values = values  # v2.py refuses the datatype with what the model expects
 
 
 def _infer_request(
     request: web.Request, body: dict[str, Any], binary: memoryview
 ) -> tuple[v2.InferRequest, bool | set[str]]:
-    """The v2 request, and which outputs go back as binary (True: all of them)."""
+    """The v2 request, and which outputs go back as binary (True: all of them). Every field's type is
+    checked here, so what reaches v2.py is what its rules expect."""
     name, version = _model(request)
     parameters = _object(body.get("parameters"), "parameters")
     inputs, at = [], 0
-    for i, item in enumerate(body.get("inputs") or ()):
+    items = body.get("inputs")
+    if items is not None and not isinstance(items, list):
+        raise InvalidArgument(f"inputs must be an array of tensors, not {_kind(items)}")
+    for i, item in enumerate(items or ()):
+        what = f"inputs[{i}]"
         if not isinstance(item, dict):
-            raise InvalidArgument(f"inputs[{i}] must be an object with name, datatype, shape and data")
+            raise InvalidArgument(f"{what} must be an object with name, datatype, shape and data")
         shape = item.get("shape")
-        if not isinstance(shape, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) for d in shape
-        ):
-            raise InvalidArgument(f"inputs[{i}].shape must be a list of integers")
-        tensor = v2.Tensor(str(item.get("name", "")), str(item.get("datatype", "")), tuple(shape))
-        size = _object(item.get("parameters"), f"inputs[{i}].parameters").get("binary_data_size")
+        if not isinstance(shape, list) or not all(type(d) is int for d in shape):
+            raise InvalidArgument(f"{what}.shape must be an array of integers, not {_kind(shape)}")
+        tensor = v2.Tensor(
+            _string(item.get("name"), f"{what}.name"),
+            _string(item.get("datatype"), f"{what}.datatype"),
+            tuple(shape),
+        )
+        size = _object(item.get("parameters"), f"{what}.parameters").get("binary_data_size")
         if size is not None:
-            if not isinstance(size, int) or size < 0 or at + size > len(binary):
+            if type(size) is not int or size < 0 or at + size > len(binary):
                 raise InvalidArgument(
-                    f"inputs[{i}].parameters.binary_data_size is {size!r}, but {len(binary) - at} binary bytes remain"
+                    f"{what}.parameters.binary_data_size is {clip(size, 24)}, but {len(binary) - at} binary "
+                    "bytes remain"
                 )
             tensor.raw = binary[at : at + size]
             at += size
         else:
-            tensor.values = _flatten(item.get("data", []))
-            _pack_uint8(tensor)
+            _values(tensor, item.get("data", []), what)
         inputs.append(tensor)
     outputs, binary_names = [], set()
-    for i, item in enumerate(body.get("outputs") or ()):
+    items = body.get("outputs")
+    if items is not None and not isinstance(items, list):
+        raise InvalidArgument(f"outputs must be an array of objects with a name, not {_kind(items)}")
+    for i, item in enumerate(items or ()):
         if not isinstance(item, dict):
             raise InvalidArgument(f"outputs[{i}] must be an object with a name")
         params = _object(item.get("parameters"), f"outputs[{i}].parameters")
         k = params.get("classification", 0)
-        if isinstance(k, bool) or not isinstance(k, int):
-            raise InvalidArgument(f"outputs[{i}].parameters.classification must be an integer")
-        outputs.append(v2.RequestedOutput(str(item.get("name", "")), k))
+        if type(k) is not int:
+            raise InvalidArgument(
+                f"outputs[{i}].parameters.classification must be an integer, not {_kind(k)}"
+            )
+        outputs.append(v2.RequestedOutput(_string(item.get("name"), f"outputs[{i}].name"), k))
         if params.get("binary_data"):
             binary_names.add(outputs[-1].name)
     binary_outputs: bool | set[str] = binary_names
@@ -333,7 +379,7 @@ def _infer_request(
         model_version=version,
         inputs=inputs,
         outputs=outputs,
-        id=str(body.get("id", "")),
+        id=_string(body.get("id"), "id"),
         parameters=parameters,
     )
     return infer, binary_outputs

@@ -146,6 +146,18 @@ class TrainConfig:
         "", "write TensorBoard logs (scalars, learning rate, sample images) to DIR/<name>/<run start time>/"
     )
     demo_data_if_empty: bool = _field(False, "when --data holds no images, generate demo data into it first")
+    gate: bool | None = _field(
+        AUTO,
+        "publish gate: compare with the newest published version of the same classes on this run's test "
+        "split and publish only if not worse ('auto': on once such a version exists; --no-gate skips it)",
+    )
+    gate_against: int | None = _field(
+        AUTO, "publish gate: the reference version (default: the newest with these classes)"
+    )
+    gate_tolerance: float = _field(0.01, "publish gate: the largest test-accuracy drop still published")
+    gate_class_tolerance: float = _field(
+        0.05, "publish gate: the largest drop of any one class's test recall still published"
+    )
     verbose: int = _field(
         1,
         "Keras output: 1 progress bar per epoch (one line per epoch when not a terminal), 2 one line per epoch, 0 silent",

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from fovea.trainer.config import TrainConfig
+from fovea.trainer.gate import gate_html
 from fovea.trainer.results import TrainMetrics
 
 # A point is an outlier of a curve when it is this many times the next largest value; the axis is
@@ -333,8 +334,14 @@ def write_index(report_dir: Path, *, metrics: TrainMetrics, labels: Sequence[str
     )
     best = "-" if metrics.best_epoch is None else str(metrics.best_epoch)
     counts = {split: sum(c.values()) for split, c in metrics.images.items()}
+    weights = metrics.weights or (f"published version {metrics.parent}" if metrics.parent else "-")
+    if metrics.parent and metrics.parent_mode:
+        weights += f" ({metrics.parent_mode})"
+    size = f", input {metrics.input_size}x{metrics.input_size} px" if metrics.input_size else ""
     summary = [
         ("test accuracy", f"{test.accuracy:.4f} (macro F1 {test.macro_f1:.4f}) on {test.support} images"),
+        ("model", f"{metrics.backbone or '-'}{size}"),
+        ("base weights", weights),
         ("classes", f"{len(labels)}: {', '.join(labels)}"),
         ("images", ", ".join(f"{k} {v}" for k, v in counts.items()) + f" ({metrics.layout})"),
         ("epochs", f"phase 1 {metrics.phase1_epochs}, phase 2 {metrics.phase2_epochs}; best epoch {best}"),
@@ -343,9 +350,11 @@ def write_index(report_dir: Path, *, metrics: TrainMetrics, labels: Sequence[str
             "augmentation",
             f"{metrics.augment}: " + ", ".join(f"{k} {v}" for k, v in metrics.augmentation.items()),
         ),
-        ("trained from", f"{metrics.parent} ({metrics.parent_mode})" if metrics.parent else "-"),
         ("skipped files", str(len(metrics.skipped_files))),
-        ("training time", f"{metrics.train_seconds:.0f} s on {metrics.replicas} replica(s)"),
+        (
+            "training time",
+            f"{metrics.train_seconds:.0f} s on {metrics.replicas} replica(s) (data, both phases, test)",
+        ),
     ]
     figures = "".join(
         f"<h2>{e(title)}</h2><img alt='{e(title)}' src='data:image/png;base64,"
@@ -356,6 +365,9 @@ def write_index(report_dir: Path, *, metrics: TrainMetrics, labels: Sequence[str
     skipped = "".join(
         f"<li><code>{e(s['path'])}</code>: {e(s['reason'])}</li>" for s in metrics.skipped_files[:100]
     )
+    warnings = "".join(f"<p>{e(w)}</p>" for w in metrics.warnings)
+    if warnings:
+        warnings = f"<div class='warning'><h2>Warning</h2>{warnings}</div>"
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>fovea training report</title>
 <style>
@@ -363,11 +375,14 @@ body {{ font: 14px/1.45 system-ui, sans-serif; margin: 24px auto; max-width: 120
 table {{ border-collapse: collapse; margin: 8px 0 16px; }}
 td, th {{ border: 1px solid #ccc; padding: 3px 10px; text-align: left; }}
 th {{ background: #f2f2f2; }} img {{ max-width: 100%; border: 1px solid #eee; }}
+.warning {{ background: #fff3cd; border: 1px solid #e0b000; padding: 4px 14px; margin: 12px 0; }}
 </style></head><body>
 <h1>fovea training report</h1>
+{warnings}
 <table>{"".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in summary)}</table>
 <h2>Per class (test split)</h2>
 <table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>{rows}</table>
+{gate_html(metrics.gate, test.confusion_matrix, labels) if metrics.gate is not None else ""}
 {figures}
 {f"<h2>Skipped files</h2><ul>{skipped}</ul>" if skipped else ""}
 </body></html>

@@ -38,13 +38,19 @@ class TrainMetrics:
     layout: str
     skipped_files: list[dict[str, str]]  # {"path", "reason"}
     replicas: int
+    # Measured once, from the start of the run to the end of the test evaluation (data, both phases,
+    # the test); the CLI, the report and metrics.json all show this one figure.
     train_seconds: float
     augment: str = "photo"  # the preset
     augmentation: dict[str, Any] = dataclasses.field(default_factory=dict)  # the values used
     parent: str = ""  # the published version training started from, if any
     parent_mode: str = ""  # "continue" (same classes) or "new head" (other classes)
     run_id: str = ""  # one per training run, kept across restarts: a rerun never publishes twice
-    total_seconds: float | None = None  # set once the run (export included) is over
+    backbone: str = ""
+    input_size: int = 0  # pixels, square
+    weights: str = ""  # what the base started from, in words (chance.weights_text)
+    warnings: list[str] = dataclasses.field(default_factory=list)  # e.g. a test accuracy near chance
+    gate: dict[str, Any] | None = None  # the publish gate's comparison (gate.GateDecision), None when off
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

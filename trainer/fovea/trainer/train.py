@@ -74,21 +74,42 @@ def _callbacks(s: _Session, phase: int) -> list[Any]:
     return [
         keep_best(backup, phase, s.model),
         keras.callbacks.BackupAndRestore(backup.checkpoints(phase)),
+        # Silent: fovea says which epoch it keeps (_restore_phase_best), and when a phase stopped early.
         keras.callbacks.EarlyStopping(
-            monitor="val_loss",
-            patience=cfg.patience,
-            restore_best_weights=True,
-            verbose=1 if cfg.verbose else 0,
+            monitor="val_loss", patience=cfg.patience, restore_best_weights=True, verbose=0
         ),
+        # Silent too: Keras announces a lower rate after the epoch that triggered it, which reads as
+        # if that epoch used it; _learning_rate_notice says so as the epoch that uses it begins.
         keras.callbacks.ReduceLROnPlateau(
-            monitor="val_loss",
-            factor=cfg.reduce_lr_factor,
-            patience=cfg.reduce_lr_patience,
-            verbose=1 if cfg.verbose else 0,
+            monitor="val_loss", factor=cfg.reduce_lr_factor, patience=cfg.reduce_lr_patience, verbose=0
         ),
+        _learning_rate_notice(s),
         keras.callbacks.CSVLogger(str(backup.history(phase)), append=True),
         *_tensorboard_callbacks(s),
     ]
+
+
+def _learning_rate_notice(s: _Session) -> Any:
+    """Logs "epoch N: learning rate lowered to X" when epoch N begins with a lower rate than the last."""
+    import tf_keras as keras
+
+    class LearningRateNotice(keras.callbacks.Callback):
+        last: float | None = None
+
+        def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            rate = float(keras.backend.get_value(self.model.optimizer.learning_rate))
+            if self.last is not None and rate < self.last:
+                s.log(
+                    f"epoch {epoch + 1}: learning rate lowered to {rate:.3g} (val_loss had not improved "
+                    f"for {s.cfg.reduce_lr_patience} {_plural(s.cfg.reduce_lr_patience, 'epoch')})"
+                )
+            self.last = rate
+
+    return LearningRateNotice()
+
+
+def _plural(count: int, word: str) -> str:
+    return word if count == 1 else word + "s"
 
 
 def _tensorboard_callbacks(s: _Session) -> list[Any]:
@@ -232,13 +253,20 @@ def _run(
     # Every worker reads the final weights: under MultiWorkerMirroredStrategy reading a BatchNorm
     # statistic is a collective op, so the chief cannot do it alone after the others have exited.
     final_weights = get_layer_weights(model)
-    train_seconds = time.monotonic() - started
 
-    from fovea.trainer import evaluate, report
+    from fovea.trainer import chance, evaluate, report
 
     test_ds = data_mod.make_stream(dataset.files["test"], dataset.targets["test"], training=False, **stream)
     evaluation, probabilities, truth = evaluate.evaluate(model, test_ds, dataset.labels)
+    train_seconds = time.monotonic() - started
     log(f"test accuracy {evaluation.accuracy:.4f} on {evaluation.support} images")
+    warnings = chance.warnings(
+        accuracy=evaluation.accuracy,
+        classes=len(dataset.labels),
+        test_images=evaluation.support,
+        train_images=dataset.counts()["train"],
+        weights=cfg.weights,
+    )
 
     metrics = TrainMetrics(
         test_accuracy=evaluation.accuracy,
@@ -261,6 +289,10 @@ def _run(
         parent=parent,
         parent_mode=parent_mode,
         run_id=backup.run_id(),
+        backbone=cfg.backbone,
+        input_size=cfg.input_size,
+        weights=chance.weights_text(cfg.weights, parent),
+        warnings=warnings,
     )
 
     version_path = None
@@ -271,6 +303,17 @@ def _run(
         if version_path:
             log(f"this run already published {version_path}: not publishing it again")
         else:
+            from fovea.trainer import gate
+
+            decision = gate.run_gate(
+                cfg,
+                dataset.labels,
+                evaluation,
+                dataset.files["test"],
+                np.asarray(dataset.targets["test"]),
+                log,
+            )
+            metrics.gate = decision.to_dict() if decision else None
             with tempfile.TemporaryDirectory(prefix="fovea-report-") as report_dir:
                 report.write_report(
                     report_dir,
@@ -285,12 +328,15 @@ def _run(
                         test_truth=truth,
                     ),
                 )
+                if decision is not None and not decision.passed:
+                    kept = gate.keep_rejected(cfg.models, cfg.name, report_dir, decision)
+                    backup.remove()  # a rejected run is over: its rerun trains anew
+                    raise gate.GateRejected(f"not published: {decision.reason}; report in {kept}")
                 version_path = _export(cfg, final_weights, dataset.labels, metrics, report_dir)
             log(f"published {version_path}")
             notify("published", model, base)
     # A finished run leaves no backup behind, so the next run of the same command trains anew.
     backup.remove()
-    metrics.total_seconds = round(time.monotonic() - started, 1)
     return TrainResult(version_path, metrics, model, dataset, cfg, is_chief)
 
 
@@ -373,12 +419,14 @@ def _phase1(s: _Session) -> tuple[int, list[dict[str, float]]]:
         )
     else:
         s.log(
-            f"phase 1: training the head on a frozen {cfg.backbone} "
-            f"(up to {cfg.epochs} epochs, lr {cfg.learning_rate:g})"
+            f"phase 1: {_phase1_plan(cfg)} (up to {cfg.epochs} {_plural(cfg.epochs, 'epoch')}, lr {cfg.learning_rate:g})"
         )
         s.model.fit(s.train_ds, epochs=cfg.epochs, callbacks=_callbacks(s, 1), **s.fit)
-        _restore_phase_best(s, 1)
         history = read_history(backup.history(1))
+        _say_stopped_early(s, 1, len(history), cfg.epochs)
+        best = _restore_phase_best(s, 1)
+        if best is not None:
+            s.log(f"phase 1: kept the weights of its best epoch, {_epoch_text(best)}")
         phase1 = {"epochs": len(history), "best_epoch": best_epoch_of(history)}
         save_weights(s.model, backup.weights(1))
         write_text_atomic(backup.marker(1), json.dumps(phase1))
@@ -402,10 +450,13 @@ def _phase2(
         load_weights(s.model, backup.weights(2))
         s.log(f"phase 2 already done: loaded its weights from {backup.weights(2)}")
         return read_history(backup.history(2)), unfrozen
-    s.log(
-        f"phase 2: fine-tuning {len(unfrozen)} layers of the base (up to {cfg.fine_tune_epochs} epochs, "
-        f"lr {cfg.fine_tune_learning_rate:g})"
+    what = (
+        f"training the whole network: the head and all {len(unfrozen)} layers of the base (BatchNorm excepted)"
+        if cfg.fine_tune_layers == 0
+        else f"fine-tuning the top {len(unfrozen)} layers of the base (BatchNorm excepted) with the head"
     )
+    epochs = cfg.fine_tune_epochs
+    s.log(f"phase 2: {what} (up to {epochs} {_plural(epochs, 'epoch')}, lr {cfg.fine_tune_learning_rate:g})")
     s.model.fit(
         s.train_ds,
         initial_epoch=phase1_epochs,
@@ -413,27 +464,67 @@ def _phase2(
         callbacks=_callbacks(s, 2),
         **s.fit,
     )
-    _restore_phase_best(s, 2)
-    s.notify("phase2_end", s.model, s.base)
     history = read_history(backup.history(2))
+    _say_stopped_early(s, 2, len(history), cfg.fine_tune_epochs)
+    best = _restore_phase_best(s, 2)
+    s.notify("phase2_end", s.model, s.base)
     best1 = min((r["val_loss"] for r in history1 if "val_loss" in r), default=float("inf"))
     best2 = min((r["val_loss"] for r in history if "val_loss" in r), default=float("inf"))
+    # One line saying which weights the run keeps: phase 2's best epoch, or phase 1's when fine-tuning
+    # never beat the head alone.
+    best_text = "" if best is None else f", {_epoch_text(best)},"
     if best2 > best1:
-        # Fine-tuning never beat the head alone: keep phase 1's best weights.
         load_weights(s.model, backup.weights(1))
-        s.log("phase 2 never beat phase 1's best val_loss: keeping phase 1's weights")
+        s.log(
+            f"phase 2: its best epoch{best_text} did not beat phase 1's best val_loss ({best1:.4f}): "
+            "keeping phase 1's weights"
+        )
+    elif best is not None:
+        s.log(
+            f"phase 2: kept the weights of its best epoch, {_epoch_text(best)}, better than phase 1's {best1:.4f}"
+        )
     save_weights(s.model, backup.weights(2))
     write_text_atomic(backup.marker(2), json.dumps({"epochs": len(history)}))
     return history, unfrozen
 
 
-def _restore_phase_best(s: _Session, phase: int) -> None:
-    """EarlyStopping restored the best epoch since the last (re)start; this is the best of the phase."""
-    best = restore_best(s.backup, phase, s.model)
-    if best is not None:
+def _restore_phase_best(s: _Session, phase: int) -> dict[str, float] | None:
+    """EarlyStopping restored the best epoch since the last (re)start; this is the best of the phase.
+    Returns its history row (None when nothing was recorded); the caller says what it keeps."""
+    return restore_best(s.backup, phase, s.model)
+
+
+def _epoch_text(best: dict[str, float]) -> str:
+    # Epochs are numbered across both phases from 1, as Keras prints them and the report plots them.
+    return f"{int(best['epoch']) + 1} (val_loss {best['val_loss']:.4f})"
+
+
+def _say_stopped_early(s: _Session, phase: int, ran: int, planned: int) -> None:
+    if 0 < ran < planned:
         s.log(
-            f"phase {phase}: kept the weights of its best epoch, {int(best['epoch']) + 1} (val_loss {best['val_loss']:.4f})"
+            f"phase {phase}: stopped early after {ran} of {planned} epochs: val_loss had not improved for "
+            f"{s.cfg.patience} {_plural(s.cfg.patience, 'epoch')}"
         )
+
+
+def _phase1_plan(cfg: TrainConfig) -> str:
+    """What phase 1 does, in words a user can check against the flags."""
+    if cfg.weights.lower() != "none":
+        return f"training the new head on a frozen {cfg.backbone}"
+    # A random base stays frozen here on purpose: a few epochs give the new head a start on random
+    # features before phase 2 trains everything, which keeps the head's first, large gradients out of
+    # the base. Said plainly, since "frozen" alone suggests pretrained features.
+    then = (
+        "phase 2 then trains the whole network"
+        if cfg.fine_tune_epochs > 0 and cfg.fine_tune_layers == 0
+        else "phase 2 then trains the top of the base"
+        if cfg.fine_tune_epochs > 0
+        else "with --fine-tune-epochs 0 the base keeps its random weights and only the head learns"
+    )
+    return (
+        f"training the new head on a frozen, randomly initialised {cfg.backbone} (--weights none): its "
+        f"features are random, so this only gives the head a start; {then}"
+    )
 
 
 def _build_and_freeze(cfg: TrainConfig, num_classes: int) -> tuple[Any, Any]:

@@ -72,6 +72,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise CLIError(str(exc)) from None
 
 
+def check_arguments(command: str, args: argparse.Namespace) -> None:
+    """Every flag and the --config file, checked before the dispatcher imports TensorFlow."""
+    config_from_args(args)
+
+
 def run(command: str, args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
 
@@ -94,10 +99,13 @@ def run(command: str, args: argparse.Namespace) -> int:
             f"  test accuracy {m.test_accuracy:.4f} (macro F1 {m.test.macro_f1:.4f}) on {m.test.support} images, "
             f"{len(result.dataset.labels)} classes\n"
             f"  epochs: phase 1 {m.phase1_epochs}, phase 2 {m.phase2_epochs}; best epoch {best}\n"
-            f"  skipped files: {len(m.skipped_files)}; took {m.total_seconds:.0f} s\n"
+            f"  {m.backbone} at {m.input_size}x{m.input_size} px, base weights: {m.weights}\n"
+            f"  skipped files: {len(m.skipped_files)}; training took {m.train_seconds:.0f} s\n"
             f"  report: {result.report_index}",
             flush=True,
         )
+        for i, warning in enumerate(m.warnings):
+            print(("\nWARNING: " if i == 0 else "  ") + warning, flush=True)
     else:
         print(
             f"worker finished (test accuracy {m.test_accuracy:.4f}); the chief publishes the model",

@@ -1,0 +1,96 @@
+"""Whether callers come back after their answer, and how soon: what decides a batch's wait.
+
+In a closed loop (each caller sends its next request once answered) the callers a batch answered
+return within a round trip, and starting the next batch without them splits the load into
+alternating small batches (1/3 at 4 callers, 8/8 at 16) that run below the model's speed. In an open
+loop (arrivals that do not follow answers) waiting only adds latency: Triton's rule, start whatever
+is queued at once, is the right one there.
+
+`ReturnWatch` tells them apart by what happens after the callers come back. After each batch it
+counts the requests that arrive until as many arrived as the batch answered (taking time X), and
+then the requests that arrive in the next X (requests, not rows: a caller sends one request after
+its answer, whatever its size). A closed loop's arrivals stop once its callers are back (they
+all wait for answers again): that second count is near 0. Arrivals that do not follow answers
+keep coming at their rate: the second count is about as large as the first. The ratio of the two
+is a property of the traffic, not of its speed, so the rule holds at any model speed and any round
+trip. The wait it allows is what the returns took before (with room for their spread), never more
+than the break-even wait of `ComputeCosts.worth_waiting`.
+"""
+
+from __future__ import annotations
+
+from fovea.server.batch_costs import Ewma
+
+# Requests arriving after the returns, per request answered, below which the traffic is a closed loop.
+# A closed loop gives 0 (0.1 at most, when a caller comes back late); a Poisson stream gives about 1
+# per observation, and its average over the last ten or so, the ratio, stays above 0.35 (measured by
+# bench/batcher_sim.py over five cost curves and loads from 50% to 400%). A statistical boundary
+# between the two distributions, not a speed.
+CLOSED_LOOP_RATIO = 0.2
+# Returns are awaited up to this multiple of their learned delay: the delay of the last of n
+# returns varies from batch to batch, and waiting a little long costs at most the break-even wait.
+RETURN_MARGIN = 2.0
+# Weight of one observation in the ratio: slower than the cost averages, since a single batch's
+# count is noisy (a Poisson count of mean 1 is 0 a third of the time).
+_RATIO_WEIGHT = 0.1
+
+
+class ReturnWatch:
+    """Learns, from arrivals and finished batches, whether answered callers return, and how soon."""
+
+    def __init__(self) -> None:
+        # Ratio of two averages (requests after the returns / requests answered); it starts by assuming a
+        # closed loop, which costs an open one a few short waits while it learns.
+        self._after_mean = Ewma(_RATIO_WEIGHT, 0.0)
+        self._answered = Ewma(_RATIO_WEIGHT, 1.0)
+        self.delay = Ewma()  # seconds from a batch's end until as many requests arrived as it answered
+        self._last_end: float | None = None
+        self._start = 0.0  # the open observation: the batch's end,
+        self._need = 0  # the requests it answered (0: none open),
+        self._seen = 0  # requests arrived since,
+        self._returned_at: float | None = None  # when they were all back,
+        self._after = 0  # and requests arrived after that, until twice that time.
+
+    @property
+    def ratio(self) -> float:
+        return (self._after_mean.value or 0.0) / max(self._answered.value or 1.0, 1e-9)
+
+    @property
+    def closed_loop(self) -> bool:
+        return self.ratio < CLOSED_LOOP_RATIO
+
+    def arrived(self, now: float, requests: int = 1) -> None:
+        if not self._need:
+            return
+        if self._returned_at is None:
+            self._seen += requests
+            if self._seen >= self._need:
+                self._returned_at = now
+                self.delay.add(now - self._start)
+        elif now - self._returned_at <= self._returned_at - self._start:
+            self._after += requests
+        else:
+            self._close(self._after)
+
+    def answered(self, now: float, requests: int) -> None:
+        """A batch of `requests` requests finished at `now`: close the last observation, open one."""
+        if self._need:
+            # Not all of the last batch's callers came back before this batch ended: arrivals do not
+            # follow answers. All back, and the second window still open: count what it saw.
+            self._close(self._need if self._returned_at is None else self._after)
+        self._last_end = now
+        self._start, self._need, self._seen = now, requests, 0
+        self._returned_at, self._after = None, 0
+
+    def window(self, now: float) -> float:
+        """Until when the callers the last batch answered are worth waiting for (-inf: not at all)."""
+        if not self.closed_loop or self._last_end is None:
+            return float("-inf")
+        if self.delay.value is None:
+            return float("inf")  # nothing learned yet: the break-even wait alone bounds it
+        return self._last_end + RETURN_MARGIN * self.delay.value
+
+    def _close(self, after: int) -> None:
+        self._after_mean.add(after)
+        self._answered.add(self._need)
+        self._need = 0
