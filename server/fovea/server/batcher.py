@@ -241,6 +241,12 @@ class Batcher:
         seconds += self._costs.rows_seconds(self._queued_rows + self._admitted_rows + rows)
         return seconds / self.max_in_flight
 
+    def queue_batches(self) -> float:
+        """The work ahead of a new request per compute slot, in batches: those handed to the model
+        (computing or formed ahead) and the rows queued or being decoded, in full batches."""
+        rows = self._queued_rows + self._admitted_rows
+        return (len(self._in_flight) + rows / self.max_batch_size) / self.max_in_flight
+
     @contextlib.contextmanager
     def admit(self, rows: int, deadline: float | None = None, before: float = 0.0) -> Iterator[Place]:
         """Hold a place for `rows` rows that are about to be prepared and submitted, or shed at once.
@@ -285,10 +291,13 @@ class Batcher:
                     "longer deadline or on another replica"
                 )
         if self.max_queue_batches > 0 and not self._watch.closed_loop:
-            batch_s = self._costs(self.max_batch_size)
-            if batch_s > 0 and ahead > self.max_queue_batches * batch_s:
+            # Counted in batches, not in learned seconds: the costs of different sizes are learned
+            # at different moments (a small batch timed while a reload took the CPU, the full one at
+            # warm-up), and their ratio is no measure of the queue.
+            batches = self.queue_batches()
+            if batches > self.max_queue_batches:
                 self._shed(
-                    f"{ahead / batch_s:.1f} full batches of work are ahead of it (--max-queue-batches "
+                    f"{batches:.1f} batches of work are ahead of it (--max-queue-batches "
                     f"{self.max_queue_batches:g}); retry with backoff or on another replica"
                 )
         if self.max_queue_wait_s > 0 and ahead > self.max_queue_wait_s:
