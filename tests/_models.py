@@ -26,7 +26,12 @@ def build_tiny_model(input_size: int = 32, num_classes: int = len(LABELS), seed:
 
 
 def export_tiny(
-    models_dir: Path, name: str = "tiny", input_size: int = 32, labels: Sequence[str] = LABELS, seed: int = 0
+    models_dir: Path,
+    name: str = "tiny",
+    input_size: int = 32,
+    labels: Sequence[str] = LABELS,
+    seed: int = 0,
+    calibration: dict | None = None,
 ) -> Path:
     """Publish the next version of a tiny model; return its folder."""
     from fovea.trainer.export import export_model
@@ -41,6 +46,7 @@ def export_tiny(
         backbone="tiny-cnn",
         metrics={"test_accuracy": 0.5},
         config={"seed": seed},
+        calibration=calibration,
     )
     return Path(path)
 
