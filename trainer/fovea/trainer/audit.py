@@ -91,16 +91,37 @@ def _all_images(dataset: Any) -> tuple[list[str], list[str], np.ndarray]:
 
 
 def features(model: Any, files: Sequence[str], targets: np.ndarray, cfg: Any, num_classes: int) -> np.ndarray:
-    """The trained model's pooled features (the head's input) of every file, in order."""
+    """Per file, in order: the pooled output of the base's last layer at each spatial resolution.
+
+    The head's input alone (the last of them) is all a well-trained model needs; the earlier stages
+    keep texture statistics that a weakly trained base (a few epochs from random weights) still
+    separates well: on 32 px demo data the head's input alone gave 0.53 out-of-sample accuracy.
+    """
+    import tensorflow as tf
     import tf_keras as keras
     from fovea.trainer import data as data_mod
+    from fovea.trainer.backbones import preprocess_fn
 
-    extractor = keras.Model(model.inputs, model.get_layer("pool").output)
+    base = next(layer for layer in model.layers if isinstance(layer, keras.Model))
+    stages: dict[int, Any] = {}
+    for layer in base.layers[1:]:
+        shape = layer.output.shape
+        if len(shape) == 4:
+            stages[int(shape[1])] = layer.output  # the last layer at this resolution wins
+    multi = keras.Model(base.inputs, list(stages.values()))
+    preprocess = preprocess_fn(cfg.backbone)
+
+    @tf.function(reduce_retracing=True)
+    def extract(images: tf.Tensor) -> tf.Tensor:
+        outs = multi(preprocess(images), training=False)
+        outs = outs if isinstance(outs, (list, tuple)) else [outs]
+        return tf.concat([tf.reduce_mean(tf.cast(o, tf.float32), axis=[1, 2]) for o in outs], axis=1)
+
     stream = data_mod.make_stream(
         list(files), list(targets), num_classes=num_classes, input_size=cfg.input_size,
         batch_size=cfg.batch_size or 32, training=False, seed=cfg.seed, cache=False,
     )  # fmt: skip
-    out = [np.asarray(extractor(images, training=False), np.float32) for images, _ in stream]
+    out = [extract(images).numpy() for images, _ in stream]
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
