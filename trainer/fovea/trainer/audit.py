@@ -58,6 +58,8 @@ class Findings:
 
     def rows(self) -> list[Suspect]:
         """suspects.csv: label suspects first (ranked), then one row per duplicate pair's second image."""
+        from fovea.trainer import phash
+
         out = list(self.label_suspects)
         for d in self.duplicates:
             out.append(
@@ -66,7 +68,7 @@ class Findings:
                     d["split_b"],
                     d["label_b"],
                     d["label_a"],
-                    1.0 - d["distance"] / 256,
+                    1.0 - d["distance"] / phash.HASH_SIZE**2,
                     0.0,
                     f"{d['kind']}: near-duplicate of {d['a']} ({d['split_a']}, {d['label_a']}; "
                     f"{d['distance']} bits apart)",
@@ -128,8 +130,7 @@ def features(model: Any, files: Sequence[str], targets: np.ndarray, cfg: Any, nu
 def fit_softmax(x: np.ndarray, y: np.ndarray, classes: int, steps: int = 200, l2: float = 0.1) -> tuple:
     """Multinomial logistic regression by Adam on standardised features: (mean, std, W, b).
 
-    l2 0.1 (on the mean loss): on noisy labels a weaker penalty (1e-3) fitted the flips, 0.905 against
-    0.94 accuracy to the true labels on the synthetic test's data.
+    The penalty is chosen per data set by cross_val_probabilities (see L2_CHOICES).
     """
     mean, std = x.mean(axis=0), x.std(axis=0) + 1e-6
     z = (x - mean) / std
@@ -159,8 +160,26 @@ def predict_softmax(params: tuple, x: np.ndarray) -> np.ndarray:
     return p / p.sum(axis=1, keepdims=True)
 
 
+# The L2 penalties (on the mean loss) tried; the one whose out-of-sample probabilities give the given
+# labels the lowest NLL wins. No one value fits all: on 8-dim synthetic features 0.1 beat 1e-3 (0.94
+# against 0.905 accuracy to the true labels), on 1984-dim features of 64 px demo images 0.01 beat 0.1
+# (0.72 against 0.59).
+L2_CHOICES = (0.01, 0.1, 1.0)
+
+
 def cross_val_probabilities(x: np.ndarray, y: np.ndarray, classes: int, folds: int, seed: int) -> np.ndarray:
-    """Each image's probabilities from a head that never saw it (stratified folds)."""
+    """Each image's probabilities from a head that never saw it (stratified folds), at the L2 penalty
+    that predicts the given labels best out of sample."""
+    best, best_nll = None, np.inf
+    for l2 in L2_CHOICES:
+        probs = _cross_val(x, y, classes, folds, seed, l2)
+        nll = -np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1.0)))
+        if nll < best_nll:
+            best, best_nll = probs, nll
+    return best
+
+
+def _cross_val(x: np.ndarray, y: np.ndarray, classes: int, folds: int, seed: int, l2: float) -> np.ndarray:
     rng = np.random.default_rng(seed)
     fold_of = np.zeros(len(y), np.int64)
     for c in range(classes):
@@ -170,7 +189,7 @@ def cross_val_probabilities(x: np.ndarray, y: np.ndarray, classes: int, folds: i
     for f in range(folds):
         held = fold_of == f
         if held.any() and (~held).any():
-            out[held] = predict_softmax(fit_softmax(x[~held], y[~held], classes), x[held])
+            out[held] = predict_softmax(fit_softmax(x[~held], y[~held], classes, l2=l2), x[held])
     return out
 
 
