@@ -45,8 +45,12 @@ def test_threshold_reaches_the_target_precision_with_the_widest_coverage():
     # Scores 0.9..0.5; the two lowest are wrong: precision 1 down to 0.6, then 5/6 and 5/7.
     probs = np.array([[s, 1 - s] for s in (0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6)])
     truth = np.array([0, 0, 0, 0, 0, 1, 1])
-    assert cal.threshold_for_precision(probs, truth, 0.99) == pytest.approx(0.75)
+    # 0.99 needs 100 answers (here: all 7), and all 7 reach only 5/7.
+    assert cal.threshold_for_precision(probs, truth, 0.99) is None
     assert cal.threshold_for_precision(probs, truth, 0.8) == pytest.approx(0.7)
+    # 0.6 needs 3 answers: the widest coverage reaching it is all of them (5/7 >= 0.6).
+    assert cal.threshold_for_precision(probs, truth, 0.6) == pytest.approx(0.6)
+    assert cal.threshold_for_precision(probs[:3], truth[:3], 0.99) == pytest.approx(0.85)
     assert cal.coverage_at(probs, truth, 0.75) == {"coverage": 5 / 7, "precision": 1.0, "images": 7}
     # Every answer wrong: no threshold reaches it, the model would abstain on everything.
     assert cal.threshold_for_precision(probs, 1 - truth[:1].repeat(7), 0.99) is None

@@ -124,9 +124,17 @@ def precision_coverage(
 
 def threshold_for_precision(probabilities: np.ndarray, truth: np.ndarray, target: float) -> float | None:
     """The lowest top-score threshold whose answered images reach `target` precision (the widest
-    coverage that does), or None when no threshold does (the model would abstain on everything)."""
-    thresholds, precision, _ = precision_coverage(probabilities, truth)
-    ok = np.flatnonzero(precision >= target)
+    coverage that does), or None when no threshold does (the model would abstain on everything).
+
+    A precision of 0.99 cannot be seen on fewer than 100 answers: at least 1 / (1 - target) images
+    (all of them, on a smaller split) must be answered. Without this rule a chance-level demo model
+    got "precision 0.99" from the one validation image it answered.
+    """
+    thresholds, precision, coverage = precision_coverage(probabilities, truth)
+    n = len(probabilities)
+    needed = n if target >= 1 else min(n, int(np.ceil(1 / (1 - target) - 1e-9)))
+    answered = np.rint(coverage * n)
+    ok = np.flatnonzero((precision >= target) & (answered >= needed))
     return float(thresholds[ok[-1]]) if len(ok) else None
 
 

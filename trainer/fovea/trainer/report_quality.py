@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from fovea.trainer import audit as audit_mod
 from fovea.trainer import calibration as cal
+from fovea.trainer.report import _pyplot
 
 GRID_SUSPECTS = 16
 
@@ -22,15 +23,6 @@ class Quality:
     calibrated: cal.Calibrated
     test_raw: tuple[np.ndarray, np.ndarray]  # the uncalibrated test softmax and truth
     audit: audit_mod.Findings | None = None
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def plot_reliability(before: cal.Reliability, after: cal.Reliability, temperature: float, path: Path) -> None:
