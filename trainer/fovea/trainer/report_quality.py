@@ -158,8 +158,8 @@ def write(out: Path, quality: Quality, test_per_class: dict[str, dict[str, float
             for label, n, width in thin
         )
         parts.append(
-            f"<p>Classes with too few test images for their figures to mean much (95% Wilson interval wider "
-            f"than {audit_mod.WIDE_INTERVAL}):</p><ul>{items}</ul>"
+            "<p>Classes with too few test images for their figures to mean much (the 95% Wilson interval of a "
+            f"recall near 0.5 is wider than {audit_mod.WIDE_INTERVAL}):</p><ul>{items}</ul>"
         )
     findings = quality.audit
     if findings is None:
