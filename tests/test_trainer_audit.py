@@ -62,6 +62,7 @@ def test_audit_finds_flips_and_leakage_and_the_report_shows_them(tmp_path):
     meta = json.loads((version / "assets.extra/fovea.json").read_text())
     cal = meta["calibration"]
     assert cal["calibrated"] and cal["temperature"] > 0 and cal["target_precision"] == 0.99
+    assert cal["test_ece_after"] <= cal["test_ece_before"]
     print(
         "calibration", {k: cal[k] for k in ("temperature", "test_ece_before", "test_ece_after", "threshold")}
     )
