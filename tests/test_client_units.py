@@ -80,6 +80,7 @@ def test_result_to_dict_gives_json_lists_and_drops_absent_probabilities() -> Non
         "model_name": "m",
         "model_version": 3,
         "source": "x.jpg",
+        "abstained": False,
     }
     assert Prediction(top, (0.5, 0.5), "m", 3, "x.jpg").to_dict()["probabilities"] == [0.5, 0.5]
     meta = ModelMetadata("m", 2, ("a", "b"), 224, 224, "resnet50", (1, 2), {"acc": 0.9})

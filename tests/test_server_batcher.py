@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from fovea.devtools.virtual_time import CostModelSleeper, VirtualExecutor, VirtualTimeLoop
 from fovea.server.batch_costs import EXPLORE_EVERY, FasterOf
-from fovea.server.batcher import Batcher, BatcherStats, warmup_sizes
+from fovea.server.batcher import Batcher, BatcherStats, LowPriorityDropped, warmup_sizes
 from fovea.server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 
 
@@ -605,3 +605,33 @@ def test_the_faster_way_is_learned_from_serving_calls() -> None:
     assert picks[0] == 1 and picks[1:15] == [0] * 14
     # Way 1 from then on only when it is re-timed, one call in EXPLORE_EVERY.
     assert picks[-96:].count(1) == 96 // EXPLORE_EVERY
+
+
+def test_low_priority_work_never_goes_ahead_of_live_work() -> None:
+    async def main(loop: VirtualTimeLoop) -> None:
+        b, model = _virtual_batcher(loop, lambda n: 1.0, max_batch_size=4)
+        _warm(b, model)
+        # Alone, a shadow run computes (on a free slot).
+        assert values(await b.submit(rows(1), low_priority=True)) == [1]
+        # With live work queued it is dropped at once.
+        running = asyncio.ensure_future(b.submit(rows(2)))
+        await asyncio.sleep(0.5)  # the live row computes; another waits behind it
+        queued = asyncio.ensure_future(b.submit(rows(3)))
+        await asyncio.sleep(0)
+        with pytest.raises(LowPriorityDropped):
+            await b.submit(rows(4), low_priority=True)
+        # Queued while the model is busy with nothing live waiting, then live work arrives: the
+        # shadow row is dropped when the live batch forms, and never computed.
+        assert values(await running) == [2] and values(await queued) == [3]
+        blocker = asyncio.ensure_future(b.submit(rows(5)))
+        await asyncio.sleep(0.1)
+        shadow = asyncio.ensure_future(b.submit(rows(6), low_priority=True))
+        await asyncio.sleep(0.1)
+        late = asyncio.ensure_future(b.submit(rows(7)))
+        assert values(await blocker) == [5] and values(await late) == [7]
+        with pytest.raises(LowPriorityDropped):
+            await shadow
+        assert [int(batch[0][0]) for batch in model.batches] == [1, 2, 3, 5, 7]
+        await b.close()
+
+    _virtual(main)

@@ -160,15 +160,24 @@ def plan_predict(
     spec: classifier_pb2.ModelSpec | None,
     return_probabilities: bool,
     max_message_bytes: int,
+    min_score: float | None = None,
+    use_model_threshold: bool = False,
     max_images_per_request: int,
 ) -> PredictPlan:
     if top_k is None:
         top_k = 0  # the server's default: 5, or the number of classes when there are fewer
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise invalid_argument(f"top_k must be a positive int (None = the server's default), not {top_k!r}")
+    if min_score is not None and (
+        isinstance(min_score, bool) or not isinstance(min_score, (int, float)) or not 0 <= min_score <= 1
+    ):
+        raise invalid_argument(
+            f"min_score must be a number between 0 and 1 (None: no threshold), not {min_score!r}"
+        )
     base = classifier_pb2.PredictRequest(
-        model_spec=spec, top_k=top_k, return_probabilities=bool(return_probabilities)
-    )
+        model_spec=spec, top_k=top_k, return_probabilities=bool(return_probabilities),
+        min_score=float(min_score or 0.0), use_model_threshold=bool(use_model_threshold),
+    )  # fmt: skip
     ranges = _split.split(
         [image.ByteSize() for image in images],
         sources,

@@ -48,6 +48,8 @@ class Prediction:
         model_version: The concrete model version that computed it.
         source: Where the image came from: its file path, or a name such as ``<array 0>`` or
             ``<bytes 2>`` for in-memory inputs.
+        abstained: True when a threshold was asked for (``min_score`` or ``use_model_threshold``)
+            and the top score is below it: the model is not sure.
     """
 
     top: tuple[Classification, ...]
@@ -55,6 +57,7 @@ class Prediction:
     model_name: str
     model_version: int
     source: str
+    abstained: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (what ``fovea predict --json`` prints)."""
@@ -129,6 +132,7 @@ def predictions_from_response(
             model_name=name,
             model_version=version,
             source=source,
+            abstained=bool(p.abstained),
         )
         for p, source in zip(response.predictions, sources, strict=True)
     ]

@@ -107,6 +107,8 @@ class Client:
         version: int | None = None,
         return_probabilities: bool = False,
         timeout: float | None = None,
+        min_score: float | None = None,
+        use_model_threshold: bool = False,
     ) -> list[Prediction]:
         """Classify images and return one `Prediction` per image, in input order.
 
@@ -123,6 +125,10 @@ class Client:
             model: The model name; ``None`` when the server serves a single model.
             version: The model version; ``None`` or 0 for the latest loaded one.
             return_probabilities: Also return every class probability.
+            min_score: Answer only when sure: a prediction whose top score is below this (0..1)
+                comes back with ``abstained=True`` (its labels are still there). ``None`` for no threshold.
+            use_model_threshold: Use the threshold the trainer recorded for the model version (the
+                lowest score reaching its target precision on validation) instead of ``min_score``.
             timeout: The deadline in seconds for the whole call, all sub-requests and retries
                 included; ``None`` uses ``default_timeout``.
 
@@ -152,6 +158,8 @@ class Client:
             top_k=top_k,
             spec=spec,
             return_probabilities=return_probabilities,
+            min_score=min_score,
+            use_model_threshold=use_model_threshold,
             max_message_bytes=self.max_message_bytes,
             max_images_per_request=max_images,
         )

@@ -61,6 +61,18 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
             "--probabilities", action="store_true", help="include every class probability (with --json)"
         )
         parser.add_argument(
+            "--min-score",
+            type=float,
+            default=None,
+            metavar="X",
+            help="answer only when the top score is at least X (0..1); below it the row says 'unsure'",
+        )
+        parser.add_argument(
+            "--use-model-threshold",
+            action="store_true",
+            help="use the threshold the model recorded for its target precision instead of --min-score",
+        )
+        parser.add_argument(
             "images",
             nargs="+",
             metavar="IMAGE_OR_DIR",
@@ -175,7 +187,8 @@ def _predict_inputs(
             raise CLIError(f"{args.target}: DEADLINE_EXCEEDED: deadline of {args.timeout:g} s exceeded")
         return client.predict(
             images, top_k=args.top_k, model=args.model, version=args.version,
-            return_probabilities=args.probabilities, timeout=remaining,
+            return_probabilities=args.probabilities, min_score=args.min_score,
+            use_model_threshold=args.use_model_threshold, timeout=remaining,
         )  # fmt: skip
 
     try:
@@ -203,7 +216,17 @@ def format_predictions(predictions: Sequence[Prediction]) -> str:
     """An aligned table: one row per image, its top labels with scores, then the model used."""
     k = max((len(p.top) for p in predictions), default=0)
     header = ["FILE", *(f"TOP {i + 1}" for i in range(k))]
-    rows = [[p.source, *(f"{c.label} {c.score:.3f}" for c in p.top)] for p in predictions]
+    # An abstained row still shows its labels (a person may want them), after the word "unsure".
+    rows = [
+        [
+            p.source,
+            *(
+                ("unsure " if p.abstained and i == 0 else "") + f"{c.label} {c.score:.3f}"
+                for i, c in enumerate(p.top)
+            ),
+        ]
+        for p in predictions
+    ]
     lines = _table([header, *rows])
     models = sorted({(p.model_name, p.model_version) for p in predictions})
     lines.append(

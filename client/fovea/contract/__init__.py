@@ -112,7 +112,16 @@ class ModelMetadata:
     config: dict[str, Any] = field(default_factory=dict)
     created_at: str = ""
     parent: str = ""  # the published version this one was trained from, if any
+    # Temperature scaling folded into the signatures, and the abstention threshold fitted on val:
+    # {"temperature", "target_precision", "threshold" (None: no threshold reaches the target), ...}
+    calibration: dict[str, Any] = field(default_factory=dict)
     format: str = METADATA_FORMAT
+
+    @property
+    def score_threshold(self) -> float | None:
+        """The top score at or above which this version's answers reached its target precision on val."""
+        value = self.calibration.get("threshold")
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
     @property
     def num_classes(self) -> int:
@@ -156,6 +165,8 @@ class ModelMetadata:
         }
         if self.parent:
             doc["parent"] = self.parent
+        if self.calibration:
+            doc["calibration"] = _jsonable(self.calibration)
         return json.dumps(doc, indent=2, sort_keys=True)
 
     @classmethod
@@ -183,6 +194,7 @@ class ModelMetadata:
                 config=dict(doc.get("config") or {}),
                 created_at=str(doc.get("created_at", "")),
                 parent=str(doc.get("parent", "")),
+                calibration=dict(doc.get("calibration") or {}),
                 format=str(doc.get("format", METADATA_FORMAT)),
             )
         except (TypeError, ValueError, AttributeError) as exc:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66ovea/v1/classifier.proto\x12\x08\x66ovea.v1\"A\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x15\n\rversion_label\x18\x03 \x01(\t\"J\n\x08RawImage\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.fovea.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"E\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12!\n\x03raw\x18\x02 \x01(\x0b\x32\x12.fovea.v1.RawImageH\x00\x42\x06\n\x04kind\"\x87\x01\n\x0ePredictRequest\x12\'\n\nmodel_spec\x18\x01 \x01(\x0b\x32\x13.fovea.v1.ModelSpec\x12\x1f\n\x06images\x18\x02 \x03(\x0b\x32\x0f.fovea.v1.Image\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x1c\n\x14return_probabilities\x18\x04 \x01(\x08\"=\n\x0e\x43lassification\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"J\n\nPrediction\x12%\n\x03top\x18\x01 \x03(\x0b\x32\x18.fovea.v1.Classification\x12\x15\n\rprobabilities\x18\x02 \x03(\x02\"e\n\x0fPredictResponse\x12\'\n\nmodel_spec\x18\x01 \x01(\x0b\x32\x13.fovea.v1.ModelSpec\x12)\n\x0bpredictions\x18\x02 \x03(\x0b\x32\x14.fovea.v1.Prediction\"B\n\x17GetModelMetadataRequest\x12\'\n\nmodel_spec\x18\x01 \x01(\x0b\x32\x13.fovea.v1.ModelSpec\"\xd4\x03\n\x18GetModelMetadataResponse\x12\'\n\nmodel_spec\x18\x01 \x01(\x0b\x32\x13.fovea.v1.ModelSpec\x12\x0e\n\x06labels\x18\x02 \x03(\t\x12\x14\n\x0cinput_height\x18\x03 \x01(\x05\x12\x13\n\x0binput_width\x18\x04 \x01(\x05\x12\x10\n\x08\x62\x61\x63kbone\x18\x05 \x01(\t\x12\x17\n\x0floaded_versions\x18\x06 \x03(\x03\x12@\n\x07metrics\x18\x07 \x03(\x0b\x32/.fovea.v1.GetModelMetadataResponse.MetricsEntry\x12\x12\n\ncreated_at\x18\x08 \x01(\t\x12\x1e\n\x16max_images_per_request\x18\t \x01(\x05\x12M\n\x0eversion_labels\x18\n \x03(\x0b\x32\x35.fovea.v1.GetModelMetadataResponse.VersionLabelsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x34\n\x12VersionLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x13\n\x11ListModelsRequest\"\xb4\x01\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\x03\x12\r\n\x05ready\x18\x03 \x01(\x08\x12@\n\x0eversion_labels\x18\x04 \x03(\x0b\x32(.fovea.v1.ModelStatus.VersionLabelsEntry\x1a\x34\n\x12VersionLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.fovea.v1.ModelStatus*Q\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x02\x32\xf7\x01\n\x11\x43lassifierService\x12>\n\x07Predict\x12\x18.fovea.v1.PredictRequest\x1a\x19.fovea.v1.PredictResponse\x12Y\n\x10GetModelMetadata\x12!.fovea.v1.GetModelMetadataRequest\x1a\".fovea.v1.GetModelMetadataResponse\x12G\n\nListModels\x12\x1b.fovea.v1.ListModelsRequest\x1a\x1c.fovea.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66ovea/v1/classifier.proto\x12\x08\x66ovea.v1\"A\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x15\n\rversion_label\x18\x03 \x01(\t\"J\n\x08RawImage\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.fovea.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"E\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12!\n\x03raw\x18\x02 \x01(\x0b\x32\x12.fovea.v1.RawImageH\x00\x42\x06\n\x04kind\"\xb7\x01\n\x0ePredictRequest\x12\'\n\nmodel_spec\x18\x01 \x01(\x0b\x32\x13.fovea.v1.ModelSpec\x12\x1f\n\x06images\x18\x02 \x03(\x0b\x32\x0f.fovea.v1.Image\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x1c\n\x14return_probabilities\x18\x04 \x01(\x08\x12\x11\n\tmin_score\x18\x05 \x01(\x02\x12\x1b\n\x13use_model_threshold\x18\x06 \x01(\x08\"=\n\x0e\x43lassification\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"]\n\nPrediction\x12%\n\x03top\x18\x01 \x03(\x0b\x32\x18.fovea.v1.Classification\x12\x15\n\rprobabilities\x18\x02 \x03(\x02\x12\x11\n\tabstained\x18\x03 \x01(\x08\"e\n\x0fPredictResponse\x12\'\n\nmodel_spec\x18\x01 \x01(\x0b\x32\x13.fovea.v1.ModelSpec\x12)\n\x0bpredictions\x18\x02 \x03(\x0b\x32\x14.fovea.v1.Prediction\"B\n\x17GetModelMetadataRequest\x12\'\n\nmodel_spec\x18\x01 \x01(\x0b\x32\x13.fovea.v1.ModelSpec\"\xd4\x03\n\x18GetModelMetadataResponse\x12\'\n\nmodel_spec\x18\x01 \x01(\x0b\x32\x13.fovea.v1.ModelSpec\x12\x0e\n\x06labels\x18\x02 \x03(\t\x12\x14\n\x0cinput_height\x18\x03 \x01(\x05\x12\x13\n\x0binput_width\x18\x04 \x01(\x05\x12\x10\n\x08\x62\x61\x63kbone\x18\x05 \x01(\t\x12\x17\n\x0floaded_versions\x18\x06 \x03(\x03\x12@\n\x07metrics\x18\x07 \x03(\x0b\x32/.fovea.v1.GetModelMetadataResponse.MetricsEntry\x12\x12\n\ncreated_at\x18\x08 \x01(\t\x12\x1e\n\x16max_images_per_request\x18\t \x01(\x05\x12M\n\x0eversion_labels\x18\n \x03(\x0b\x32\x35.fovea.v1.GetModelMetadataResponse.VersionLabelsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x34\n\x12VersionLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x13\n\x11ListModelsRequest\"\xb4\x01\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\x03\x12\r\n\x05ready\x18\x03 \x01(\x08\x12@\n\x0eversion_labels\x18\x04 \x03(\x0b\x32(.fovea.v1.ModelStatus.VersionLabelsEntry\x1a\x34\n\x12VersionLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.fovea.v1.ModelStatus*Q\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x02\x32\xf7\x01\n\x11\x43lassifierService\x12>\n\x07Predict\x12\x18.fovea.v1.PredictRequest\x1a\x19.fovea.v1.PredictResponse\x12Y\n\x10GetModelMetadata\x12!.fovea.v1.GetModelMetadataRequest\x1a\".fovea.v1.GetModelMetadataResponse\x12G\n\nListModels\x12\x1b.fovea.v1.ListModelsRequest\x1a\x1c.fovea.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,8 +37,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETMODELMETADATARESPONSE_VERSIONLABELSENTRY']._serialized_options = b'8\001'
   _globals['_MODELSTATUS_VERSIONLABELSENTRY']._loaded_options = None
   _globals['_MODELSTATUS_VERSIONLABELSENTRY']._serialized_options = b'8\001'
-  _globals['_DATATYPE']._serialized_start=1437
-  _globals['_DATATYPE']._serialized_end=1518
+  _globals['_DATATYPE']._serialized_start=1504
+  _globals['_DATATYPE']._serialized_end=1585
   _globals['_MODELSPEC']._serialized_start=39
   _globals['_MODELSPEC']._serialized_end=104
   _globals['_RAWIMAGE']._serialized_start=106
@@ -46,29 +46,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_IMAGE']._serialized_start=182
   _globals['_IMAGE']._serialized_end=251
   _globals['_PREDICTREQUEST']._serialized_start=254
-  _globals['_PREDICTREQUEST']._serialized_end=389
-  _globals['_CLASSIFICATION']._serialized_start=391
-  _globals['_CLASSIFICATION']._serialized_end=452
-  _globals['_PREDICTION']._serialized_start=454
-  _globals['_PREDICTION']._serialized_end=528
-  _globals['_PREDICTRESPONSE']._serialized_start=530
-  _globals['_PREDICTRESPONSE']._serialized_end=631
-  _globals['_GETMODELMETADATAREQUEST']._serialized_start=633
-  _globals['_GETMODELMETADATAREQUEST']._serialized_end=699
-  _globals['_GETMODELMETADATARESPONSE']._serialized_start=702
-  _globals['_GETMODELMETADATARESPONSE']._serialized_end=1170
-  _globals['_GETMODELMETADATARESPONSE_METRICSENTRY']._serialized_start=1070
-  _globals['_GETMODELMETADATARESPONSE_METRICSENTRY']._serialized_end=1116
-  _globals['_GETMODELMETADATARESPONSE_VERSIONLABELSENTRY']._serialized_start=1118
-  _globals['_GETMODELMETADATARESPONSE_VERSIONLABELSENTRY']._serialized_end=1170
-  _globals['_LISTMODELSREQUEST']._serialized_start=1172
-  _globals['_LISTMODELSREQUEST']._serialized_end=1191
-  _globals['_MODELSTATUS']._serialized_start=1194
-  _globals['_MODELSTATUS']._serialized_end=1374
-  _globals['_MODELSTATUS_VERSIONLABELSENTRY']._serialized_start=1118
-  _globals['_MODELSTATUS_VERSIONLABELSENTRY']._serialized_end=1170
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1376
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1435
-  _globals['_CLASSIFIERSERVICE']._serialized_start=1521
-  _globals['_CLASSIFIERSERVICE']._serialized_end=1768
+  _globals['_PREDICTREQUEST']._serialized_end=437
+  _globals['_CLASSIFICATION']._serialized_start=439
+  _globals['_CLASSIFICATION']._serialized_end=500
+  _globals['_PREDICTION']._serialized_start=502
+  _globals['_PREDICTION']._serialized_end=595
+  _globals['_PREDICTRESPONSE']._serialized_start=597
+  _globals['_PREDICTRESPONSE']._serialized_end=698
+  _globals['_GETMODELMETADATAREQUEST']._serialized_start=700
+  _globals['_GETMODELMETADATAREQUEST']._serialized_end=766
+  _globals['_GETMODELMETADATARESPONSE']._serialized_start=769
+  _globals['_GETMODELMETADATARESPONSE']._serialized_end=1237
+  _globals['_GETMODELMETADATARESPONSE_METRICSENTRY']._serialized_start=1137
+  _globals['_GETMODELMETADATARESPONSE_METRICSENTRY']._serialized_end=1183
+  _globals['_GETMODELMETADATARESPONSE_VERSIONLABELSENTRY']._serialized_start=1185
+  _globals['_GETMODELMETADATARESPONSE_VERSIONLABELSENTRY']._serialized_end=1237
+  _globals['_LISTMODELSREQUEST']._serialized_start=1239
+  _globals['_LISTMODELSREQUEST']._serialized_end=1258
+  _globals['_MODELSTATUS']._serialized_start=1261
+  _globals['_MODELSTATUS']._serialized_end=1441
+  _globals['_MODELSTATUS_VERSIONLABELSENTRY']._serialized_start=1185
+  _globals['_MODELSTATUS_VERSIONLABELSENTRY']._serialized_end=1237
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1443
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1502
+  _globals['_CLASSIFIERSERVICE']._serialized_start=1588
+  _globals['_CLASSIFIERSERVICE']._serialized_end=1835
 # @@protoc_insertion_point(module_scope)

@@ -45,16 +45,20 @@ class Image(_message.Message):
     def __init__(self, encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawImage, _Mapping]] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ("model_spec", "images", "top_k", "return_probabilities")
+    __slots__ = ("model_spec", "images", "top_k", "return_probabilities", "min_score", "use_model_threshold")
     MODEL_SPEC_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     RETURN_PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    USE_MODEL_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     model_spec: ModelSpec
     images: _containers.RepeatedCompositeFieldContainer[Image]
     top_k: int
     return_probabilities: bool
-    def __init__(self, model_spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., top_k: _Optional[int] = ..., return_probabilities: _Optional[bool] = ...) -> None: ...
+    min_score: float
+    use_model_threshold: bool
+    def __init__(self, model_spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., top_k: _Optional[int] = ..., return_probabilities: _Optional[bool] = ..., min_score: _Optional[float] = ..., use_model_threshold: _Optional[bool] = ...) -> None: ...
 
 class Classification(_message.Message):
     __slots__ = ("index", "label", "score")
@@ -67,12 +71,14 @@ class Classification(_message.Message):
     def __init__(self, index: _Optional[int] = ..., label: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
 
 class Prediction(_message.Message):
-    __slots__ = ("top", "probabilities")
+    __slots__ = ("top", "probabilities", "abstained")
     TOP_FIELD_NUMBER: _ClassVar[int]
     PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    ABSTAINED_FIELD_NUMBER: _ClassVar[int]
     top: _containers.RepeatedCompositeFieldContainer[Classification]
     probabilities: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, top: _Optional[_Iterable[_Union[Classification, _Mapping]]] = ..., probabilities: _Optional[_Iterable[float]] = ...) -> None: ...
+    abstained: bool
+    def __init__(self, top: _Optional[_Iterable[_Union[Classification, _Mapping]]] = ..., probabilities: _Optional[_Iterable[float]] = ..., abstained: _Optional[bool] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
     __slots__ = ("model_spec", "predictions")

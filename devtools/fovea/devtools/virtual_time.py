@@ -126,9 +126,11 @@ class CostModelSleeper:
         self.cost = cost
         self._loop = loop
         self.sizes: list[int] = []
+        self.batches: list = []
 
     def __call__(self, batch):
         self.sizes.append(len(batch))
+        self.batches.append(batch.copy())
         seconds = self.cost(len(batch))
         if self._loop.in_worker:
             self._loop.offset += seconds

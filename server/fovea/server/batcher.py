@@ -76,6 +76,11 @@ class _Item:
     deadline: float | None
     enqueued: float
     timing: BatchTiming | None = None
+    low_priority: bool = False
+
+
+class LowPriorityDropped(Unavailable):
+    """Low-priority work (a shadow run) dropped because live work was queued."""
 
 
 @dataclass(eq=False)
@@ -177,6 +182,9 @@ class Batcher:
         self._clock = clock
         self.name = name
         self._queue: collections.deque[_Item] = collections.deque()
+        # Low-priority items (shadow runs): computed only while no live row is queued, dropped when
+        # one is; they count in no admission bound and no batch-formation rule.
+        self._low: collections.deque[_Item] = collections.deque()
         self._queued_rows = 0
         self._admitted_rows = 0  # admitted by `admit`, not yet submitted (being decoded)
         self._admitted_chunks = 0
@@ -233,6 +241,12 @@ class Batcher:
         seconds += self._costs.rows_seconds(self._queued_rows + self._admitted_rows + rows)
         return seconds / self.max_in_flight
 
+    def queue_batches(self) -> float:
+        """The work ahead of a new request per compute slot, in batches: those handed to the model
+        (computing or formed ahead) and the rows queued or being decoded, in full batches."""
+        rows = self._queued_rows + self._admitted_rows
+        return (len(self._in_flight) + rows / self.max_batch_size) / self.max_in_flight
+
     @contextlib.contextmanager
     def admit(self, rows: int, deadline: float | None = None, before: float = 0.0) -> Iterator[Place]:
         """Hold a place for `rows` rows that are about to be prepared and submitted, or shed at once.
@@ -277,10 +291,13 @@ class Batcher:
                     "longer deadline or on another replica"
                 )
         if self.max_queue_batches > 0 and not self._watch.closed_loop:
-            batch_s = self._costs(self.max_batch_size)
-            if batch_s > 0 and ahead > self.max_queue_batches * batch_s:
+            # Counted in batches, not in learned seconds: the costs of different sizes are learned
+            # at different moments (a small batch timed while a reload took the CPU, the full one at
+            # warm-up), and their ratio is no measure of the queue.
+            batches = self.queue_batches()
+            if batches > self.max_queue_batches:
                 self._shed(
-                    f"{ahead / batch_s:.1f} full batches of work are ahead of it (--max-queue-batches "
+                    f"{batches:.1f} batches of work are ahead of it (--max-queue-batches "
                     f"{self.max_queue_batches:g}); retry with backoff or on another replica"
                 )
         if self.max_queue_wait_s > 0 and ahead > self.max_queue_wait_s:
@@ -319,8 +336,13 @@ class Batcher:
         deadline: float | None = None,
         timings: list | None = None,
         place: Place | None = None,
+        low_priority: bool = False,
     ) -> list:
         """Queue `rows`, wait for their batch, and return their output rows in order.
+
+        `low_priority` work (a shadow run) waits behind every live row: it raises LowPriorityDropped
+        at once if live work is queued or being decoded, and later if live work arrives before it
+        started. At most one batch of it computes while live work waits.
 
         With the `place` that `admit` gave, the rows take it over (the count bound was checked then).
 
@@ -333,6 +355,8 @@ class Batcher:
         self.start()
         size = self.max_batch_size
         chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
+        if low_priority:
+            return await self._submit_low(chunks, deadline)
         if place is not None:
             place.release()  # the bound was checked by `admit`; the rows now count as queued
         # An empty queue always admits, so a request split into more chunks than the bound still runs.
@@ -367,6 +391,31 @@ class Batcher:
                 if not fut.done():
                     fut.cancel()
 
+    async def _submit_low(self, chunks: list[Sequence[np.ndarray]], deadline: float | None) -> list:
+        if self._queue or self._admitted_rows:
+            raise LowPriorityDropped("live work is queued")
+        loop = asyncio.get_running_loop()
+        now = self._clock()
+        futures = []
+        for chunk in chunks:
+            fut = loop.create_future()
+            self._low.append(_Item(chunk, fut, deadline, now, low_priority=True))
+            futures.append(fut)
+        self._wakeup.set()
+        try:
+            results = await asyncio.gather(*futures)
+            return [row for part in results for row in part]
+        finally:
+            for fut in futures:
+                if not fut.done():
+                    fut.cancel()
+
+    def _drop_low(self) -> None:
+        while self._low:
+            item = self._low.popleft()
+            if not item.future.done():
+                item.future.set_exception(LowPriorityDropped("live work arrived"))
+
     async def close(self, drain: bool = True) -> None:
         """Refuse new work; with `drain`, finish what is queued first, else fail it with UNAVAILABLE."""
         self._closing = True
@@ -382,6 +431,7 @@ class Batcher:
     # -- internals ------------------------------------------------------------------------------
 
     def _fail_queued(self, exc: Exception) -> None:
+        self._drop_low()
         while self._queue:
             item = self._queue.popleft()
             if not item.future.done():
@@ -424,11 +474,16 @@ class Batcher:
 
     async def _next_batch(self) -> list[_Item] | None:
         while True:
-            while not self._queue or not self._may_form():
-                if self._closing and not self._queue:
+            while not (self._queue and self._may_form()) and not self._low_may_run():
+                if self._closing and not self._queue and not self._low:
                     return None
                 self._wakeup.clear()
                 await self._wakeup.wait()
+            if not self._queue:
+                batch = self._take_low()
+                if batch:
+                    return batch
+                continue
             if self.batch_timeout_s > 0:
                 # The classic rule: wait for a full batch, at most batch_timeout_s after the first
                 # item was queued; under load the queue filled while the slot was busy: a no-op.
@@ -504,13 +559,30 @@ class Batcher:
     def _finished(self, requests: int, rows: int, size: int, compute_s: float) -> None:
         """Learn from a finished batch; its callers may come back (see `_returns_target`)."""
         self._costs.learn(size, compute_s)
+        if not requests:
+            return  # low-priority work only: no caller comes back for it
         now = self._clock()
         self._watch.answered(now, requests)
         self._done_at = now
         self._answered = rows
         self._queued_at_done = self._queued_rows
 
+    def _low_may_run(self) -> bool:
+        """Low-priority work runs only on a free compute slot with no live row queued or decoding."""
+        return bool(self._low) and not self._admitted_rows and len(self._in_flight) < self.max_in_flight
+
+    def _take_low(self) -> list[_Item]:
+        batch: list[_Item] = []
+        rows = 0
+        while self._low and rows + len(self._low[0].rows) <= self.max_batch_size:
+            item = self._low.popleft()
+            if not item.future.done():
+                batch.append(item)
+                rows += len(item.rows)
+        return batch
+
     def _take(self) -> list[_Item]:
+        self._drop_low()  # live work is queued: low-priority work never goes ahead of it
         now = self._clock()
         batch: list[_Item] = []
         dropped: list[_Item] = []
@@ -605,7 +677,7 @@ class Batcher:
             if len(outputs) != size:
                 raise RuntimeError(f"the model returned {len(outputs)} rows for a batch of {size}")
             self._stats.batch(rows, size - rows, [start - item.enqueued for item in live], compute_s)
-            self._finished(len(live), rows, size, compute_s)
+            self._finished(sum(not item.low_priority for item in live), rows, size, compute_s)
             offset = 0
             for item in live:
                 if item.timing is not None:

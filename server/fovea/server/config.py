@@ -95,7 +95,8 @@ class Settings:
     )
     max_queue_batches: float = _setting(
         3.0,
-        "Most work ahead of a request, in full batches at the learned compute time, that it is admitted "
+        "Most work ahead of a request per compute slot, in batches (those computing or formed ahead, then "
+        "the rows queued or being decoded in full batches), that it is admitted "
         "behind when arrivals do not follow answers (an open loop); beyond it RESOURCE_EXHAUSTED at once, "
         "before decoding, so accepted requests wait a few batch times whatever the model's speed. A "
         "request that would finish past its deadline is refused too. A closed loop (callers that wait for "

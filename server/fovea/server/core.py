@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from fovea.contract import ModelMetadata
-from fovea.server import imageinfo, rollout, tracing
+from fovea.server import abstention, imageinfo, rollout, tracing
 from fovea.server.config import Settings
 from fovea.server.errors import InvalidArgument, ResourceExhausted, ServingError, Unavailable
 from fovea.server.lease import Gate, GateClosed
@@ -60,12 +60,15 @@ class PredictRequest:
     top_k: int = 0  # 0 for min(5, classes)
     return_probabilities: bool = False
     deadline: float | None = None  # time.monotonic() seconds
+    min_score: float = 0.0  # abstain below this top score (0..1; 0: never)
+    use_model_threshold: bool = False  # abstain below the version's recorded threshold instead
 
 
 @dataclass
 class Prediction:
     top: list[tuple[int, str, float]]  # (class index, label, probability), best first
     probabilities: np.ndarray | None = None  # float32 [classes] when asked for
+    abstained: bool = False  # the top score is below the threshold the request asked for
 
 
 @dataclass
@@ -284,6 +287,7 @@ class Core:
                     f"top_k is {top_k}; it must be between 1 and {classes} (the model's classes), or 0 for "
                     "the default"
                 )
+            limit = abstention.threshold(request.min_score, request.use_model_threshold, served.metadata)
             # Admission before anything is parsed or decoded: the replica's images and bytes in
             # flight, then the version's queue in count and expected wait.
             size = sum(len(image.data) for image in request.images if image is not None)
@@ -306,7 +310,10 @@ class Core:
         predictions = []
         for row, idx in zip(probabilities, order.tolist(), strict=True):
             top = [(i, labels[i], float(row[i])) for i in idx]
-            predictions.append(Prediction(top, row if keep else None))
+            abstained = abstention.abstains(top[0][2], limit)
+            predictions.append(Prediction(top, row if keep else None, abstained))
+        if limit is not None:
+            self._metrics.count_abstentions(served.name, served.version, predictions)
         top1 = self._metrics.version_top1
         for index in order[:, 0].tolist():
             top1.labels(served.name, str(served.version), labels[index]).inc()

@@ -173,6 +173,15 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge("fovea_ready", "1 when the server is SERVING, else 0.", registry=r)
+        # The abstention share is abstained / (abstained + answered), over any window: counters
+        # aggregate across pods, a ratio gauge would not.
+        self.thresholded = Counter(
+            "fovea_thresholded_predictions",
+            "Predictions of requests that asked for a score threshold, by model, version and outcome "
+            "(answered or abstained).",
+            ["model", "version", "outcome"],
+            registry=r,
+        )
         self.versions_pending = Gauge(
             "fovea_model_versions_pending",
             "Versions the policy wants, found on disk, but not serving after the last scan.",
@@ -245,6 +254,13 @@ class Metrics:
         ProcessCollector(registry=r)
         self._http = None
         self._http_thread: threading.Thread | None = None
+
+    def count_abstentions(self, model: str, version: int, predictions: Sequence) -> None:
+        abstained = sum(1 for p in predictions if p.abstained)
+        if abstained:
+            self.thresholded.labels(model, str(version), "abstained").inc(abstained)
+        if len(predictions) - abstained:
+            self.thresholded.labels(model, str(version), "answered").inc(len(predictions) - abstained)
 
     def batcher_stats(self, model: str, version: int) -> BatcherStats:
         return _ModelStats(self, model, str(version))

@@ -13,6 +13,7 @@ import random
 from collections.abc import Iterable
 
 from fovea.contract.rollout import ROUTE_KEY_HEADER, Rollout, RolloutError, parse
+from fovea.server.batcher import LowPriorityDropped
 from fovea.server.errors import clip
 
 log = logging.getLogger(__name__)
@@ -125,8 +126,9 @@ async def run_shadow(
 ) -> None:
     """Compute `rows` on the shadow version after the live answer and record the agreement.
 
-    Below live work in priority: dropped (and counted) when the shadow version's queue holds any
-    request, so a shadow never waits in front of a live caller; it takes no admission and no deadline.
+    Below live work in priority (the batcher's low-priority queue): dropped (and counted) when the
+    shadow version has live work queued or decoding, at submission or until its batch starts, so a
+    shadow never waits in front of a live caller; it takes no admission and no deadline.
     """
     import asyncio
 
@@ -151,9 +153,12 @@ async def run_shadow(
         return
     try:
         with shadow.leased():
-            probs = await shadow.infer(rows, None)
+            probs = await shadow.infer(rows, None, low_priority=True)
     except asyncio.CancelledError:
         raise
+    except LowPriorityDropped:
+        count.labels(name, v, "dropped_busy").inc()
+        return
     except Exception as exc:
         count.labels(name, v, "failed").inc()
         log.debug("shadow run on %s version %s failed: %s", name, v, exc)

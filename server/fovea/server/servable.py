@@ -19,7 +19,7 @@ from typing import Protocol
 import numpy as np
 from fovea.contract import ModelMetadata
 from fovea.server.batch_costs import Ewma
-from fovea.server.batcher import Batcher, BatcherStats, Place
+from fovea.server.batcher import Batcher, BatcherStats, LowPriorityDropped, Place
 from fovea.server.errors import InvalidArgument
 from fovea.server.lease import Gate
 
@@ -175,6 +175,7 @@ class ServedVersion:
         deadline: float | None = None,
         timings: list | None = None,
         place: Place | None = None,
+        low_priority: bool = False,
     ) -> np.ndarray:
         """uint8 [H, W, 3] rows -> float32 probabilities [len(rows), classes], batched with others.
 
@@ -182,7 +183,11 @@ class ServedVersion:
         With `timings`, the batcher appends a BatchTiming per queue item (for traces).
         """
         try:
-            outputs = await self._batcher.submit(rows, deadline, timings, place=place)
+            outputs = await self._batcher.submit(
+                rows, deadline, timings, place=place, low_priority=low_priority
+            )
+        except LowPriorityDropped:
+            raise  # a shadow run making way for live work: not a failure of this version
         except Exception:
             self.stats.failures += 1
             raise

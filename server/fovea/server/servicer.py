@@ -55,6 +55,8 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServiceServicer):
                 top_k=request.top_k,
                 return_probabilities=request.return_probabilities,
                 deadline=deadline(context),
+                min_score=request.min_score,
+                use_model_threshold=request.use_model_threshold,
             )
         )
         response = pb.PredictResponse(
@@ -66,6 +68,7 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServiceServicer):
                 out.top.add(index=index, label=label, score=score)
             if prediction.probabilities is not None:
                 out.probabilities.extend(prediction.probabilities.tolist())
+            out.abstained = prediction.abstained
         return response
 
     async def _metadata(

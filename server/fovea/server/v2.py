@@ -72,6 +72,8 @@ class Output(TensorSpec):
     """A response output: FP32 probabilities [N, classes] or BYTES classification [N, k]."""
 
     array: np.ndarray  # float32, or an object array of bytes
+    # {"abstained": "true,false,..."}, one flag per row, when the request asked for a score threshold
+    parameters: dict[str, Any] = field(default_factory=dict)
 
     def raw(self) -> bytes:
         if self.datatype == "BYTES":
@@ -323,8 +325,12 @@ class V2:
                 top_k=top_k,
                 return_probabilities=True,
                 deadline=deadline,
+                min_score=_float_parameter(request.parameters, "min_score"),
+                use_model_threshold=request.parameters.get("use_model_threshold") is True,
             )
         )
+        asked = "min_score" in request.parameters or request.parameters.get("use_model_threshold") is True
+        flags = {"abstained": ",".join("true" if p.abstained else "false" for p in result.predictions)}
         outputs = []
         for o in wanted:
             if o.classification:
@@ -332,10 +338,18 @@ class V2:
                 rows = [
                     [f"{s:.9g}:{i}:{label}".encode() for i, label, s in p.top[:k]] for p in result.predictions
                 ]
-                outputs.append(Output(o.name, "BYTES", (len(rows), k), np.array(rows, dtype=object)))
+                outputs.append(
+                    Output(
+                        o.name,
+                        "BYTES",
+                        (len(rows), k),
+                        np.array(rows, dtype=object),
+                        dict(flags) if asked else {},
+                    )
+                )
             else:
                 probs = np.stack([p.probabilities for p in result.predictions]).astype(np.float32)
-                outputs.append(Output(o.name, "FP32", probs.shape, probs))
+                outputs.append(Output(o.name, "FP32", probs.shape, probs, dict(flags) if asked else {}))
         return InferResponse(request.model_name, str(result.model_version), request.id, outputs)
 
     def _images(self, request: InferRequest, spec: TensorSpec, meta: ModelMetadata) -> list:
@@ -431,6 +445,22 @@ def _int_parameter(parameters: Mapping[str, Any], key: str) -> int | None:
         return int(value)
     except (TypeError, ValueError, OverflowError):
         raise InvalidArgument(f"parameter {key!r} must be an integer, not {_cut(str(value))!r}") from None
+
+
+def _float_parameter(parameters: Mapping[str, Any], key: str) -> float:
+    """A number parameter (0 when absent). A number in a string is read ("0.99": tritonclient's gRPC
+    sends no float parameters); other strings and bools are refused, not read as 0."""
+    value = parameters.get(key)
+    if value is None:
+        return 0.0
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise InvalidArgument(f"parameter {key!r} must be a number between 0 and 1, not {_cut(str(value))!r}")
 
 
 def _stats(name: str, s: core.VersionStatistics) -> dict[str, Any]:

@@ -111,7 +111,9 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             model_name=result.model_name, model_version=result.model_version, id=result.id
         )
         for out in result.outputs:
-            response.outputs.add(name=out.name, datatype=out.datatype, shape=out.shape)
+            added = response.outputs.add(name=out.name, datatype=out.datatype, shape=out.shape)
+            for key, value in out.parameters.items():
+                added.parameters[key].string_param = value
             # raw_output_contents is what tritonclient's as_numpy reads.
             response.raw_output_contents.append(out.raw())
         return response

@@ -392,9 +392,11 @@ def _infer_response(result: v2.InferResponse, binary_outputs: bool | set[str]) -
     outputs, blobs = [], []
     for out in result.outputs:
         entry: dict[str, Any] = {"name": out.name, "datatype": out.datatype, "shape": list(out.shape)}
+        if out.parameters:
+            entry["parameters"] = dict(out.parameters)
         if binary_outputs is True or (binary_outputs and out.name in binary_outputs):
             raw = out.raw()
-            entry["parameters"] = {"binary_data_size": len(raw)}
+            entry["parameters"] = {**entry.get("parameters", {}), "binary_data_size": len(raw)}
             blobs.append(raw)
         else:
             entry["data"] = out.values()

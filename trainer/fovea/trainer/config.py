@@ -145,6 +145,24 @@ class TrainConfig:
     tensorboard: str = _field(
         "", "write TensorBoard logs (scalars, learning rate, sample images) to DIR/<name>/<run start time>/"
     )
+    calibrate: bool = _field(
+        True,
+        "fit a temperature on the validation split (minimum NLL) and fold it into the exported signatures, "
+        "so served scores are calibrated probabilities; --no-calibrate keeps the raw softmax",
+    )
+    target_precision: float = _field(
+        0.99,
+        "record the top-score threshold whose answers reach this precision on the validation split "
+        "(a caller's use_model_threshold abstains below it)",
+    )
+    audit: bool | None = _field(
+        AUTO,
+        "data-quality audit in the report (likely label errors from cross-validated probabilities, "
+        "near-duplicates, thin test classes); auto: on up to 20,000 images",
+    )
+    exclude: str = _field(
+        "", "a CSV with a 'path' column (e.g. an edited report/suspects.csv): train without those images"
+    )
     demo_data_if_empty: bool = _field(False, "when --data holds no images, generate demo data into it first")
     gate: bool | None = _field(
         AUTO,
@@ -225,6 +243,8 @@ class TrainConfig:
             raise ValueError(f"--cache must be auto, memory or none, got {self.cache!r}")
         if not 0 <= self.dropout < 1:
             raise ValueError("--dropout must be in [0, 1)")
+        if not 0 < self.target_precision <= 1:
+            raise ValueError(f"--target-precision must be in (0, 1], got {self.target_precision}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

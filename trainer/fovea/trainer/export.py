@@ -46,17 +46,25 @@ def decode_and_resize(image_bytes: tf.Tensor, height: int, width: int) -> tf.Ten
     return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
 
 
-def build_servable(model: Any, height: int, width: int) -> tuple[tf.Module, dict]:
-    """Wrap a Keras model (float32 RGB 0..255 in, probabilities out) in the two serving signatures."""
+def build_servable(model: Any, height: int, width: int, temperature: float = 1.0) -> tuple[tf.Module, dict]:
+    """Wrap a Keras model (float32 RGB 0..255 in, probabilities out) in the two serving signatures.
+
+    A temperature other than 1 is folded in: softmax(log(p) / T), exact temperature scaling since
+    log-softmax is the logits up to a constant. It wraps the export, not the Keras model (`module.model`),
+    so a retrain from this version (parent.py copies `module.model`'s variables) starts uncalibrated.
+    """
     module = tf.Module()
     module.model = model  # tracks the variables
+    inverse_t = tf.constant(1.0 / temperature, tf.float32)
 
     @tf.function(
         input_signature=[tf.TensorSpec([None, height, width, 3], tf.uint8, name=contract.INPUT_IMAGES)]
     )
     def serve_images(images: tf.Tensor) -> dict[str, tf.Tensor]:
-        probabilities = model(tf.cast(images, tf.float32), training=False)
-        return {contract.OUTPUT: tf.cast(probabilities, tf.float32)}
+        probabilities = tf.cast(model(tf.cast(images, tf.float32), training=False), tf.float32)
+        if temperature != 1.0:
+            probabilities = tf.nn.softmax(tf.math.log(tf.maximum(probabilities, 1e-12)) * inverse_t, axis=-1)
+        return {contract.OUTPUT: probabilities}
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=contract.INPUT_BYTES)])
     def serve_bytes(image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -88,11 +96,13 @@ def export_model(
     config: Mapping[str, Any] | None = None,
     report_dir: str | None = None,
     parent: str = "",
+    calibration: Mapping[str, Any] | None = None,
 ) -> str:
     """Write the next version of `name` under `models_dir` and return its final path.
 
     `model` takes float32 RGB images on the 0..255 scale, [N, H, W, 3], with the backbone's
-    preprocessing inside, and returns softmax probabilities [N, len(labels)].
+    preprocessing inside, and returns softmax probabilities [N, len(labels)]. `calibration`
+    (calibration.summarise) is recorded in fovea.json; its temperature is folded into the signatures.
     """
     height, width = input_size
     model_root = posixpath.join(str(models_dir), name)
@@ -100,7 +110,8 @@ def export_model(
     remove_stale_temporaries(model_root)
     tmp = posixpath.join(model_root, _temporary_name())
     try:
-        module, signatures = build_servable(model, height, width)
+        temperature = float((calibration or {}).get("temperature") or 1.0)
+        module, signatures = build_servable(model, height, width, temperature)
         tf.saved_model.save(module, tmp, signatures=signatures)
 
         tf.io.gfile.makedirs(posixpath.join(tmp, "assets"))
@@ -122,6 +133,7 @@ def export_model(
             config=dict(config or {}),
             created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             parent=parent,
+            calibration=dict(calibration or {}),
         )
 
         # Another exporter may take a version number between our listing and our rename; take the next.

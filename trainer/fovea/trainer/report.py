@@ -13,6 +13,7 @@ import html
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from fovea.trainer.config import TrainConfig
@@ -46,8 +47,10 @@ def write_report(
     labels: Sequence[str],
     config: TrainConfig | None = None,
     samples: Samples | None = None,
+    quality: Any = None,
 ) -> Path:
-    """Write every report file; returns the path of index.html."""
+    """Write every report file; returns the path of index.html. `quality` (report_quality.Quality) adds
+    the calibration and data-quality sections."""
     out = Path(report_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics.to_dict(), indent=2, sort_keys=True, default=str))
@@ -68,7 +71,12 @@ def write_report(
         plot_mistakes(
             samples.test_files, samples.test_probabilities, samples.test_truth, labels, out / "mistakes.png"
         )
-    return write_index(out, metrics=metrics, labels=labels)
+    extra, test_warning = "", ""
+    if quality is not None:
+        from fovea.trainer import report_quality
+
+        extra, test_warning = report_quality.write(out, quality, test.per_class)
+    return write_index(out, metrics=metrics, labels=labels, extra_html=extra, test_warning=test_warning)
 
 
 def _pyplot():
@@ -323,7 +331,14 @@ _IMAGES = (
 )
 
 
-def write_index(report_dir: Path, *, metrics: TrainMetrics, labels: Sequence[str]) -> Path:
+def write_index(
+    report_dir: Path,
+    *,
+    metrics: TrainMetrics,
+    labels: Sequence[str],
+    extra_html: str = "",
+    test_warning: str = "",
+) -> Path:
     """report/index.html: the whole report on one page, images inlined as base64, no network."""
     e = html.escape
     test = metrics.test
@@ -376,14 +391,17 @@ table {{ border-collapse: collapse; margin: 8px 0 16px; }}
 td, th {{ border: 1px solid #ccc; padding: 3px 10px; text-align: left; }}
 th {{ background: #f2f2f2; }} img {{ max-width: 100%; border: 1px solid #eee; }}
 .warning {{ background: #fff3cd; border: 1px solid #e0b000; padding: 4px 14px; margin: 12px 0; }}
+.leak {{ color: #a00; font-weight: 600; }}
 </style></head><body>
 <h1>fovea training report</h1>
 {warnings}
 <table>{"".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in summary)}</table>
 <h2>Per class (test split)</h2>
+{f"<p class='leak'>{e(test_warning)}</p>" if test_warning else ""}
 <table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>{rows}</table>
 {gate_html(metrics.gate, test.confusion_matrix, labels) if metrics.gate is not None else ""}
 {figures}
+{extra_html}
 {f"<h2>Skipped files</h2><ul>{skipped}</ul>" if skipped else ""}
 </body></html>
 """

@@ -267,6 +267,10 @@ def _run(
         train_images=dataset.counts()["train"],
         weights=cfg.weights,
     )
+    from fovea.trainer import calibration
+
+    val_probabilities, val_truth = evaluate.predict(model, val_ds)
+    calibrated = calibration.calibrate_run(cfg, (val_probabilities, val_truth), (probabilities, truth), log)
 
     metrics = TrainMetrics(
         test_accuracy=evaluation.accuracy,
@@ -324,20 +328,38 @@ def _run(
                         train_files=dataset.files["train"],
                         train_targets=dataset.targets["train"],
                         test_files=dataset.files["test"],
-                        test_probabilities=probabilities,
+                        test_probabilities=calibrated.test_probabilities,
                         test_truth=truth,
                     ),
+                    quality=_quality(cfg, dataset, model, calibrated, (probabilities, truth), log),
                 )
                 if decision is not None and not decision.passed:
                     kept = gate.keep_rejected(cfg.models, cfg.name, report_dir, decision)
                     backup.remove()  # a rejected run is over: its rerun trains anew
                     raise gate.GateRejected(f"not published: {decision.reason}; report in {kept}")
-                version_path = _export(cfg, final_weights, dataset.labels, metrics, report_dir)
+                version_path = _export(
+                    cfg, final_weights, dataset.labels, metrics, report_dir, calibrated.summary
+                )
             log(f"published {version_path}")
             notify("published", model, base)
     # A finished run leaves no backup behind, so the next run of the same command trains anew.
     backup.remove()
     return TrainResult(version_path, metrics, model, dataset, cfg, is_chief)
+
+
+def _quality(
+    cfg: TrainConfig,
+    dataset: data_mod.Dataset,
+    model: Any,
+    calibrated: Any,
+    test_raw: tuple[np.ndarray, np.ndarray],
+    log: Callable[[str], None],
+) -> Any:
+    """What the report's calibration and data-quality sections show (report_quality.py)."""
+    from fovea.trainer import audit, report_quality
+
+    findings = audit.run_audit(cfg, dataset, model, log) if audit.wanted(cfg, dataset) else None
+    return report_quality.Quality(calibrated=calibrated, test_raw=test_raw, audit=findings)
 
 
 def _published_by_this_run(cfg: TrainConfig, run_id: str) -> str | None:
@@ -387,6 +409,11 @@ def _load_data(cfg: TrainConfig, log: Callable[[str], None]) -> data_mod.Dataset
     dataset = data_mod.load_dataset(
         cfg.data, val_split=cfg.val_split, test_split=cfg.test_split, seed=cfg.seed
     )
+    if cfg.exclude:
+        from fovea.trainer.audit import exclude_listed
+
+        dataset, removed = exclude_listed(dataset, cfg.exclude)
+        log(f"--exclude {cfg.exclude}: left out {removed} listed images")
     counts = {split: sum(c.values()) for split, c in dataset.counts().items()}
     log(
         f"{len(dataset.labels)} classes ({', '.join(dataset.labels)}); images: train {counts['train']}, "
@@ -541,6 +568,7 @@ def _export(
     labels: list[str],
     metrics: TrainMetrics,
     report_dir: str,
+    calibration: dict[str, Any] | None = None,
 ) -> str:
     """Publish a float32, non-distributed copy of the model (no mirrored variables, no float16 compute)."""
     import tf_keras as keras
@@ -566,4 +594,5 @@ def _export(
         config=cfg.to_dict(),
         report_dir=report_dir,
         parent=metrics.parent,
+        calibration=calibration,
     )

@@ -1,0 +1,167 @@
+"""Calibration, abstention thresholds and the data audit's numpy parts, on synthetic data; and the
+temperature folded into an exported SavedModel's signatures."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+
+import numpy as np
+import pytest
+from fovea.trainer import audit, phash
+from fovea.trainer import calibration as cal
+
+
+def overconfident(n: int = 4000, classes: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax of logits drawn from a calibrated model, then multiplied by 4: far too sure."""
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, classes, n)
+    logits = rng.normal(0, 1, (n, classes))
+    logits[np.arange(n), truth] += 1.5
+    # Labels drawn from the calibrated probabilities make softmax(logits) calibrated by construction.
+    calibrated = cal.softmax(logits)
+    truth = np.array([rng.choice(classes, p=row) for row in calibrated])
+    return cal.softmax(logits * 4.0), truth
+
+
+def test_temperature_recovers_the_overconfidence_and_lowers_ece():
+    probs, truth = overconfident()
+    t = cal.fit_temperature(probs, truth)
+    assert 3.5 < t < 4.5  # the factor the logits were sharpened by
+    test_probs, test_truth = overconfident(seed=1)
+    before = cal.reliability(test_probs, test_truth).ece
+    after = cal.reliability(cal.apply_temperature(test_probs, t), test_truth).ece
+    assert before > 0.1 and after < 0.03, (before, after)
+    assert cal.nll(cal.logits_of(probs), truth, t) < cal.nll(cal.logits_of(probs), truth, 1.0)
+
+
+def test_a_calibrated_model_keeps_temperature_near_one():
+    probs, truth = overconfident()
+    t = cal.fit_temperature(cal.apply_temperature(probs, 4.0), truth)
+    assert 0.9 < t < 1.1
+
+
+def test_threshold_reaches_the_target_precision_with_the_widest_coverage():
+    # Scores 0.9..0.5; the two lowest are wrong: precision 1 down to 0.6, then 5/6 and 5/7.
+    probs = np.array([[s, 1 - s] for s in (0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6)])
+    truth = np.array([0, 0, 0, 0, 0, 1, 1])
+    # 0.99 needs 100 answers (here: all 7), and all 7 reach only 5/7.
+    assert cal.threshold_for_precision(probs, truth, 0.99) is None
+    assert cal.threshold_for_precision(probs, truth, 0.8) == pytest.approx(0.7)
+    # 0.6 needs 3 answers: the widest coverage reaching it is all of them (5/7 >= 0.6).
+    assert cal.threshold_for_precision(probs, truth, 0.6) == pytest.approx(0.6)
+    assert cal.threshold_for_precision(probs[:3], truth[:3], 0.99) == pytest.approx(0.85)
+    assert cal.coverage_at(probs, truth, 0.75) == {"coverage": 5 / 7, "precision": 1.0, "images": 7}
+    # Every answer wrong: no threshold reaches it, the model would abstain on everything.
+    assert cal.threshold_for_precision(probs, 1 - truth[:1].repeat(7), 0.99) is None
+
+
+def test_summary_records_threshold_and_coverage():
+    val, test = overconfident(seed=2), overconfident(seed=3)
+    s = cal.summarise(temperature=4.0, target_precision=0.9, val=val, test_raw=test)
+    assert s["test_ece_after"] < s["test_ece_before"]
+    assert s["val"]["precision"] >= 0.9 and 0 < s["val"]["coverage"] < 1
+    assert abs(s["test"]["precision"] - 0.9) < 0.05
+
+
+def test_exported_signatures_return_calibrated_probabilities(tmp_path):
+    pytest.importorskip("tensorflow", reason="the export needs the trainer extra")
+    import tensorflow as tf
+    from _models import export_tiny
+    from fovea.trainer.export import read_metadata
+
+    images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    raw_dir = export_tiny(tmp_path, "raw")
+    hot_dir = export_tiny(tmp_path, "hot", calibration={"temperature": 0.25, "threshold": 0.6})
+    raw = (
+        tf.saved_model.load(str(raw_dir))
+        .signatures["serving_default"](images=images)["probabilities"]
+        .numpy()
+    )
+    loaded = tf.saved_model.load(str(hot_dir))
+    hot = loaded.signatures["serving_default"](images=images)["probabilities"].numpy()
+    np.testing.assert_allclose(hot, cal.apply_temperature(raw, 0.25), atol=1e-5)
+    assert not np.allclose(hot, raw, atol=1e-3)
+    png = [tf.io.encode_png(i).numpy() for i in images]
+    hot_bytes = loaded.signatures["serving_bytes"](image_bytes=tf.constant(png))["probabilities"].numpy()
+    np.testing.assert_allclose(hot_bytes, hot, atol=1e-5)
+    meta = read_metadata(str(hot_dir))
+    assert meta.calibration["temperature"] == 0.25 and meta.score_threshold == 0.6
+    # The Keras model inside (what a retrain copies from, parent.py) is not the calibrated one.
+    inner = loaded.model(tf.cast(images, tf.float32), training=False).numpy()
+    np.testing.assert_allclose(inner, raw, atol=1e-5)
+
+
+def test_confident_disagreement_finds_flipped_labels():
+    rng = np.random.default_rng(0)
+    classes, n = 4, 400
+    truth = rng.integers(0, classes, n)
+    x = rng.normal(0, 1, (n, 8))
+    x[np.arange(n), truth] += 3.0
+    given = truth.copy()
+    flipped = rng.choice(n, 40, replace=False)
+    given[flipped] = (truth[flipped] + rng.integers(1, classes, 40)) % classes
+    probs = audit.cross_val_probabilities(x, given, classes, 5, 0)
+    ranked = [i for i, _, _, _ in audit.confident_disagreement(probs, given)]
+    assert len(set(ranked[:60]) & set(flipped.tolist())) >= 0.9 * 40
+
+
+def _png(path, array):
+    from PIL import Image
+
+    Image.fromarray(array).save(path)
+
+
+def test_a_planted_train_test_duplicate_is_leakage(tmp_path):
+    from fovea.trainer.demo_data import draw
+
+    rng = np.random.default_rng(0)
+    files, splits, targets = [], [], []
+    for i in range(30):
+        path = tmp_path / f"img{i}.png"
+        _png(path, draw(["checks", "dots", "rings"][i % 3], 48, rng))
+        files.append(str(path))
+        splits.append("train" if i < 20 else "test")
+        targets.append(i % 3)
+    # The test copy is resized and re-encoded as JPEG: a near-duplicate, not a byte-identical file.
+    from PIL import Image
+
+    with Image.open(files[4]) as im:
+        im.resize((40, 40)).save(tmp_path / "copy.jpg", quality=90)
+    files.append(str(tmp_path / "copy.jpg"))
+    splits.append("test")
+    targets.append(1)
+    pairs = audit.duplicate_pairs(files, splits, np.array(targets), ["checks", "dots", "rings"])
+    assert [(p["a"], p["b"], p["kind"]) for p in pairs] == [(files[4], files[-1], "leakage")]
+
+
+def test_phash_ignores_flat_images():
+    bits = np.zeros((3, 256), bool)
+    assert phash.near_pairs(bits) == []
+
+
+def test_wilson_width_shrinks_with_images():
+    assert audit.wilson_width(4, 5) > 0.5 > audit.wilson_width(90, 100)
+
+
+def test_exclude_listed_drops_the_rows_left_in_the_csv(tmp_path):
+    from fovea.trainer.data import Dataset
+
+    ds = Dataset(
+        labels=["a", "b"],
+        files={"train": ["/d/a/1.png", "/d/b/2.png"], "val": ["/d/a/3.png"], "test": ["/d/b/4.png"]},
+        targets={"train": [0, 1], "val": [0], "test": [1]},
+        skipped=[],
+        layout="DATA/<label>/*",
+    )
+    rows = [audit.Suspect("/d/b/2.png", "train", "b", "a", 0.9, 0.5, "label")]
+    audit.write_csv(tmp_path / "s.csv", rows)
+    out, removed = audit.exclude_listed(ds, str(tmp_path / "s.csv"))
+    assert removed == 1 and out.files["train"] == ["/d/a/1.png"] and out.targets["train"] == [0]
+    with open(tmp_path / "bad.csv", "w", newline="") as f:
+        csv.writer(f).writerow(["file"])
+    with pytest.raises(ValueError, match="no 'path' column"):
+        audit.exclude_listed(ds, str(tmp_path / "bad.csv"))
+    with pytest.raises(ValueError, match="leaves the val split empty"):
+        audit.write_csv(tmp_path / "all.csv", [dataclasses.replace(rows[0], path="/d/a/3.png")])
+        audit.exclude_listed(ds, str(tmp_path / "all.csv"))
