@@ -41,9 +41,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="fovea-blip-") as tmp:
         models, away = Path(tmp) / "models", Path(tmp) / "away"
         make_models(models, ["tiny"])
-        # --max-queue-batches 0: only the storage fault may fail a request here (the open-loop bound
-        # has been seen refusing these two closed-loop callers on a loaded machine).
-        server = start_server(models, ["--no-xla", "--max-queue-batches", "0", *args.serve_flag])
+        server = start_server(models, ["--no-xla", *args.serve_flag])
         try:
             with SteadyLoad(server.target, 32) as load:
                 time.sleep(2.0)

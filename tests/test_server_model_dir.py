@@ -89,9 +89,9 @@ def test_no_wait_for_model_dir_fails_at_start_saying_why(tmp_path):
     assert "not waiting for one (--no-wait-for-model-dir)" in message, message
 
 
-# Only the storage fault may fail a request here: the batcher's open-loop bound (--max-queue-batches)
-# has been seen refusing these two closed-loop callers on a loaded machine, so it is off.
-STEADY = {"max_queue_batches": 0}
+# The defaults: only the storage fault could fail a request here (admission never refuses these two
+# closed-loop callers: --max-queue-batches counts batches, and they make at most one).
+STEADY: dict = {}
 
 
 def _scans(server, reason: str) -> float:
