@@ -3,6 +3,7 @@
     python bench/interleaved.py            # ResNet50 at 96 px, every contender, 3 rounds (about 20 minutes)
     python bench/interleaved.py --quick    # tiny model, 1 round, 2 s windows: keeps the harness working
     python bench/interleaved.py --render   # redo the table, plot and docs from --out/interleaved.json
+    python bench/interleaved.py --overhead # tiny model, c=1: fovea's p50 over an echo servicer + the raw call
 
 All contenders are up at once: fovea with its defaults (XLA), fovea `--no-xla`, PyTriton serving the
 signature as exported, PyTriton serving it XLA-compiled, and MLServer (bench/peers.py starts the peers,
@@ -27,6 +28,7 @@ import datetime as dt
 import json
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -40,12 +42,14 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 sys.path.insert(0, str(BENCH))
 import peers  # noqa: E402  (puts the repository's packages on the path, through run.py)
+from fovea.devtools.environment import subprocess_env  # noqa: E402
 from report_files import machine, merge_summary, write_section  # noqa: E402
 from run import (  # noqa: E402
     batch_histogram,
     make_models,
     make_payloads,
     raw_ceiling,
+    run_loadgen,
     start_server,
     stop_server,
     wait_for_xla,
@@ -100,7 +104,7 @@ def start_contenders(names: list[str], venvs: Path, work: Path, models: Path, mo
     started: list[Contender] = []
     try:
         peer_names = [n for n in names if n in PEER_VENVS]
-        for name in peer_names:  # spawned first: they load in the background while fovea starts
+        for name in peer_names:  # spawned together: they load side by side
             python = peers.ensure_venv(venvs / f"venv-{PEER_VENVS[name]}", peers.PACKAGES[PEER_VENVS[name]])
             paths = {model: models / model / "1"}
             if name == "mlserver":
@@ -111,6 +115,13 @@ def start_contenders(names: list[str], venvs: Path, work: Path, models: Path, mo
             started.append(
                 Contender(name, f"127.0.0.1:{port}", lambda p=process: peers.stop(p), process=process)
             )
+        payload = make_payloads(work, MODEL_SIZES[model])["uint8"]
+        for contender in started:
+            # Peers have no readiness of their own here: the first answered call is the sign
+            # (PyTriton's XLA kind compiles every batch size before its port opens). fovea starts
+            # only then: it times its XLA sizes at start-up, which must not run beside a compiler.
+            wait_answering(contender, model, payload)
+            log(f"{contender.name}: answering on {contender.target}")
         model_dir = work / f"serve-{model}"
         model_dir.mkdir(exist_ok=True)
         if not (model_dir / model).exists():
@@ -118,15 +129,8 @@ def start_contenders(names: list[str], venvs: Path, work: Path, models: Path, mo
         for name in (n for n in names if n in FOVEA_FLAGS):
             server = start_server(model_dir, FOVEA_FLAGS[name])
             started.append(Contender(name, server.target, lambda s=server: stop_server(s), server))
-            xla = wait_for_xla(server)
+            xla = wait_for_xla(server)  # one at a time, for the same reason
             log(f"{name}: serving on {server.target}" + (f"; {xla.split('XLA: ', 1)[-1]}" if xla else ""))
-        payload = make_payloads(work, MODEL_SIZES[model])["uint8"]
-        for contender in started:
-            if contender.server is None:
-                # Peers have no readiness of their own here: the first answered call is the sign
-                # (PyTriton's XLA kind compiles every batch size before its port opens).
-                wait_answering(contender, model, payload)
-                log(f"{contender.name}: answering on {contender.target}")
         return started
     except BaseException:
         for contender in started:
@@ -219,6 +223,145 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
             contender.stop()
     result["took_s"] = time.monotonic() - began
     return result
+
+
+# --------------------------------------------------------------------------- per-call overhead
+
+
+OVERHEAD_PARTS = ("fovea", "echo", "raw")
+
+
+def start_echo() -> tuple[subprocess.Popen, str]:
+    """bench/overhead.py's grpc.aio echo ClassifierService in its own process; it and its target."""
+    process = subprocess.Popen(
+        [sys.executable, str(BENCH / "overhead.py"), "--echo-server"],
+        env=subprocess_env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    return process, f"127.0.0.1:{int(process.stdout.readline())}"
+
+
+def stop_echo(process: subprocess.Popen) -> None:
+    assert process.stdin is not None
+    process.stdin.close()  # its cue to stop
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def measure_overhead(args: argparse.Namespace, work: Path) -> dict:
+    """Tiny model at concurrency 1, interleaved: fovea's p50 (fovea.v1 Predict), a bare grpc.aio echo
+    servicer's p50 (same request, same load generator) and the raw model call at batch 1 (the faster
+    of the signature and its XLA form, in a child process), in a shuffled order each round."""
+    models = work / "models"
+    log("exporting tiny with the trainer's export code")
+    make_models(models, ["tiny"])
+    payload = make_payloads(work, MODEL_SIZES["tiny"])["uint8"]
+    model_dir = work / "serve-tiny"
+    model_dir.mkdir()
+    (model_dir / "tiny").symlink_to(models / "tiny")
+    rng = random.Random(args.seed)
+    began = time.monotonic()
+    result: dict = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "rounds": args.rounds,
+        "window_s": args.seconds,
+        "warmup_s": args.warmup,
+        "machine": machine(),
+        "windows": [],
+    }
+    server = start_server(model_dir, [])
+    try:
+        log(f"fovea: {wait_for_xla(server)}")
+        echo, echo_target = start_echo()
+        try:
+            for round_ in range(args.rounds):
+                for part in rng.sample(OVERHEAD_PARTS, len(OVERHEAD_PARTS)):
+                    if part == "raw":
+                        row = raw_ceiling(models / "tiny" / "1", [1], args.seconds)["rows"][0]
+                        p50 = min(row["p50_ms"], row["xla_p50_ms"])
+                    else:
+                        target = server.target if part == "fovea" else echo_target
+                        r = run_loadgen(
+                            target, payload, "--concurrency", "1",
+                            "--warmup", str(args.warmup), "--duration", str(args.seconds),
+                        )  # fmt: skip
+                        p50 = r["p50_ms"]
+                    load = os.getloadavg()[0]
+                    result["windows"].append(
+                        {"round": round_, "part": part, "p50_ms": p50, "load_1min": load}
+                    )
+                    log(f"round {round_ + 1} {part:<5} p50 {p50:.3f} ms")
+        finally:
+            stop_echo(echo)
+    finally:
+        stop_server(server)
+    result["took_s"] = time.monotonic() - began
+    return result
+
+
+def summarize_overhead(result: dict) -> dict:
+    """summary.json's tiny.over_echo_ms (median over rounds of fovea - echo - raw, in ms) and its detail."""
+    p50 = {
+        part: [
+            next(w["p50_ms"] for w in result["windows"] if w["round"] == r and w["part"] == part)
+            for r in range(result["rounds"])
+        ]
+        for part in OVERHEAD_PARTS
+    }
+    over = [f - e - m for f, e, m in zip(p50["fovea"], p50["echo"], p50["raw"], strict=True)]
+    loads = [w["load_1min"] for w in result["windows"]]
+    return {
+        "over_echo_ms": statistics.median(over),
+        "over_echo": {
+            "date": result["date"],
+            "rounds": result["rounds"],
+            "window_s": result["window_s"],
+            "per_round_ms": spread(over),
+            "p50_ms": {part: spread(v) for part, v in p50.items()},
+            "load_average_1min": {"min": min(loads), "max": max(loads)},
+        },
+    }
+
+
+def overhead_section(result: dict, tiny: dict) -> str:
+    o = tiny["over_echo"]
+    cells = " | ".join(_range(o["p50_ms"][part], ".3f") for part in OVERHEAD_PARTS)
+    load = o["load_average_1min"]
+    return f"""## Per-call overhead, interleaved (tiny model, concurrency 1)
+
+Measured by `python bench/interleaved.py --overhead` on {result["date"]}: {result["rounds"]} rounds, each
+a shuffled order of fovea (defaults, fovea.v1 Predict), a bare grpc.aio echo ClassifierService (the same
+request, answered at once, `bench/overhead.py --echo-server`) and the raw model call at batch 1 (the
+faster of the signature and its XLA form, in-process in a child); {result["window_s"]:g} s each, p50 in ms,
+median of the rounds (range). 1-minute load average {load["min"]:.1f} to {load["max"]:.1f} (a shared host).
+
+| fovea | echo | raw call | fovea - (echo + raw call), per round |
+| --- | --- | --- | --- |
+| {cells} | {_range(o["per_round_ms"], ".3f")} |
+"""
+
+
+def run_overhead(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="fovea-overhead-") as tmp:
+        result = measure_overhead(args, Path(tmp))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "interleaved_overhead.json").write_text(json.dumps(result, indent=1) + "\n")
+    tiny = summarize_overhead(result)
+    merge_summary(args.out / "summary.json", {"tiny": tiny})
+    if not (args.quick or args.no_docs):
+        write_section(args.docs, "interleaved-overhead", overhead_section(result, tiny))
+    o = tiny["over_echo"]
+    print(
+        "p50 ms, median (range): "
+        + ", ".join(f"{part} {_range(o['p50_ms'][part], '.3f')}" for part in OVERHEAD_PARTS)
+        + f"; fovea - (echo + raw) {_range(o['per_round_ms'], '.3f')} ms"
+    )
 
 
 # --------------------------------------------------------------------------- results
@@ -445,16 +588,27 @@ def main() -> int:
     parser.add_argument(
         "--render", action="store_true", help="only redo the outputs from --out/interleaved.json"
     )
+    parser.add_argument(
+        "--overhead",
+        action="store_true",
+        help="instead: the tiny model's p50 at concurrency 1 over an echo servicer plus the raw call"
+        " (default 5 rounds of 3 s)",
+    )
     args = parser.parse_args()
+    # A stopped run still stops every server it started (the finally blocks), peers included.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     quick_defaults = {
-        "rounds": (3, 1),
-        "seconds": (6.0, 2.0),
-        "warmup": (2.0, 0.5),
+        "rounds": (5, 1) if args.overhead else (3, 1),
+        "seconds": (3.0, 1.0) if args.overhead else (6.0, 2.0),
+        "warmup": (1.0, 0.5) if args.overhead else (2.0, 0.5),
         "ceiling_seconds": (2.0, 0.5),
     }
     for key, (full, quick) in quick_defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else full)
+    if args.overhead:
+        run_overhead(args)
+        return 0
     if args.render:
         result = json.loads((args.out / "interleaved.json").read_text())
     else:
