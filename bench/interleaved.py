@@ -99,8 +99,11 @@ def wait_answering(contender: Contender, model: str, payload: Path, timeout: flo
 # --------------------------------------------------------------------------- servers
 
 
-def start_contenders(names: list[str], venvs: Path, work: Path, models: Path, model: str) -> list[Contender]:
-    """Every contender up and answering; on any failure the ones already started are stopped."""
+def start_contenders(
+    names: list[str], venvs: Path, work: Path, models: Path, model: str, xla_logs: dict[str, str]
+) -> list[Contender]:
+    """Every contender up and answering (fovea's XLA report per server into `xla_logs`); on any
+    failure the ones already started are stopped."""
     started: list[Contender] = []
     try:
         peer_names = [n for n in names if n in PEER_VENVS]
@@ -130,6 +133,8 @@ def start_contenders(names: list[str], venvs: Path, work: Path, models: Path, mo
             server = start_server(model_dir, FOVEA_FLAGS[name])
             started.append(Contender(name, server.target, lambda s=server: stop_server(s), server))
             xla = wait_for_xla(server)  # one at a time, for the same reason
+            if xla:
+                xla_logs[name] = xla.split("XLA: ", 1)[-1]
             log(f"{name}: serving on {server.target}" + (f"; {xla.split('XLA: ', 1)[-1]}" if xla else ""))
         return started
     except BaseException:
@@ -191,7 +196,8 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
         "ceilings": [],
         "load_average_1min": [],
     }
-    contenders = start_contenders(names, args.venvs, work, models, model)
+    result["fovea_xla"] = {}
+    contenders = start_contenders(names, args.venvs, work, models, model, result["fovea_xla"])
     result["startup_s"] = time.monotonic() - began
     try:
 
@@ -277,7 +283,7 @@ def measure_overhead(args: argparse.Namespace, work: Path) -> dict:
     }
     server = start_server(model_dir, [])
     try:
-        log(f"fovea: {wait_for_xla(server)}")
+        log(f"fovea: XLA: {wait_for_xla(server).split('XLA: ', 1)[-1]}")
         echo, echo_target = start_echo()
         try:
             for round_ in range(args.rounds):
@@ -487,7 +493,7 @@ def plot(result: dict, summary: dict, out: Path) -> None:
     for n in result["contenders"]:
         series(
             [speeds(result, n, c) for c in levels],
-            CONTENDERS[n],
+            CONTENDERS[n].replace("`", ""),
             "-o" if n.startswith("fovea") else "-x",
             lw=2.2 if n == "fovea" else 1.2,
         )
@@ -526,19 +532,29 @@ shuffled order within each, all driven by `bench/loadgen.py` over KServe v2 gRPC
 ceiling (the model in-process, the better of its signature and the XLA-compiled signature, at batch
 min(c, {MAX_BATCH})) was measured in a child process between rounds while every server was idle; a
 round's ceiling is the better of the measurements before and after it. **The ratios are interleaved:**
-medians (and ranges) of per-round ratios, each between windows minutes apart at most.
-{shared}
+medians (and ranges) of per-round ratios; fovea ÷ best peer compares windows of the same concurrency
+block ({len(result["contenders"])} windows back to back), fovea ÷ ceiling a window with the ceilings
+measured at its round's ends ({len(result["levels"])} such blocks per round).
+{shared}{_xla_note(result)}
 
 Images/s, median of the rounds (range in brackets):
 
 {table(result, summary)}
 PyTriton runs Triton's dynamic batcher with no queue delay, max batch {MAX_BATCH}; its XLA kind is
-`tf.function(jit_compile=True)` around the loaded signature, compiled for batch sizes 1-{MAX_BATCH}
-before it serves. MLServer uses adaptive batching (max batch {MAX_BATCH}, 2 ms). fovea runs its
+`tf.function(jit_compile=True)` around the loaded signature, compiled before it serves for batch
+sizes 1, 2, 4, ... {MAX_BATCH}, each batch padded to the next of them (as fovea serves XLA). MLServer uses adaptive batching (max batch {MAX_BATCH}, 2 ms). fovea runs its
 defaults. Errors (any non-OK answer) over the whole run: {_errors(summary, result)}.
 
 ![interleaved]({rel}/interleaved.png)
 """
+
+
+def _xla_note(result: dict) -> str:
+    # fovea picks its XLA sizes by timing each once at start-up: on a busy host that pick is noisy.
+    logs = result.get("fovea_xla", {})
+    return "".join(
+        f"\n\n{n} at start-up (one timed call per size): `XLA: {line}`" for n, line in logs.items()
+    )
 
 
 def _errors(summary: dict, result: dict) -> str:

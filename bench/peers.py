@@ -39,7 +39,8 @@ PACKAGES = {
 
 # PyTriton: Triton's dynamic batcher with no queue delay (batches form from what waits meanwhile).
 # argv: PORT plain|xla NAME=PATH...; "xla" serves `tf.function(jit_compile=True)` around the signature,
-# compiled for every batch size the batcher can form before the port opens, so no window pays a compile.
+# compiled before the port opens for batch sizes 1, 2, 4, ... 32, a batch padded to the next of them
+# (as fovea serves XLA): one compile per batch size the batcher can form would take minutes per size.
 PYTRITON_SERVER = """
 import sys
 import numpy as np
@@ -64,14 +65,19 @@ with triton:
         fn = loaded.signatures["serving_default"]
         h, w = fn.structured_input_signature[1]["images"].shape[1:3]
         call = lambda images, fn=fn: fn(images=images)["probabilities"]
+        sizes = [1 << i for i in range(MAX_BATCH.bit_length())]  # 1, 2, 4, ... MAX_BATCH
         if kind == "xla":
             call = tf.function(call, jit_compile=True)
-            for size in range(1, MAX_BATCH + 1):
+            for size in sizes:
                 call(tf.zeros([size, h, w, 3], tf.uint8))
 
         @batch
-        def infer(images, call=call):
-            return {"probabilities": call(tf.constant(images)).numpy()}
+        def infer(images, call=call, sizes=sizes):
+            n = len(images)
+            if kind == "xla":  # pad to a compiled size, as fovea does: one compile per size, not per n
+                size = next(s for s in sizes if s >= n)
+                images = np.concatenate([images, np.zeros((size - n, *images.shape[1:]), images.dtype)])
+            return {"probabilities": call(tf.constant(images)).numpy()[:n]}
 
         triton.bind(
             model_name=name,
