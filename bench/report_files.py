@@ -44,13 +44,16 @@ def sections(text: str) -> dict[str, str]:
 
 
 def put_section(text: str, name: str, body: str) -> str:
-    """`text` with its section `name` replaced by `body`; a new section goes before the first second-level
-    heading (after the document's introduction), or at the end if there is none."""
+    """`text` with its section `name` replaced by `body`; a new section goes after the last generated
+    one, or before the first second-level heading (after the document's introduction), or at the end."""
     start, end = _markers(name)
     block = f"{start}\n{body.strip()}\n{end}"
-    old = sections(text).get(name)
-    if old is not None:
-        return text.replace(old, block)
+    found = sections(text)
+    if name in found:
+        return text.replace(found[name], block)
+    if found:
+        last = max(text.index(b) + len(b) for b in found.values())
+        return text[:last] + "\n\n" + block + text[last:]
     heading = re.search(r"^## ", text, re.M)
     if heading is None:
         return text.rstrip("\n") + "\n\n" + block + "\n"

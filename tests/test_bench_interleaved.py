@@ -111,3 +111,12 @@ def test_run_py_rewrite_keeps_the_interleaved_section(tmp_path: Path) -> None:
     rewritten = keep_sections(old, "# B\n\nnew intro\n\n## Other\n\nnew figures\n")
     assert "ratios" in rewritten and "new figures" in rewritten and "old figures" not in rewritten
     assert rewritten.index("ratios") < rewritten.index("## Other")
+    # A second script's section goes after the first, not inside it, and both survive.
+    both = put_section(rewritten, "interleaved-overhead", "## Overhead\n\nms")
+    assert put_section(both, "interleaved", "## Interleaved\n\nnew ratios").count("<!--") == 4
+    assert (
+        both.index("<!-- /interleaved -->")
+        < both.index("<!-- interleaved-overhead:")
+        < both.index("## Other")
+    )
+    assert keep_sections(both, "# B\n\n## Other\n").count("generated, do not edit") == 2
