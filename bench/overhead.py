@@ -9,7 +9,8 @@ Measures, in one process and one after the other (p50 of single calls):
 - a gRPC round trip to a fovea.v1 ClassifierService that answers a canned response at once (what
   grpc and protobuf cost with no serving at all), driven by bench/loadgen.py like the real one: on
   grpc.aio (what fovea uses) and on the thread-pool grpc server (the alternative).
-Prints one JSON object; bench/NOTES.md has the table from a run.
+Prints one JSON object; bench/NOTES.md has the table from a run. With --echo-server it only serves
+the grpc.aio echo, in its own process (bench/interleaved.py --overhead interleaves it with fovea).
 """
 
 from __future__ import annotations
@@ -130,9 +131,22 @@ def echo_server(kind: str) -> tuple[int, Callable[[], None]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="a published version folder")
+    parser.add_argument("--model", help="a published version folder")
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument(
+        "--echo-server",
+        action="store_true",
+        help="only serve the grpc.aio echo: print its port, answer until stdin closes (bench/interleaved.py)",
+    )
     args = parser.parse_args()
+    if args.echo_server:
+        port, stop = echo_server("aio")
+        print(port, flush=True)
+        sys.stdin.read()
+        stop()
+        return 0
+    if not args.model:
+        parser.error("--model is required")
 
     import numpy as np
     import tensorflow as tf

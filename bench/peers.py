@@ -29,14 +29,18 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 sys.path[:0] = [str(ROOT / d) for d in ("client", "server", "trainer")]
 sys.path.insert(0, str(BENCH))
-from run import make_models, run_loadgen  # noqa: E402  (run.py also puts devtools on the path)
+from run import make_models, make_payloads, run_loadgen  # noqa: E402  (run.py also puts devtools on the path)
 
+MODEL_SIZES = {"resnet50": 96, "tiny": 32}  # bench/make_models.py's input sizes
 PACKAGES = {
     "pytriton": ["nvidia-pytriton==0.7.0", "tensorflow==2.21.0"],
     "mlserver": ["mlserver==1.7.1", "tensorflow==2.21.0", "protobuf<7"],
 }
 
 # PyTriton: Triton's dynamic batcher with no queue delay (batches form from what waits meanwhile).
+# argv: PORT plain|xla NAME=PATH...; "xla" serves `tf.function(jit_compile=True)` around the signature,
+# compiled before the port opens for batch sizes 1, 2, 4, ... 32, a batch padded to the next of them
+# (as fovea serves XLA): one compile per batch size the batcher can form would take minutes per size.
 PYTRITON_SERVER = """
 import sys
 import numpy as np
@@ -45,7 +49,9 @@ from pytriton.decorators import batch
 from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
-port, models = int(sys.argv[1]), sys.argv[2:]
+port, kind, models = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+MAX_BATCH = 32
+loaded_models = []  # a signature whose loaded object is collected loses its variables: keep them
 triton = Triton(
     config=TritonConfig(grpc_port=port, http_port=port + 1, metrics_port=port + 2),
     # perf tools and raw stubs call endpoints PyTriton protects by default
@@ -54,19 +60,31 @@ triton = Triton(
 with triton:
     for spec in models:
         name, path = spec.split("=", 1)
-        fn = tf.saved_model.load(path).signatures["serving_default"]
+        loaded = tf.saved_model.load(path)
+        loaded_models.append(loaded)
+        fn = loaded.signatures["serving_default"]
         h, w = fn.structured_input_signature[1]["images"].shape[1:3]
+        call = lambda images, fn=fn: fn(images=images)["probabilities"]
+        sizes = [1 << i for i in range(MAX_BATCH.bit_length())]  # 1, 2, 4, ... MAX_BATCH
+        if kind == "xla":
+            call = tf.function(call, jit_compile=True)
+            for size in sizes:
+                call(tf.zeros([size, h, w, 3], tf.uint8))
 
         @batch
-        def infer(images, fn=fn):
-            return {"probabilities": fn(images=tf.constant(images))["probabilities"].numpy()}
+        def infer(images, call=call, sizes=sizes):
+            n = len(images)
+            if kind == "xla":  # pad to a compiled size, as fovea does: one compile per size, not per n
+                size = next(s for s in sizes if s >= n)
+                images = np.concatenate([images, np.zeros((size - n, *images.shape[1:]), images.dtype)])
+            return {"probabilities": call(tf.constant(images)).numpy()[:n]}
 
         triton.bind(
             model_name=name,
             infer_func=infer,
             inputs=[Tensor(name="images", dtype=np.uint8, shape=(h, w, 3))],
             outputs=[Tensor(name="probabilities", dtype=np.float32, shape=(-1,))],
-            config=ModelConfig(max_batch_size=32, batcher=DynamicBatcher(max_queue_delay_microseconds=0)),
+            config=ModelConfig(max_batch_size=MAX_BATCH, batcher=DynamicBatcher(max_queue_delay_microseconds=0)),
             strict=False,
         )
     triton.serve()
@@ -83,7 +101,9 @@ from mlserver.types import InferenceRequest, InferenceResponse
 
 class TFSignature(MLModel):
     async def load(self) -> bool:
-        self._fn = tf.saved_model.load(self.settings.parameters.uri).signatures["serving_default"]
+        # the loaded object is kept: a signature whose object is collected loses its variables
+        self._loaded = tf.saved_model.load(self.settings.parameters.uri)
+        self._fn = self._loaded.signatures["serving_default"]
         return True
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
@@ -99,10 +119,18 @@ def log(msg: str) -> None:
     print(f"[peers {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def ready_venv(venv: Path, packages: list[str]) -> Path | None:
+    """The venv's python if ensure_venv has already made it with these packages, else None."""
+    marker = venv / ".fovea-bench-ready"
+    if marker.exists() and marker.read_text() == " ".join(packages):
+        return venv / "bin" / "python"
+    return None
+
+
 def ensure_venv(venv: Path, packages: list[str]) -> Path:
     python = venv / "bin" / "python"
     marker = venv / ".fovea-bench-ready"
-    if marker.exists() and marker.read_text() == " ".join(packages):
+    if ready_venv(venv, packages):
         return python
     log(f"creating {venv} with {' '.join(packages)} (once; a few minutes)")
     base = Path(sys.base_prefix) / "bin" / "python3"
@@ -119,7 +147,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_pytriton(python: Path, work: Path, models: dict[str, Path]) -> tuple[subprocess.Popen, int]:
+def start_pytriton(
+    python: Path, work: Path, models: dict[str, Path], xla: bool = False
+) -> tuple[subprocess.Popen, int]:
+    """PyTriton serving `models` (name → version folder): the signature as exported, or with `xla`
+    XLA-compiled around it. Returns the process and its gRPC port."""
     script = work / "pytriton_server.py"
     script.write_text(PYTRITON_SERVER)
     port = free_port()
@@ -132,11 +164,13 @@ def start_pytriton(python: Path, work: Path, models: dict[str, Path]) -> tuple[s
         text=True,
     ).stdout.strip()
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH", "")) if p)
-    argv = [str(python), str(script), str(port), *(f"{n}={p}" for n, p in models.items())]
-    return _spawn(argv, env, work / "pytriton.log"), port
+    kind = "xla" if xla else "plain"
+    argv = [str(python), str(script), str(port), kind, *(f"{n}={p}" for n, p in models.items())]
+    return _spawn(argv, env, work / f"pytriton-{kind}.log"), port
 
 
 def start_mlserver(python: Path, work: Path, models: dict[str, Path]) -> tuple[subprocess.Popen, int]:
+    """MLServer serving `models` with a runtime calling the signature; the process and its gRPC port."""
     folder = work / "mlserver"
     folder.mkdir(exist_ok=True)
     (folder / "tf_signature.py").write_text(MLSERVER_RUNTIME)
@@ -186,9 +220,11 @@ def stop(process: subprocess.Popen) -> None:
             process.wait(10)
 
 
-def loadgen(port: int, model: str, payload: Path, concurrency: int, warmup: float, seconds: float) -> dict:
+def loadgen(target: str, model: str, payload: Path, concurrency: int, warmup: float, seconds: float) -> dict:
+    """One closed-loop point over KServe v2 gRPC (what every server here speaks), retrying the first
+    call while the server is still starting."""
     return run_loadgen(
-        f"127.0.0.1:{port}", payload, "--protocol", "kserve", "--model", model, "--ready-timeout", "300",
+        target, payload, "--protocol", "kserve", "--model", model, "--ready-timeout", "300",
         "--concurrency", str(concurrency), "--warmup", str(warmup), "--duration", str(seconds),
     )  # fmt: skip
 
@@ -205,19 +241,13 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=BENCH / "results")
     args = parser.parse_args()
 
-    import numpy as np
-
     work = Path(tempfile.mkdtemp(prefix="fovea-peers-"))
     models = args.models
     if models is None:
         models = work / "models"
         log("exporting resnet50 and tiny with the trainer's export code")
         make_models(models, ["resnet50", "tiny"])
-    rng = np.random.default_rng(0)
-    payloads = {}
-    for name, size in (("resnet50", 96), ("tiny", 32)):
-        payloads[name] = work / f"img{size}.npy"
-        np.save(payloads[name], rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8))
+    payloads = {name: make_payloads(work, size)["uint8"] for name, size in MODEL_SIZES.items()}
     paths = {name: models / name / "1" for name in payloads}
     starters = {"pytriton": start_pytriton, "mlserver": start_mlserver}
     result: dict = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "servers": {}}
@@ -228,10 +258,10 @@ def main() -> int:
         rows = []
         try:
             for c in (int(x) for x in args.concurrency.split(",")):
-                r = loadgen(port, "resnet50", payloads["resnet50"], c, 3.0, args.seconds)
+                r = loadgen(f"127.0.0.1:{port}", "resnet50", payloads["resnet50"], c, 3.0, args.seconds)
                 log(f"{server} resnet50 c={c}: {r['throughput']:.1f} img/s, p50 {r['p50_ms']:.1f} ms")
                 rows.append({"model": "resnet50", "level": c, **r})
-            r = loadgen(port, "tiny", payloads["tiny"], 1, 2.0, min(args.seconds, 8.0))
+            r = loadgen(f"127.0.0.1:{port}", "tiny", payloads["tiny"], 1, 2.0, min(args.seconds, 8.0))
             log(f"{server} tiny c=1: p50 {r['p50_ms']:.2f} ms")
             rows.append({"model": "tiny", "level": 1, **r})
         except subprocess.CalledProcessError as exc:

@@ -16,7 +16,6 @@ import csv
 import datetime as dt
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -31,9 +30,13 @@ from fovea.devtools import prom_text  # noqa: E402
 from fovea.devtools.environment import subprocess_env  # noqa: E402
 from fovea.devtools.server_process import ServerProcess, ServerStartError  # noqa: E402
 
+sys.path.insert(0, str(BENCH))
+from report_files import keep_sections, machine, merge_summary  # noqa: E402
+
 BATCH_SIZE_METRIC = "fovea_batch_size_images"
 PEER_NAMES = {
     "pytriton": "PyTriton 0.7 (dynamic batcher, delay 0)",
+    "pytriton-xla": "PyTriton 0.7, XLA-compiled signature",
     "mlserver": "MLServer 1.7 (adaptive batching, 2 ms)",
 }
 
@@ -456,7 +459,8 @@ def write_outputs(result: dict, out: Path) -> None:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
     (out / "results.md").write_text("\n".join(lines) + "\n")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    # Other scripts own other keys of summary.json (bench/interleaved.py's "interleaved"): keep them.
+    merge_summary(out / "summary.json", summary)
     # Everything the report is made of, so that --render-docs can redo docs/benchmarks.md (after
     # bench/NOTES.md changed) without measuring again.
     (out / "run.json").write_text(json.dumps(result) + "\n")
@@ -553,31 +557,6 @@ def plot(rows: list[dict], summary: dict, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "latency_vs_throughput.png", dpi=120)
     plt.close(fig)
-
-
-def machine() -> str:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    mem_kb = int(
-        next(
-            line.split()[1]
-            for line in Path("/proc/meminfo").read_text().splitlines()
-            if line.startswith("MemTotal")
-        )
-    )
-    import importlib.metadata as md
-
-    versions = ", ".join(f"{p} {md.version(p)}" for p in ("tensorflow", "grpcio", "protobuf"))
-    return (
-        f"{os.cpu_count()} cores ({cpu}), {mem_kb / 2**20:.0f} GiB, no GPU, {platform.platform()}, "
-        f"Python {platform.python_version()}, {versions}"
-    )
 
 
 def print_ratios(summary: dict) -> None:
@@ -782,7 +761,8 @@ after process start. The server's report: `XLA: {s.get("xla_log", "-").split("XL
 {(out / "results.md").read_text()}
 {notes}"""
     docs.parent.mkdir(parents=True, exist_ok=True)
-    docs.write_text(text)
+    # bench/interleaved.py's section of the same page survives this rewrite.
+    docs.write_text(keep_sections(docs.read_text(), text) if docs.exists() else text)
 
 
 if __name__ == "__main__":
