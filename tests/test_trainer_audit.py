@@ -112,7 +112,9 @@ def test_audit_finds_flips_and_leakage_and_the_report_shows_them(tmp_path):
             f"fovea.v1: {tests[least]} top {plain[least].top[0]} without min_score; abstained={sure.abstained} with 0.999"
         )
         assert not plain[least].abstained and plain[least].top[0].score < 0.999
-        assert sure.abstained and sure.top == plain[least].top
+        # The same labels; the scores to float32 rounding (alone, not in a batch of 49).
+        assert sure.abstained and [t.label for t in sure.top] == [t.label for t in plain[least].top]
+        assert np.allclose([t.score for t in sure.top], [t.score for t in plain[least].top], atol=1e-5)
 
     # A person keeps the leakage row only: the retrain leaves that image out.
     trimmed = tmp_path / "trimmed.csv"
