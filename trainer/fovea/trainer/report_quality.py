@@ -131,7 +131,7 @@ def write(out: Path, quality: Quality, test_per_class: dict[str, dict[str, float
         else "--no-calibrate: the served scores are the raw softmax"
     )
     parts.append(
-        f"<p>{e(state)}. Test expected calibration error {s['test_ece_before']:.4f} before, "
+        f"<p>{e(state[0].upper() + state[1:])}. Test expected calibration error {s['test_ece_before']:.4f} before, "
         f"{s['test_ece_after']:.4f} after ({len(quality.test_raw[1])} images, {cal.ECE_BINS} bins).</p>"
     )
     parts.append(_img(out / "reliability.png", "Reliability diagram"))
