@@ -165,3 +165,37 @@ def test_exclude_listed_drops_the_rows_left_in_the_csv(tmp_path):
     with pytest.raises(ValueError, match="leaves the val split empty"):
         audit.write_csv(tmp_path / "all.csv", [dataclasses.replace(rows[0], path="/d/a/3.png")])
         audit.exclude_listed(ds, str(tmp_path / "all.csv"))
+
+
+def test_a_temperature_is_kept_only_when_it_lowers_held_out_val_nll():
+    """A calibrated model with a small validation split (48 images, as the demo data's): the NLL-best
+    temperature fits the split's noise and raises test ECE; the cross-validated rule keeps T = 1."""
+    rose_fitted = rose_chosen = 0
+    for seed in range(20):
+        val, val_truth = overconfident(n=48, seed=seed)
+        val = cal.apply_temperature(val, 4.0)  # undo the sharpening: calibrated by construction
+        test, test_truth = overconfident(n=2000, seed=100 + seed)
+        test = cal.apply_temperature(test, 4.0)
+        before = cal.reliability(test, test_truth).ece
+        fitted = cal.fit_temperature(val, val_truth)
+        chosen, why = cal.choose_temperature(val, val_truth)
+        assert (chosen == 1.0) == why["kept_raw"]
+        rose_fitted += cal.reliability(cal.apply_temperature(test, fitted), test_truth).ece > before
+        rose_chosen += cal.reliability(cal.apply_temperature(test, chosen), test_truth).ece > before
+    # Measured: 14 of 20 without the rule, 2 with it.
+    assert rose_fitted >= 12 and rose_chosen <= 5, (rose_fitted, rose_chosen)
+
+
+def test_the_rule_still_calibrates_an_overconfident_model_on_a_small_split():
+    val, val_truth = overconfident(n=48, seed=3)
+    t, why = cal.choose_temperature(val, val_truth)
+    assert not why["kept_raw"] and why["cv_nll_scaled"] < why["cv_nll_raw"] and 2 < t < 8
+    test, test_truth = overconfident(n=2000, seed=4)
+    assert (
+        cal.reliability(cal.apply_temperature(test, t), test_truth).ece
+        < cal.reliability(test, test_truth).ece
+    )
+    assert cal.choose_temperature(val[:9], val_truth[:9]) == (
+        1.0,
+        {"cv_nll_raw": None, "cv_nll_scaled": None, "kept_raw": True},
+    )

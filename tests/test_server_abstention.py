@@ -123,6 +123,40 @@ def test_kserve_v2_grpc_and_rest_carry_abstained(server):
     assert err.value.code == 400 and "min_score" in err.value.read().decode()
 
 
+def test_tf_serving_predict_takes_threshold_inputs_and_answers_abstained(server):
+    """TF Serving's PredictRequest has no parameters: the threshold is an extra scalar input, the
+    answer an extra DT_BOOL output, present only when a threshold was asked."""
+    tf = pytest.importorskip("tensorflow")
+    from _serving import channel
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    def predict(**extra):
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = "sure"
+        request.inputs["images"].CopyFrom(tf.make_tensor_proto(np.stack([image(0), image(1)])))
+        for key, value in extra.items():
+            request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+        with channel(server.port) as ch:
+            return prediction_service_pb2_grpc.PredictionServiceStub(ch).Predict(request, timeout=30)
+
+    plain = predict()
+    assert set(plain.outputs) == {"probabilities"}
+    unsure = predict(min_score=np.float32(0.999))
+    assert list(unsure.outputs["abstained"].bool_val) == [True, True]
+    assert [d.size for d in unsure.outputs["abstained"].tensor_shape.dim] == [2]
+    assert unsure.outputs["probabilities"].float_val == plain.outputs["probabilities"].float_val
+    assert list(predict(min_score=0.0001).outputs["abstained"].bool_val) == [False, False]  # a double
+    assert list(predict(use_model_threshold=True).outputs["abstained"].bool_val) == [False, False]
+    for bad, words in (
+        ({"min_score": np.float32(1.5)}, "between 0 and 1"),
+        ({"min_score": np.array([0.5, 0.6], np.float32)}, "expected one DT_FLOAT or DT_DOUBLE value"),
+        ({"use_model_threshold": np.int32(1)}, "expected one DT_BOOL value"),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            predict(**bad)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in err.value.details()
+
+
 def test_cli_prints_unsure(server, tmp_path):
     from PIL import Image
 

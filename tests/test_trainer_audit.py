@@ -47,6 +47,10 @@ def _data(root: Path) -> tuple[Path, list[str], str]:
     return data, flipped, str(copy)
 
 
+def _labels(data: Path) -> list[str]:
+    return sorted(p.name for p in (data / "train").iterdir())
+
+
 def test_audit_finds_flips_and_leakage_and_the_report_shows_them(tmp_path):
     from fovea.trainer.train import run
 
@@ -79,8 +83,39 @@ def test_audit_finds_flips_and_leakage_and_the_report_shows_them(tmp_path):
 
     page = (version / "report/index.html").read_text()
     assert "Leakage: 1 test images" in page
-    for section in ("Calibration", "Abstention", "Data quality", "Likely label errors", "Near-duplicates"):
+    recorded = json.loads((version / "report/metrics.json").read_text())
+    print("ood", {k: recorded["ood"][k] for k in ("energy", "msp", "useful")})
+    print("augmentation check", recorded["augmentation_check"])
+    assert [r["left_out"] for r in recorded["ood"]["per_class"]] == sorted(_labels(data))
+    assert {r["label"] for r in recorded["augmentation_check"]} == set(_labels(data))
+    assert "the server does not return" in page or recorded["ood"]["useful"]
+    for section in (
+        "Calibration",
+        "Abstention",
+        "Data quality",
+        "Likely label errors",
+        "Near-duplicates",
+        "Out-of-distribution signal",
+        "Augmentation check",
+    ):
         assert f"<h2>{section}</h2>" in page or f"<h3>{section}</h3>" in page
+    # The published model served: a fovea.v1 Predict of an ambiguous test image (the least sure one)
+    # with min_score 0.999 abstains, the same image without it gets its label.
+    from _serving import client, serving
+
+    with serving(tmp_path / "models") as srv, client(srv.port) as c:
+        tests = sorted(str(p) for p in (data / "test").rglob("*.png"))
+        plain = c.predict(tests, model=cfg.name)
+        least = int(np.argmin([p.top[0].score for p in plain]))
+        sure = c.predict(tests[least], model=cfg.name, min_score=0.999)[0]
+        print(
+            f"fovea.v1: {tests[least]} top {plain[least].top[0]} without min_score; abstained={sure.abstained} with 0.999"
+        )
+        assert not plain[least].abstained and plain[least].top[0].score < 0.999
+        # The same labels; the scores to float32 rounding (alone, not in a batch of 49).
+        assert sure.abstained and [t.label for t in sure.top] == [t.label for t in plain[least].top]
+        assert np.allclose([t.score for t in sure.top], [t.score for t in plain[least].top], atol=1e-5)
+
     # A person keeps the leakage row only: the retrain leaves that image out.
     trimmed = tmp_path / "trimmed.csv"
     with trimmed.open("w", newline="") as f:
@@ -89,7 +124,15 @@ def test_audit_finds_flips_and_leakage_and_the_report_shows_them(tmp_path):
         writer.writerows(leaks)
     again = run(
         tiny_train_config(
-            data, tmp_path / "models", epochs=1, fine_tune_epochs=0, audit=False, exclude=str(trimmed)
+            data,
+            tmp_path / "models",
+            epochs=1,
+            fine_tune_epochs=0,
+            audit=False,
+            exclude=str(trimmed),
+            # Both runs are at chance, so the gate's per-class recall comparison is a coin toss (it
+            # rejected this retrain once: rings 0.1667 -> 0): not what this test is about.
+            gate=False,
         ),
         log=print,
     )

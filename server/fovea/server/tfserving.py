@@ -44,6 +44,14 @@ _DATA_TYPE = _TENSOR.message_type.fields_by_name["dtype"].enum_type
 DT_FLOAT = _DATA_TYPE.values_by_name["DT_FLOAT"].number
 DT_UINT8 = _DATA_TYPE.values_by_name["DT_UINT8"].number
 DT_STRING = _DATA_TYPE.values_by_name["DT_STRING"].number
+DT_DOUBLE = _DATA_TYPE.values_by_name["DT_DOUBLE"].number
+DT_BOOL = _DATA_TYPE.values_by_name["DT_BOOL"].number
+# Answering only when sure (abstention.py). TF Serving's PredictRequest has no parameters, so the
+# threshold travels as extra scalar inputs beside the image input, and the answer as an extra output
+# (only when a threshold was asked, so plain TF Serving clients see exactly the usual response).
+MIN_SCORE = "min_score"  # DT_FLOAT or DT_DOUBLE, one value
+USE_MODEL_THRESHOLD = "use_model_threshold"  # DT_BOOL, one value
+ABSTAINED = "abstained"  # DT_BOOL [N]
 
 
 def _cut(text: str, limit: int = 64) -> str:
@@ -104,29 +112,42 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                 f"signature_name {_cut(signature)!r} is not served; use {SIGNATURE_IMAGES!r} (uint8 images) or "
                 f"{SIGNATURE_BYTES!r} (encoded image bytes)"
             )
-        unknown = [o for o in request.output_filter if o != OUTPUT]
+        unknown = [o for o in request.output_filter if o not in (OUTPUT, ABSTAINED)]
         if unknown:
-            raise InvalidArgument(f"output_filter names {_cut(unknown[0])!r}; the only output is {OUTPUT!r}")
+            raise InvalidArgument(
+                f"output_filter names {_cut(unknown[0])!r}; the outputs are {OUTPUT!r} and, with a "
+                f"{MIN_SCORE!r} or {USE_MODEL_THRESHOLD!r} input, {ABSTAINED!r}"
+            )
+        inputs, min_score, use_model_threshold = _threshold_inputs(request.inputs)
         meta = self._core.metadata(
             spec.name, *_version(spec), route_key(context.invocation_metadata())
         ).metadata
         result = await self._core.predict(
             core.PredictRequest(
-                images=_predict_images(request, meta),
+                images=_predict_images(inputs, meta),
                 model_name=meta.name,
                 model_version=meta.version,
                 return_probabilities=True,
                 deadline=deadline(context),
+                min_score=min_score,
+                use_model_threshold=use_model_threshold,
             )
         )
         probs = np.stack([p.probabilities for p in result.predictions]).astype(np.float32)
         response = predict_pb2.PredictResponse(
             model_spec=_echo(result.model_name, result.model_version, signature)
         )
-        out = response.outputs[OUTPUT]
-        out.dtype = DT_FLOAT
-        _set_shape(out.tensor_shape, probs.shape)
-        out.float_val.extend(probs.reshape(-1).tolist())
+        wanted = set(request.output_filter) or {OUTPUT, ABSTAINED}
+        if OUTPUT in wanted:
+            out = response.outputs[OUTPUT]
+            out.dtype = DT_FLOAT
+            _set_shape(out.tensor_shape, probs.shape)
+            out.float_val.extend(probs.reshape(-1).tolist())
+        if ABSTAINED in wanted and (min_score > 0 or use_model_threshold):
+            flags = response.outputs[ABSTAINED]
+            flags.dtype = DT_BOOL
+            _set_shape(flags.tensor_shape, (len(result.predictions),))
+            flags.bool_val.extend(p.abstained for p in result.predictions)
         return response
 
     async def _classify(
@@ -202,13 +223,42 @@ def _set_shape(proto, shape) -> None:
         proto.dim.add(size=size)
 
 
-def _predict_images(request: predict_pb2.PredictRequest, meta: ModelMetadata) -> list:
+def _scalar(key: str, tensor, dtypes: dict[int, tuple[str, type]]) -> object:
+    """The one value of a scalar input (in its typed list or tensor_content); InvalidArgument otherwise."""
+    if tensor.dtype in dtypes:
+        field, np_type = dtypes[tensor.dtype]
+        values = (
+            np.frombuffer(tensor.tensor_content, np_type).tolist()
+            if tensor.tensor_content
+            else list(getattr(tensor, field))
+        )
+        if len(values) == 1 and int(np.prod(_shape(tensor) or [1])) == 1:
+            return values[0]
+    names = " or ".join(_DATA_TYPE.values_by_number[d].name for d in dtypes)
+    raise InvalidArgument(f"input {_describe(key, tensor)}: expected one {names} value")
+
+
+def _threshold_inputs(inputs) -> tuple[dict, float, bool]:
+    """(the image inputs, min_score, use_model_threshold): the threshold inputs taken out."""
+    images = {k: t for k, t in inputs.items() if k not in (MIN_SCORE, USE_MODEL_THRESHOLD)}
+    min_score, use_model_threshold = 0.0, False
+    if MIN_SCORE in inputs:
+        floats = {DT_FLOAT: ("float_val", np.float32), DT_DOUBLE: ("double_val", np.float64)}
+        min_score = float(_scalar(MIN_SCORE, inputs[MIN_SCORE], floats))  # type: ignore[arg-type]
+    if USE_MODEL_THRESHOLD in inputs:
+        use_model_threshold = bool(
+            _scalar(USE_MODEL_THRESHOLD, inputs[USE_MODEL_THRESHOLD], {DT_BOOL: ("bool_val", np.bool_)})
+        )
+    return images, min_score, use_model_threshold
+
+
+def _predict_images(inputs, meta: ModelMetadata) -> list:
     h, w = meta.input_height, meta.input_width
     expected = f"{INPUT_IMAGES!r} DT_UINT8 [-1, {h}, {w}, 3] or {INPUT_BYTES!r} DT_STRING [-1]"
-    received = ", ".join(_describe(k, t) for k, t in sorted(request.inputs.items())) or "none"
-    if len(request.inputs) != 1:
+    received = ", ".join(_describe(k, t) for k, t in sorted(inputs.items())) or "none"
+    if len(inputs) != 1:
         raise InvalidArgument(f"model {meta.name!r} expects one input, {expected}; received {received}")
-    ((key, tensor),) = request.inputs.items()
+    ((key, tensor),) = inputs.items()
     shape = _shape(tensor)
     if key not in (INPUT_IMAGES, INPUT_BYTES):
         raise InvalidArgument(f"model {meta.name!r} expects one input, {expected}; received {received}")

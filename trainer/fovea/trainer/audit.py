@@ -51,6 +51,11 @@ class Findings:
     label_suspects: list[Suspect]  # ranked, most likely first
     duplicates: list[dict[str, Any]]  # {a, b, split_a, split_b, label_a, label_b, distance, kind}
     seconds: float = 0.0
+    ood: dict[str, Any] | None = None  # ood.measure's figures
+    augmentation: list[dict[str, Any]] | None = None  # augment_check.check's rows (None: not run)
+    # What the augmentation check reuses: the audit's feature projection and chosen L2 penalty.
+    projection: Any = dataclasses.field(default=None, repr=False)
+    l2: float = 0.1
 
     @property
     def leakage(self) -> list[dict[str, Any]]:
@@ -92,8 +97,9 @@ def _all_images(dataset: Any) -> tuple[list[str], list[str], np.ndarray]:
     return files, splits, np.asarray(targets, np.int64)
 
 
-def features(model: Any, files: Sequence[str], targets: np.ndarray, cfg: Any, num_classes: int) -> np.ndarray:
-    """Per file, in order: the pooled output of the base's last layer at each spatial resolution.
+def extractor(model: Any, cfg: Any) -> Callable[[Any], Any]:
+    """A function from float32 RGB 0..255 image batches to the pooled output of the base's last layer
+    at each spatial resolution.
 
     The head's input alone (the last of them) is all a well-trained model needs; the earlier stages
     keep texture statistics that a weakly trained base (a few epochs from random weights) still
@@ -101,7 +107,6 @@ def features(model: Any, files: Sequence[str], targets: np.ndarray, cfg: Any, nu
     """
     import tensorflow as tf
     import tf_keras as keras
-    from fovea.trainer import data as data_mod
     from fovea.trainer.backbones import preprocess_fn
 
     base = next(layer for layer in model.layers if isinstance(layer, keras.Model))
@@ -119,6 +124,16 @@ def features(model: Any, files: Sequence[str], targets: np.ndarray, cfg: Any, nu
         outs = outs if isinstance(outs, (list, tuple)) else [outs]
         return tf.concat([tf.reduce_mean(tf.cast(o, tf.float32), axis=[1, 2]) for o in outs], axis=1)
 
+    return extract
+
+
+def features(
+    model: Any, files: Sequence[str], targets: np.ndarray, cfg: Any, num_classes: int, extract: Any = None
+) -> np.ndarray:
+    """Per file, in order: extractor(model, cfg)'s features."""
+    from fovea.trainer import data as data_mod
+
+    extract = extract or extractor(model, cfg)
     stream = data_mod.make_stream(
         list(files), list(targets), num_classes=num_classes, input_size=cfg.input_size,
         batch_size=cfg.batch_size or 32, training=False, seed=cfg.seed, cache=False,
@@ -175,14 +190,20 @@ L2_CHOICES = (0.01, 0.1, 1.0)
 def cross_val_probabilities(x: np.ndarray, y: np.ndarray, classes: int, folds: int, seed: int) -> np.ndarray:
     """Each image's probabilities from a head that never saw it (stratified folds), at the L2 penalty
     that predicts the given labels best out of sample."""
-    x = _reduce(x)
-    best, best_nll = None, np.inf
+    return cross_val_reduced(_reduce(x), y, classes, folds, seed)[0]
+
+
+def cross_val_reduced(
+    z: np.ndarray, y: np.ndarray, classes: int, folds: int, seed: int
+) -> tuple[np.ndarray, float]:
+    """cross_val_probabilities on features already reduced; also returns the L2 penalty it chose."""
+    best, best_l2, best_nll = None, L2_CHOICES[0], np.inf
     for l2 in L2_CHOICES:
-        probs = _cross_val(x, y, classes, folds, seed, l2)
+        probs = _cross_val(z, y, classes, folds, seed, l2)
         nll = -np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1.0)))
         if nll < best_nll:
-            best, best_nll = probs, nll
-    return best
+            best, best_l2, best_nll = probs, l2, nll
+    return best, best_l2
 
 
 PCA_DIMS = 256
@@ -198,12 +219,23 @@ def _reduce(x: np.ndarray) -> np.ndarray:
     The stages' features are ~2,000 wide; fitted as they are, the 15 heads took 130 s for 300 images
     on a busy 2-core machine, mostly in thread-contended matrix products.
     """
+    return project(x, projection(x))
+
+
+def projection(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(mean, std, components or None): _reduce's transform, to apply to other images' features."""
     x = np.asarray(x, np.float64)
-    z = (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-6)
-    if z.shape[1] <= PCA_DIMS:
-        return z
-    _, _, vt = np.linalg.svd(z, full_matrices=False)
-    return z @ vt[:PCA_DIMS].T
+    mean, std = x.mean(axis=0), x.std(axis=0) + 1e-6
+    if x.shape[1] <= PCA_DIMS:
+        return mean, std, None
+    _, _, vt = np.linalg.svd((x - mean) / std, full_matrices=False)
+    return mean, std, vt[:PCA_DIMS].T
+
+
+def project(x: np.ndarray, proj: tuple[np.ndarray, np.ndarray, np.ndarray | None]) -> np.ndarray:
+    mean, std, components = proj
+    z = (np.asarray(x, np.float64) - mean) / std
+    return z if components is None else z @ components
 
 
 def _cross_val(x: np.ndarray, y: np.ndarray, classes: int, folds: int, seed: int, l2: float) -> np.ndarray:
@@ -298,7 +330,11 @@ def audit_arrays(
     classes = len(labels)
     smallest = min(int((targets == c).sum()) for c in range(classes))
     folds = max(2, min(FOLDS, smallest))
-    probs = cross_val_probabilities(x, targets, classes, folds, seed)
+    from fovea.trainer import ood
+
+    proj = projection(x)
+    z = project(x, proj)
+    probs, l2 = cross_val_reduced(z, targets, classes, folds, seed)
     suspects = [
         Suspect(files[i], splits[i], labels[targets[i]], labels[c], float(probs[i, c]), margin,
                 "label: confidently another class" if confident else "label: more likely another class")
@@ -311,22 +347,48 @@ def audit_arrays(
         label_suspects=suspects,
         duplicates=duplicate_pairs(files, splits, targets, labels),
         seconds=round(time.monotonic() - started, 1),
+        ood=ood.measure(z, targets, splits, labels, l2),
+        projection=proj,
+        l2=l2,
     )
 
 
 def run_audit(cfg: Any, dataset: Any, model: Any, log: Callable[[str], None] = print) -> Findings | None:
     started = time.monotonic()
     files, splits, targets = _all_images(dataset)
-    x = features(model, files, targets, cfg, len(dataset.labels))
+    extract = extractor(model, cfg)
+    x = features(model, files, targets, cfg, len(dataset.labels), extract)
     if len(x) != len(files):
         log(f"audit skipped: {len(files) - len(x)} images failed to decode while computing features")
         return None
     findings = audit_arrays(x, files, splits, targets, dataset.labels, cfg.seed)
+    from fovea.trainer.model import augmentation_layers
+
+    if augmentation_layers(cfg.augmentation(), cfg.seed):
+        from fovea.trainer import augment_check
+
+        train = np.asarray(splits) == "train"
+        z = project(x, findings.projection)
+        head = fit_softmax(z[train], targets[train], len(dataset.labels), l2=findings.l2, standardise=False)
+        findings.augmentation = augment_check.check(
+            cfg, extract, lambda f: project(f, findings.projection), head,
+            dataset.files["val"], np.asarray(dataset.targets["val"]), dataset.labels,
+        )  # fmt: skip
     findings.seconds = round(time.monotonic() - started, 1)
+    from fovea.trainer import ood
+
     log(
         f"audit: {len(findings.label_suspects)} possible label errors, {len(findings.duplicates)} near-duplicate "
         f"pairs ({len(findings.leakage)} across train/val and test) in {findings.seconds:.0f} s"
     )
+    log(f"out-of-distribution signal: {ood.sentence(findings.ood)}")
+    flagged = [
+        f"{r['label']} ({r['original']:.2f} -> {r['augmented']:.2f})"
+        for r in findings.augmentation or []
+        if r["flagged"]
+    ]
+    if flagged:
+        log(f"augmentation check: accuracy drops sharply under augmentation for {', '.join(flagged)}")
     return findings
 
 

@@ -5,6 +5,11 @@ so its log-probabilities are its logits up to a constant per row; dividing them 
 softmax again is exactly temperature scaling (Guo et al., 2017). The temperature is fitted on the
 validation split by minimising the negative log-likelihood, and export.py folds it into both
 signatures, so every protocol returns calibrated probabilities.
+
+A temperature fitted to a small validation split can fit its noise: a 32 px vgg16 run at chance saw
+test ECE rise from 0.0495 to 0.0694 after calibration. choose_temperature therefore keeps T = 1 unless
+a temperature fitted on some folds of the validation split lowers the NLL of the folds it did not see
+(cross-validation on val; the test split is never looked at).
 """
 
 from __future__ import annotations
@@ -66,6 +71,47 @@ def fit_temperature(probabilities: np.ndarray, truth: np.ndarray) -> float:
         else:
             lo = a
     return float(np.exp((lo + hi) / 2))
+
+
+CV_FOLDS = 5
+
+
+def cross_validated_nll(
+    probabilities: np.ndarray, truth: np.ndarray, folds: int = CV_FOLDS, seed: int = 0
+) -> tuple[float, float]:
+    """(held-out NLL of the raw scores, held-out NLL with a temperature fitted on the other folds),
+    both averaged over every validation image."""
+    truth = np.asarray(truth, np.int64)
+    logits = logits_of(probabilities)
+    order = np.random.default_rng(seed).permutation(len(truth))
+    fold_of = np.empty(len(truth), np.int64)
+    fold_of[order] = np.arange(len(truth)) % folds
+    raw = scaled = 0.0
+    for f in range(folds):
+        held = fold_of == f
+        if not held.any() or held.all():
+            continue
+        t = fit_temperature(probabilities[~held], truth[~held])
+        raw += nll(logits[held], truth[held], 1.0) * held.sum()
+        scaled += nll(logits[held], truth[held], t) * held.sum()
+    return raw / len(truth), scaled / len(truth)
+
+
+def choose_temperature(
+    probabilities: np.ndarray, truth: np.ndarray, seed: int = 0
+) -> tuple[float, dict[str, Any]]:
+    """The temperature to fold in, and why: the NLL-minimising T on all of val when a temperature
+    fitted on 4/5 of val lowers the NLL of the other 1/5 (summed over the five folds), else 1.0.
+
+    Fewer than 2 images per fold cannot tell fitting from noise: T = 1.
+    """
+    truth = np.asarray(truth, np.int64)
+    if len(truth) < 2 * CV_FOLDS:
+        return 1.0, {"cv_nll_raw": None, "cv_nll_scaled": None, "kept_raw": True}
+    raw, scaled = cross_validated_nll(probabilities, truth, seed=seed)
+    keep_raw = not scaled < raw
+    t = 1.0 if keep_raw else fit_temperature(probabilities, truth)
+    return t, {"cv_nll_raw": float(raw), "cv_nll_scaled": float(scaled), "kept_raw": bool(keep_raw)}
 
 
 @dataclasses.dataclass
@@ -201,11 +247,22 @@ def calibrate_run(
     The inputs are the trained Keras model's raw softmax, never a parent's exported scores, so a
     retrain from a calibrated version fits its own temperature from scratch.
     """
-    temperature = fit_temperature(*val) if cfg.calibrate else 1.0
+    temperature, why = choose_temperature(*val, seed=cfg.seed) if cfg.calibrate else (1.0, {})
     summary = summarise(
         temperature=temperature, target_precision=cfg.target_precision, val=val, test_raw=test_raw
     )
     summary["calibrated"] = bool(cfg.calibrate)
+    summary.update(why)
+    if why.get("kept_raw"):
+        log(
+            "calibration: kept the raw softmax (T = 1): a temperature fitted on part of the validation split "
+            "did not lower the NLL of the rest"
+            + (
+                f" ({why['cv_nll_scaled']:.4f} against {why['cv_nll_raw']:.4f})"
+                if why["cv_nll_raw"] is not None
+                else ""
+            )
+        )
     threshold = summary["threshold"]
     log(
         f"calibration: temperature {temperature:.3f}, test ECE {summary['test_ece_before']:.4f} -> "

@@ -53,7 +53,14 @@ def write_report(
     the calibration and data-quality sections."""
     out = Path(report_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics.to_dict(), indent=2, sort_keys=True, default=str))
+    recorded = metrics.to_dict()
+    findings = getattr(quality, "audit", None)
+    if findings is not None:
+        # The audit's measurements, for a script to read: the OOD detection figures and the per-class
+        # augmentation check.
+        recorded["ood"] = findings.ood
+        recorded["augmentation_check"] = findings.augmentation
+    (out / "metrics.json").write_text(json.dumps(recorded, indent=2, sort_keys=True, default=str))
     plot_curves(
         metrics.history,
         out / "training_curves.png",

@@ -119,11 +119,19 @@ def write(out: Path, quality: Quality, test_per_class: dict[str, dict[str, float
     state = (
         f"temperature {s['temperature']:.3f} fitted on the validation split (NLL {s['val_nll_before']:.4f} → "
         f"{s['val_nll_after']:.4f}) and folded into the exported signatures"
+        if s.get("calibrated") and not s.get("kept_raw")
+        else "kept the raw softmax (T = 1): a temperature fitted on 4/5 of the validation split did not lower "
+        "the NLL of the other 1/5"
+        + (
+            f" (cross-validated NLL {s['cv_nll_scaled']:.4f} against {s['cv_nll_raw']:.4f} raw)"
+            if s.get("cv_nll_raw") is not None
+            else f" (fewer than {2 * cal.CV_FOLDS} validation images)"
+        )
         if s.get("calibrated")
         else "--no-calibrate: the served scores are the raw softmax"
     )
     parts.append(
-        f"<p>{e(state)}. Test expected calibration error {s['test_ece_before']:.4f} before, "
+        f"<p>{e(state[0].upper() + state[1:])}. Test expected calibration error {s['test_ece_before']:.4f} before, "
         f"{s['test_ece_after']:.4f} after ({len(quality.test_raw[1])} images, {cal.ECE_BINS} bins).</p>"
     )
     parts.append(_img(out / "reliability.png", "Reliability diagram"))
@@ -189,9 +197,58 @@ def write(out: Path, quality: Quality, test_per_class: dict[str, dict[str, float
             "<h3>Near-duplicates</h3><table><tr><th>kind</th><th>image</th><th>duplicate</th>"
             f"<th>bits apart</th></tr>{items}</table>"
         )
+    parts.append(_ood_html(findings.ood))
+    if findings.augmentation is not None:
+        parts.append(_augmentation_html(findings.augmentation))
     if findings.leakage:
         warning = (
             f"Leakage: {len(findings.leakage)} test images are near-duplicates of training or validation "
             "images (see Data quality), so these test figures are optimistic."
         )
     return "".join(parts), warning
+
+
+def _ood_html(result: dict[str, Any] | None) -> str:
+    from fovea.trainer import ood
+
+    e = html.escape
+    text = ood.sentence(result)
+    out = f"<h3>Out-of-distribution signal</h3><p>{e(text[0].upper() + text[1:])}</p>"
+    if result is None:
+        return out
+    rows = "".join(
+        f"<tr><td>{e(r['left_out'])}</td><td>{r['unseen_images']}</td><td>{r['energy']['detection']:.0%}</td>"
+        f"<td>{r['energy']['auroc']:.3f}</td><td>{r['msp']['detection']:.0%}</td><td>{r['msp']['auroc']:.3f}</td>"
+        f"<td>{r['energy']['known_flagged']:.0%}</td></tr>"
+        for r in result["per_class"]
+    )
+    return out + (
+        "<p>Measured on the audit's frozen-backbone features with a head trained without the left-out class; "
+        "the backbone itself saw every class in training, so these figures are if anything optimistic. Energy "
+        "needs the head's logits, which the served probabilities do not carry (see ood.py).</p>"
+        "<table><tr><th>left out</th><th>unseen images</th><th>energy: detected</th><th>energy: AUROC</th>"
+        "<th>top probability: detected</th><th>top probability: AUROC</th><th>known test flagged (energy)</th>"
+        f"</tr>{rows}</table>"
+    )
+
+
+def _augmentation_html(rows: list[dict[str, Any]]) -> str:
+    from fovea.trainer import augment_check
+
+    e = html.escape
+    items = "".join(
+        f"<tr><td>{e(r['label'])}</td><td>{r['images']}</td><td>{r['original']:.2f}</td><td>{r['augmented']:.2f}</td>"
+        f"<td>{e(r['became'] or '')}</td>"
+        f"<td>{'<b>this augmentation may change what the image shows</b>' if r['flagged'] else ''}</td></tr>"
+        for r in rows
+    )
+    return (
+        f"<h3>Augmentation check</h3><p>The audit's head (trained on the training split's features) on up to "
+        f"{augment_check.IMAGES} validation images per class and {augment_check.DRAWS} augmented copies of each: "
+        f"a class whose accuracy drops by {augment_check.DROP} or more under the augmentation preset is flagged. "
+        "The head never saw augmented images, so a drop says the augmented copies look, to these features, "
+        "unlike their class: check the flagged classes' rows in augmentation.png before trusting the preset "
+        "(--augment upright turns off flips and rotation).</p>"
+        "<table><tr><th>class</th><th>images</th><th>accuracy on originals</th><th>on augmented copies</th>"
+        f"<th>copies mostly taken for</th><th></th></tr>{items}</table>"
+    )
