@@ -142,6 +142,9 @@ def main() -> int:
     # Ctrl-C in a terminal reaches the whole process group: the server stops gracefully and closes
     # this process's stdin, which is what ends it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # On a busy machine the parse competes with the server for the CPU: the event loop (health,
+    # every other call) goes first, a large body's parse takes longer.
+    os.nice(10)
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     while True:
         try:
