@@ -8,7 +8,7 @@ forked image); it runs v2_json.parse and sends back the result packed to unpickl
 bytes, BYTES as one blob). Smaller bodies stay on the parse thread and pay no IPC.
 
 - **One at a time.** The one parse thread is the only caller, so the child holds at most one
-  message and its parse (docs/memory.md, "http").
+  message and its parse (docs/memory.md, "http"; memory.json_parse_bytes).
 - **Death.** If the child dies or does not answer within PARSE_TIMEOUT_S, it is killed, the request
   is answered UNAVAILABLE (503, counted), and the next large body starts a new one.
 - **Shutdown.** `close()` (the server's stop) closes the child's stdin and waits for it; if the
@@ -27,11 +27,11 @@ import sys
 import threading
 import traceback
 
-from fovea.server import errors, v2_json
+from fovea.server import errors, memory, v2_json
 
 log = logging.getLogger(__name__)
 
-SMALL_JSON = 256 * 1024  # JSON below this parses on the thread: the common request pays no IPC
+SMALL_JSON = memory.SMALL_JSON  # JSON below this parses on the thread: the common request pays no IPC
 PARSE_TIMEOUT_S = 60.0  # far above a 16 MiB parse (~1 s); only a stuck child takes this long
 _REQUEST = struct.Struct("<QQ")  # the header's length, the binary part's size
 _REPLY = struct.Struct("<Q")
