@@ -15,7 +15,9 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,14 +38,31 @@ def uint8_body(n: int, shape: list[int] | None = None) -> bytes:
     return json.dumps({"inputs": [tensor]}).encode()
 
 
-def kill_while_parsing(pid: int, start: int, parsed: threading.Thread) -> bool:
-    """SIGKILL `pid` once it has spent CPU on the parse (0.2 s beyond `start` ticks); False if done first."""
-    while parsed.is_alive():
+def run_and_kill(pid: int, work: Callable[[], Any]) -> Any:
+    """`work()` on a thread, its parse process `pid` SIGKILLed once it spent 0.2 s of CPU on the parse;
+    what work returned or raised. Skips when the parse finished first (nothing to check then)."""
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append(work())
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    start = cpu_ticks(pid)
+    thread.start()
+    killed = False
+    while thread.is_alive() and not killed:
         if cpu_ticks(pid) - start >= 20:
             os.kill(pid, signal.SIGKILL)
-            return True
+            killed = True
         time.sleep(0.01)
-    return False
+    thread.join(120)
+    assert not thread.is_alive(), "the request hung after its parse process died"
+    if not killed:
+        pytest.skip("the parse finished before its process could be killed (nothing to check)")
+    return outcome[0]
 
 
 def test_the_child_parses_as_the_thread_does() -> None:
@@ -106,25 +125,9 @@ def test_a_killed_child_fails_its_request_and_is_replaced() -> None:
         pid = parser.pid()
         assert pid is not None
         big = uint8_body(3_000_000, shape=[1])
-        outcome: list[BaseException | None] = []
-
-        def parse() -> None:
-            try:
-                parser.parse(big, 0)
-                outcome.append(None)
-            except BaseException as exc:
-                outcome.append(exc)
-
-        thread = threading.Thread(target=parse)
-        start = cpu_ticks(pid)
-        thread.start()
-        killed = kill_while_parsing(pid, start, thread)
-        thread.join(120)
-        assert not thread.is_alive(), "the request hung after its parse process died"
-        if not killed:
-            pytest.skip("the parse finished before the child could be killed (nothing to check)")
-        assert isinstance(outcome[0], json_process.ParseProcessFailed), outcome
-        assert outcome[0].code == "UNAVAILABLE"
+        outcome = run_and_kill(pid, lambda: parser.parse(big, 0))
+        assert isinstance(outcome, json_process.ParseProcessFailed), outcome
+        assert outcome.code == "UNAVAILABLE"
         assert parser.parse(uint8_body(SMALL), 0).inputs[0].raw == bytes([7]) * SMALL
         assert parser.restarts == 1 and parser.pid() not in (None, pid)
     finally:
@@ -210,20 +213,8 @@ def test_a_killed_parse_process_gives_a_counted_503(server) -> None:
     hostile.post(server.http_port, "/v2/models/tiny/infer", uint8_body(100_000))  # the child is up
     (pid,) = parse_children(server.process.pid)
     before = metric_counts(server.metrics_url)[("ModelInfer", "UNAVAILABLE")]
-    answer: list = []
-    thread = threading.Thread(
-        target=lambda: answer.append(
-            hostile.post(server.http_port, "/v2/models/tiny/infer", uint8_body(3_000_000, shape=[1]))
-        )
-    )
-    start = cpu_ticks(pid)
-    thread.start()
-    killed = kill_while_parsing(pid, start, thread)
-    thread.join(120)
-    assert not thread.is_alive(), "the request hung after its parse process died"
-    if not killed:
-        pytest.skip("the parse finished before the child could be killed (nothing to check)")
-    status, body = answer[0]
+    big = uint8_body(3_000_000, shape=[1])
+    status, body = run_and_kill(pid, lambda: hostile.post(server.http_port, "/v2/models/tiny/infer", big))
     assert status == 503 and b"JSON parser process stopped" in body, body[:200]
     assert metric_counts(server.metrics_url)[("ModelInfer", "UNAVAILABLE")] == before + 1
     status, body = hostile.post(server.http_port, "/v2/models/tiny/infer", uint8_body(100_000))
