@@ -1,5 +1,5 @@
-"""The REST port's body rules without a server: inflation bounded by its output, the nesting count,
-and which slow bodies count against the limit (http_body.py)."""
+"""The REST port's body rules without a server: inflation bounded by its output, the nesting count
+(v2_json.py), and which slow bodies count against the limit (http_body.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("aiohttp", reason="the REST port needs the server extra")
 
-from fovea.server import http_body
+from fovea.server import http_body, v2_json
 from fovea.server.errors import InvalidArgument
 
 
@@ -38,10 +38,10 @@ def test_a_bomb_stops_at_the_limit_and_corrupt_streams_are_bad_input() -> None:
 
 
 def test_nesting_is_counted_outside_strings() -> None:
-    assert http_body.json_depth(b'{"a": [[1], [2, [3]]]}') == 4
-    assert http_body.json_depth(b'{"s": "[[[[{{{{ \\" [[[["}') == 1
-    assert http_body.json_depth(b"[" * 100_000) == 100_000
-    assert http_body.json_depth(b"12") == 0
+    assert v2_json.json_depth(b'{"a": [[1], [2, [3]]]}') == 4
+    assert v2_json.json_depth(b'{"s": "[[[[{{{{ \\" [[[["}') == 1
+    assert v2_json.json_depth(b"[" * 100_000) == 100_000
+    assert v2_json.json_depth(b"12") == 0
 
 
 def test_bodies_behind_the_rate_stop_counting_and_the_slowest_is_evicted() -> None:

@@ -69,3 +69,14 @@ def test_the_formula_grows_with_each_bound() -> None:
                    {"max_inflight_images": 4096}):  # fmt: skip
         bigger = config.Settings(**{**{}, **change})
         assert memory.worst_case_bytes(bigger, decode_threads=2) > total, change
+
+
+def test_the_http_term_counts_the_parse_process() -> None:
+    """The JSON parse of a large body runs in its own process: its interpreter, the JSON it is sent,
+    its parse and its reply in the server are all in the http term (docs/memory.md)."""
+    settings = config.Settings(max_message_mb=64, max_concurrent_rpcs=8)
+    max_json = 64 * 2**20 // memory.JSON_SHARE
+    bodies = memory.rest_bodies(8) * 64 * 2**20 + 64 * 2**20
+    http = memory.budget(settings, 0, 0, decode_threads=1).http
+    parse = (memory.JSON_PARSE_FACTOR + 1 + 2 * memory.REPLY_FACTOR) * max_json + memory.PARSE_PROCESS_BYTES
+    assert http == bodies + parse + memory.JSON_PARSE_FACTOR * memory.SMALL_JSON

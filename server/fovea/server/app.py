@@ -319,6 +319,9 @@ class Server:
             await self._server.stop(max(0.5, grace - (time.monotonic() - start)))
         if self._http is not None:
             await self._http.cleanup()
+        if self.rest is not None:
+            # The parse thread and process: after the port closed, so no request is still parsing.
+            await asyncio.get_running_loop().run_in_executor(None, self.rest.close)
         await self.manager.close()
         self.metrics.close()
         log.info("stopped")

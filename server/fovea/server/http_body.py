@@ -11,20 +11,18 @@
 - **Inflation.** aiohttp's own decompression is off (it would inflate on the event loop, as far as
   the bomb goes); `inflate` runs on the parse thread, in chunks, and stops as soon as the output
   passes the message limit, so its cost follows the limit, not the compression ratio.
-- **Nesting.** `json_depth` measures a JSON text's bracket depth (outside strings) with regex and
-  numpy, before json.loads would recurse into it.
+The JSON itself is parsed and checked by v2_json.py (its nesting measured before json.loads
+recurses into it), large bodies in the parse process (json_process.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
 import zlib
 from collections.abc import Callable, Iterator
 
-import numpy as np
 from aiohttp import web
 from fovea.server import memory
 from fovea.server.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
@@ -210,19 +208,3 @@ def _inflate_brotli(data: bytes, limit: int) -> bytearray:
     if not d.is_finished():
         raise InvalidArgument("the br request body ends before its compressed stream does")
     return out
-
-
-# A JSON string: quotes around anything but a quote or backslash, or an escape.
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
-
-
-def json_depth(text: bytes) -> int:
-    """The deepest nesting of brackets and braces outside strings (that of the JSON, if it is JSON)."""
-    if b"[" not in text and b"{" not in text:
-        return 0
-    bare = _STRING.sub(b'""', text) if b'"' in text else text
-    brackets = np.frombuffer(bare.translate(None, _NOT_BRACKETS), np.uint8)
-    # "[" and "{" are 0x5B and 0x7B, "]" and "}" 0x5D and 0x7D: bit 1 is set in the opening ones.
-    steps = (brackets & 2).astype(np.int32) - 1
-    return int(np.cumsum(steps).max(initial=0))

@@ -12,9 +12,12 @@ Every term is bounded by a setting, because the server admits or refuses work be
 - http: the v2 REST port's bodies: --max-concurrent-rpcs counted ones (arriving at 1 MB/s or more, or
   in and being served; 429 beyond, before they are read) plus half as many held behind that rate (one
   more evicts the slowest), each at most --max-message-mb compressed or inflated (413 beyond); the one
-  inflation at a time (its output beside its compressed body); and the one JSON parse at a time:
-  JSON_PARSE_FACTOR x the largest JSON part parsed (--max-message-mb / JSON_SHARE). A UINT8 JSON
-  tensor is packed into bytes once parsed.
+  inflation at a time (its output beside its compressed body); and the one JSON parse at a time,
+  in the parse process for JSON of SMALL_JSON or more (json_process.py): JSON_PARSE_FACTOR x the
+  largest JSON part parsed (--max-message-mb / JSON_SHARE), which that process may keep as RSS, plus
+  its interpreter (PARSE_PROCESS_BYTES), the JSON it was sent, the reply in the server (pickled and
+  unpickled: 2 x REPLY_FACTOR x the JSON) and the parse thread's own parse of a JSON under SMALL_JSON.
+  A UINT8 JSON tensor is packed into bytes once parsed.
 - decoders: decode threads x --max-pixels x 9 bytes, the largest per-pixel footprint of any decoder
   (a progressive 4:4:4 JPEG: 3 bytes of RGB output plus 6 of DCT coefficients; imageinfo.py sizes
   every image this way before decoding and refuses what exceeds --max-pixels).
@@ -35,6 +38,13 @@ DECODER_BYTES_PER_PIXEL = 9  # progressive 4:4:4 JPEG: 3 (RGB out) + 6 (2 bytes 
 # 13x for a flat list of digits, 28x for [[7],[7],...], 42-45x for lists nested 12 to 400 deep.
 JSON_PARSE_FACTOR = 48
 JSON_SHARE = 4  # the JSON part of a REST body may be at most 1/JSON_SHARE of --max-message-mb
+SMALL_JSON = 256 * 1024  # JSON this large or more is parsed in the parse process (json_process.py)
+# The parse process's interpreter with numpy: measured 28 MiB idle, 58 MiB after parsing 16 MiB of JSON
+# (what it keeps of that parse beyond this is the JSON_PARSE_FACTOR term, which it may keep).
+PARSE_PROCESS_BYTES = 64 * MIB
+# What the parse process sends back, per character of JSON at most: a number of another datatype
+# than UINT8 or BYTES ("7,": 2 characters) as a float64 or int64 (8 bytes). UINT8 is 1 byte per 2.
+REPLY_FACTOR = 4
 
 
 @dataclass(frozen=True)
@@ -86,10 +96,22 @@ def budget(
         messages=2 * settings.max_concurrent_rpcs * settings.max_message_mb * MIB,
         http=rest_bodies(settings.max_concurrent_rpcs) * settings.max_message_mb * MIB
         + settings.max_message_mb * MIB
-        + JSON_PARSE_FACTOR * settings.max_message_mb * MIB // JSON_SHARE,
+        + json_parse_bytes(settings.max_message_mb * MIB // JSON_SHARE),
         decoders=threads * settings.max_pixels * DECODER_BYTES_PER_PIXEL,
         rows=settings.max_inflight_images * row
         + settings.max_in_flight_batches * settings.max_batch_size * row,
+    )
+
+
+def json_parse_bytes(max_json: int) -> int:
+    """The one JSON parse at a time: in the parse process (its parse, interpreter and the JSON it
+    was sent), its reply in the server (pickled, then unpickled), and the parse thread's small parse."""
+    return (
+        JSON_PARSE_FACTOR * max_json
+        + PARSE_PROCESS_BYTES
+        + max_json
+        + 2 * REPLY_FACTOR * max_json
+        + JSON_PARSE_FACTOR * SMALL_JSON
     )
 
 

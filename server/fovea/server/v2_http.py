@@ -15,17 +15,14 @@ import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import numpy as np
 from aiohttp import http_exceptions, web
-from fovea.server import calls, http_body, logs, memory, v2
-from fovea.server.errors import InvalidArgument, ResourceExhausted, ServingError, clip
+from fovea.server import calls, http_body, json_process, logs, memory, v2, v2_json
+from fovea.server.errors import InvalidArgument, ResourceExhausted, ServingError
 from fovea.server.rollout import route_key
 
 log = logging.getLogger(__name__)
 # A repository-index body is `{"ready": true}`; more is refused before it is parsed.
 INDEX_BODY_LIMIT = 64 * 1024
-# Deeper JSON is refused before json.loads recurses into it (a UINT8 batch as nested lists is 7 deep).
-MAX_JSON_DEPTH = 64
 # aiohttp's own log lines ("Error handling request", a Content-Length that lies, a bad request line):
 # through the throttle, and one line without a traceback when the client broke the protocol.
 aiohttp_logger = logs.ThrottledLogger(
@@ -70,6 +67,14 @@ class V2Http:
         # up to ~40x its text (JSON_PARSE_FACTOR in memory.py) until it is packed into bytes, and
         # json.loads and zlib hold the GIL anyway, so two at once would not be faster.
         self._parser = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fovea-json")
+        # json.loads holds the GIL for the whole parse: large JSON goes to one child process instead
+        # (json_process.py), called only from that thread, so one message at a time.
+        self.json = json_process.JsonParser()
+
+    def close(self) -> None:
+        """Stop the parse thread and the parse process (the server's stop, after the port closed)."""
+        self._parser.shutdown(wait=True, cancel_futures=True)
+        self.json.close()
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self._max_body, middlewares=[_json_errors])
@@ -169,7 +174,7 @@ class V2Http:
     async def _index(self, request: web.Request) -> web.Response:
         with self.bodies.slot() as arrival:
             data = await self.bodies.read(request, arrival, INDEX_BODY_LIMIT)
-            body = _json_body(_decoded(request, data, INDEX_BODY_LIMIT))
+            body = v2_json.json_body(_decoded(request, data, INDEX_BODY_LIMIT))
         return _json(self._v2.repository_index(bool(body.get("ready", False))))
 
     # -- inference -------------------------------------------------------------------------------
@@ -180,7 +185,13 @@ class V2Http:
             # Inflating and parsing are pure-Python or zlib work proportional to the body (up to the
             # message limit): off the event loop, so one large request does not stall other calls and health.
             infer_request, binary_outputs = await asyncio.get_running_loop().run_in_executor(
-                self._parser, _parse_infer, request, body, self._max_body, self._max_body // memory.JSON_SHARE
+                self._parser,
+                _parse_infer,
+                request,
+                body,
+                self._max_body,
+                self._max_body // memory.JSON_SHARE,
+                self.json,
             )
             del body  # binary tensors keep their part of it; a JSON body is packed into bytes by now
             infer_request.route_key = route_key(request.headers.items())
@@ -216,9 +227,9 @@ def _decoded(request: web.Request, body: bytes, limit: int) -> bytes | bytearray
 
 
 def _parse_infer(
-    request: web.Request, body: bytes, max_body: int, max_json: int
+    request: web.Request, body: bytes, max_body: int, max_json: int, parser: json_process.JsonParser
 ) -> tuple[v2.InferRequest, bool | set[str]]:
-    """The v2 request a body holds; on the parse thread."""
+    """The v2 request a body holds; on the parse thread (its JSON, when large, in the parse process)."""
     header, binary = _split_body(_decoded(request, body, max_body), request.headers.get(HEADER_LENGTH))
     if len(header) > max_json:
         raise InvalidArgument(
@@ -227,7 +238,7 @@ def _parse_infer(
             f"{memory.JSON_PARSE_FACTOR}x its size in memory: send tensors with the binary extension "
             f"({HEADER_LENGTH})"
         )
-    return _infer_request(request, _json_body(header), binary)
+    return _infer_request(request, parser.parse(header, len(binary)), binary)
 
 
 def _split_body(body: bytes | bytearray, header_length: str | None) -> tuple[bytes, memoryview]:
@@ -242,147 +253,30 @@ def _split_body(body: bytes | bytearray, header_length: str | None) -> tuple[byt
     return bytes(body[:n]), memoryview(body)[n:]
 
 
-def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _json_body(data: bytes) -> dict[str, Any]:
-    depth = http_body.json_depth(data)
-    if depth > MAX_JSON_DEPTH:
-        raise InvalidArgument(
-            f"the request's JSON is nested {depth} deep; at most {MAX_JSON_DEPTH} levels are parsed "
-            "(a batch of images as nested lists is 7)"
-        )
-    try:
-        # NaN and Infinity are Python's extensions, not JSON: refused here, not met as a tensor value.
-        parsed = json.loads(data.decode("utf-8"), parse_constant=_no_constant) if data else {}
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise InvalidArgument(f"the request body is not valid JSON: {str(exc)[:120]}") from None
-    if not isinstance(parsed, dict):
-        raise InvalidArgument("the request body must be a JSON object")
-    return parsed
-
-
-def _object(value: Any, what: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise InvalidArgument(f"{what} must be a JSON object, not {_kind(value)}")
-    return value
-
-
-def _string(value: Any, what: str) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise InvalidArgument(f"{what} must be a string, not {_kind(value)}")
-    return value
-
-
-def _kind(value: Any) -> str:
-    """A JSON value's type, as a caller would name it."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return f"the number {clip(value, 24, quote=False)}"
-    return {str: "a string", list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
-
-
-def _flatten(data: Any) -> list:
-    if isinstance(data, list):
-        out: list = []
-        for item in data:
-            out.extend(_flatten(item) if isinstance(item, list) else [item])
-        return out
-    return [data]
-
-
-def _values(tensor: v2.Tensor, data: Any, what: str) -> None:
-    """A JSON tensor's `data`, checked element by element for its datatype (on the parse thread, before
-    anything is sized by them): UINT8 integers 0..255 are packed into bytes at once (the list of
-    Python ints takes 8-40x the body's size), BYTES elements must be strings."""
-    values = _flatten(data)
-    if tensor.datatype == "UINT8":
-        for i, v in enumerate(values):
-            if type(v) is not int or not 0 <= v <= 255:
-                raise InvalidArgument(
-                    f"{what}.data[{i}] is {_kind(v)}; UINT8 data must be integers 0..255 (row-major, flat or nested)"
-                )
-        tensor.raw = np.asarray(values, dtype=np.uint8).tobytes() if values else b""
-    elif tensor.datatype == "BYTES":
-        for i, v in enumerate(values):
-            if not isinstance(v, str):
-                raise InvalidArgument(f"{what}.data[{i}] is {_kind(v)}; BYTES data must be strings")
-        tensor.values = values
-    else:
-        tensor.values = values  # v2.py refuses the datatype with what the model expects
-
-
 def _infer_request(
-    request: web.Request, body: dict[str, Any], binary: memoryview
+    request: web.Request, parsed: v2_json.JsonInfer, binary: memoryview
 ) -> tuple[v2.InferRequest, bool | set[str]]:
-    """The v2 request, and which outputs go back as binary (True: all of them). Every field's type is
-    checked here, so what reaches v2.py is what its rules expect."""
+    """The v2 request, and which outputs go back as binary (True: all of them)."""
     name, version = _model(request)
-    parameters = _object(body.get("parameters"), "parameters")
-    inputs, at = [], 0
-    items = body.get("inputs")
-    if items is not None and not isinstance(items, list):
-        raise InvalidArgument(f"inputs must be an array of tensors, not {_kind(items)}")
-    for i, item in enumerate(items or ()):
-        what = f"inputs[{i}]"
-        if not isinstance(item, dict):
-            raise InvalidArgument(f"{what} must be an object with name, datatype, shape and data")
-        shape = item.get("shape")
-        if not isinstance(shape, list) or not all(type(d) is int for d in shape):
-            raise InvalidArgument(f"{what}.shape must be an array of integers, not {_kind(shape)}")
-        tensor = v2.Tensor(
-            _string(item.get("name"), f"{what}.name"),
-            _string(item.get("datatype"), f"{what}.datatype"),
-            tuple(shape),
-        )
-        size = _object(item.get("parameters"), f"{what}.parameters").get("binary_data_size")
-        if size is not None:
-            if type(size) is not int or size < 0 or at + size > len(binary):
-                raise InvalidArgument(
-                    f"{what}.parameters.binary_data_size is {clip(size, 24)}, but {len(binary) - at} binary "
-                    "bytes remain"
-                )
+    inputs = []
+    for t in parsed.inputs:
+        tensor = v2.Tensor(t.name, t.datatype, t.shape, raw=t.raw, values=t.values)
+        if t.binary is not None:
+            at, size = t.binary
             tensor.raw = binary[at : at + size]
-            at += size
-        else:
-            _values(tensor, item.get("data", []), what)
         inputs.append(tensor)
-    outputs, binary_names = [], set()
-    items = body.get("outputs")
-    if items is not None and not isinstance(items, list):
-        raise InvalidArgument(f"outputs must be an array of objects with a name, not {_kind(items)}")
-    for i, item in enumerate(items or ()):
-        if not isinstance(item, dict):
-            raise InvalidArgument(f"outputs[{i}] must be an object with a name")
-        params = _object(item.get("parameters"), f"outputs[{i}].parameters")
-        k = params.get("classification", 0)
-        if type(k) is not int:
-            raise InvalidArgument(
-                f"outputs[{i}].parameters.classification must be an integer, not {_kind(k)}"
-            )
-        outputs.append(v2.RequestedOutput(_string(item.get("name"), f"outputs[{i}].name"), k))
-        if params.get("binary_data"):
-            binary_names.add(outputs[-1].name)
-    binary_outputs: bool | set[str] = binary_names
-    if not outputs and parameters.get("binary_data_output"):
-        binary_outputs = True
+    outputs: list[v2.RequestedOutput] = []
+    for output, k, times in parsed.outputs:
+        outputs += [v2.RequestedOutput(output, k)] * times  # one object, repeated: v2.py refuses it
     infer = v2.InferRequest(
         model_name=name,
         model_version=version,
         inputs=inputs,
         outputs=outputs,
-        id=_string(body.get("id"), "id"),
-        parameters=parameters,
+        id=parsed.id,
+        parameters=parsed.parameters,
     )
-    return infer, binary_outputs
+    return infer, True if parsed.binary_output else parsed.binary_names
 
 
 def _infer_response(result: v2.InferResponse, binary_outputs: bool | set[str]) -> web.Response:
