@@ -199,3 +199,22 @@ def test_the_rule_still_calibrates_an_overconfident_model_on_a_small_split():
         1.0,
         {"cv_nll_raw": None, "cv_nll_scaled": None, "kept_raw": True},
     )
+
+
+def test_a_val_split_with_no_errors_does_not_sharpen_without_limit() -> None:
+    # An under-confident model that gets all 60 val images right: the NLL keeps falling as T goes to
+    # 0, so an unbounded fit claims certainty. The scores may claim no more, on average, than the
+    # lower 95% bound of the measured accuracy (about 0.94 for 60 of 60).
+    from fovea.trainer import calibration
+
+    rng = np.random.default_rng(3)
+    truth = rng.integers(0, 3, 60)
+    logits = rng.normal(0, 0.3, (60, 3))
+    logits[np.arange(60), truth] += 1.0  # always the top class, by a small margin
+    probs = calibration.softmax(logits)
+    t, why = calibration.choose_temperature(probs, truth)
+    scaled = calibration.apply_temperature(probs, t)
+    bound = calibration.wilson_lower(60, 60)
+    assert why["bounded_by_accuracy"] is True
+    assert scaled.max(axis=1).mean() <= bound + 1e-6
+    assert scaled.max(axis=1).mean() > probs.max(axis=1).mean()  # still sharpened, within the bound
