@@ -34,7 +34,7 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # tensorflow_serving.apis imports TensorFlow here
 ROUTE_KEY = "x-fovea-route-key"
 
 
@@ -104,7 +104,9 @@ def shuffled_copy(clean: Path, out: Path, seed: int) -> float:
 
 
 def metadata(models: Path, version: int) -> dict:
-    return json.loads((models / "demo" / str(version) / "fovea.json").read_text())
+    from fovea import contract
+
+    return json.loads((models / "demo" / str(version) / contract.METADATA_FILE).read_text())
 
 
 def published(models: Path) -> list[int]:
@@ -147,23 +149,8 @@ def sample(lines: list[str], name: str, **labels: str) -> float:
     return total
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", type=Path, help="where data and models go (default: a temp dir, kept)")
-    parser.add_argument("--epochs", default="2", help="version 1's --epochs (phase 1)")
-    parser.add_argument("--fine-tune-epochs", default="8", help="version 1's --fine-tune-epochs (phase 2)")
-    parser.add_argument("--retrain-epochs", default="8", help="the retrains' --fine-tune-epochs")
-    parser.add_argument("--requests", type=int, default=500, help="unlabelled Predicts for the share count")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="fovea-rollout-demo-"))
-    work.mkdir(parents=True, exist_ok=True)
-    raw, clean, broken, models = work / "raw", work / "data", work / "data-shuffled", work / "models"
-    for p in (raw, clean, broken, models):
-        shutil.rmtree(p, ignore_errors=True)
-    say(f"workdir {work}")
-    started = time.monotonic()
-
+def train_steps(args: argparse.Namespace, raw: Path, clean: Path, broken: Path, models: Path) -> None:
+    """Steps 1-4: the data, version 1, the gated retrain (version 2), the shuffled-label retrain."""
     say("\n== 1. demo data, split once into train/val/test")
     fovea("demo-data", str(raw), "--seed", str(args.seed))
     split(raw, clean, args.seed)
@@ -217,6 +204,34 @@ def main(argv: list[str] | None = None) -> int:
         say(f"per-class recall (candidate vs reference): {per_class_line(gate3)}")
         say(f"report: {r / 'report' / 'index.html'} exists={(r / 'report' / 'index.html').exists()}")
     say(f"published: {published(models)} (version 3 exists: {(models / 'demo' / '3').exists()})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, help="where data and models go (default: a temp dir, kept)")
+    parser.add_argument("--epochs", default="2", help="version 1's --epochs (phase 1)")
+    parser.add_argument("--fine-tune-epochs", default="8", help="version 1's --fine-tune-epochs (phase 2)")
+    parser.add_argument("--retrain-epochs", default="8", help="the retrains' --fine-tune-epochs")
+    parser.add_argument("--requests", type=int, default=500, help="unlabelled Predicts for the share count")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--serve-only", action="store_true", help="steps 5-6 on --workdir's models as they are"
+    )
+    args = parser.parse_args(argv)
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="fovea-rollout-demo-"))
+    work.mkdir(parents=True, exist_ok=True)
+    raw, clean, broken, models = work / "raw", work / "data", work / "data-shuffled", work / "models"
+    if args.serve_only:
+        if not (models / "demo" / "2").is_dir():
+            raise SystemExit(f"--serve-only: {models}/demo has no version 2 (run without it first)")
+        say(f"workdir {work} (--serve-only: its data and versions as they are)")
+    else:
+        for p in (raw, clean, broken, models):
+            shutil.rmtree(p, ignore_errors=True)
+        say(f"workdir {work}")
+    started = time.monotonic()
+    if not args.serve_only:
+        train_steps(args, raw, clean, broken, models)
 
     say("\n== 5. labels and a weighted canary")
     out = fovea("rollout", str(models / "demo"), "--label", "stable=1", "--label", "canary=2",
