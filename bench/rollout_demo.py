@@ -24,17 +24,14 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # tensorflow_serving.apis imports TensorFlow here
 ROUTE_KEY = "x-fovea-route-key"
 
 
@@ -133,20 +130,17 @@ def per_class_line(gate: dict) -> str:
     )
 
 
-def scrape(url: str, prefix: str) -> list[str]:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    return [line for line in text.splitlines() if line.startswith(prefix)]
+def shadow_samples(url: str) -> list:
+    """The server's fovea_shadow_* samples (devtools' Prometheus text parser)."""
+    from fovea.devtools import prom_text
+
+    return [s for s in prom_text.scrape(url, timeout=10) if s.name.startswith("fovea_shadow")]
 
 
-def sample(lines: list[str], name: str, **labels: str) -> float:
-    total = 0.0
-    for line in lines:
-        if not line.startswith(name + "{"):
-            continue
-        if all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+def exposition(sample) -> str:
+    """A sample as the /metrics line it came from (labels in name order, as prometheus_client writes)."""
+    labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+    return f"{sample.name}{{{labels}}} {sample.value!r}"
 
 
 def train_steps(args: argparse.Namespace, raw: Path, clean: Path, broken: Path, models: Path) -> None:
@@ -240,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"rollout.json: {(models / 'demo' / 'rollout.json').read_text().strip()}")
 
     import grpc
+    from fovea.devtools import prom_text
     from fovea.devtools.server_process import ServerProcess
     from fovea.v1 import classifier_pb2 as pb
     from fovea.v1 import classifier_pb2_grpc
@@ -294,26 +289,24 @@ def main(argv: list[str] | None = None) -> int:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # the server polls the file every 0.5 s
             predict(0)
-            if sample(scrape(server.metrics_url, "fovea_shadow"), "fovea_shadow_requests_total"):
+            if prom_text.total(shadow_samples(server.metrics_url), "fovea_shadow_requests_total"):
                 break
             time.sleep(0.5)
-        before = scrape(server.metrics_url, "fovea_shadow")
+        before = shadow_samples(server.metrics_url)
         shadowed = 100
         live = Counter(predict(i) for i in range(shadowed))
         time.sleep(2)  # shadow runs happen after the live answer
-        after = scrape(server.metrics_url, "fovea_shadow")
+        after = shadow_samples(server.metrics_url)
         say(
             f"{shadowed} more unlabelled Predicts (live versions {dict(sorted(live.items()))}); shadow metrics:"
         )
         for name in ("fovea_shadow_requests_total", "fovea_shadow_images_total", "fovea_shadow_top1_equal_total",
                      "fovea_shadow_score_abs_diff_sum_total"):  # fmt: skip
-            for line in after:
-                if line.startswith(name + "{"):
-                    labels = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
-                    delta = float(line.rsplit(" ", 1)[1]) - sample(before, name, **labels)
-                    say(f"  {line}   (+{delta:g} during these {shadowed})")
-        images_total = sample(after, "fovea_shadow_images_total")
-        equal = sample(after, "fovea_shadow_top1_equal_total")
+            for sample in (s for s in after if s.name == name):
+                delta = sample.value - prom_text.total(before, name, **sample.labels)
+                say(f"  {exposition(sample)}   (+{delta:g} during these {shadowed})")
+        images_total = prom_text.total(after, "fovea_shadow_images_total")
+        equal = prom_text.total(after, "fovea_shadow_top1_equal_total")
         if images_total:
             say(f"top-1 agreement live vs shadow: {equal:g}/{images_total:g} = {equal / images_total:.3f}")
         out = fovea("rollout", str(models / "demo"), "--metrics", server.metrics_url)
