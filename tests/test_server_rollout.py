@@ -199,3 +199,45 @@ def test_cli_status_reads_the_servers_figures(server, stub, models, capsys):
     out = capsys.readouterr().out
     assert "label stable       version 1     traffic 100.0%" in out
     assert "shadow version 1:" in out and "top-1 agreement 100.00%" in out
+
+
+def test_python_clients_send_label_and_route_key(server, stub, models):
+    import asyncio
+
+    from fovea.client import AsyncClient, Client, FoveaError
+
+    settle(stub, models, labels={"stable": 1, "canary": 2}, traffic={"stable": 80, "canary": 20})
+    # An earlier test moves version 2 away and back: it may still be loading again.
+    wait_until(lambda: 2 in stub.ListModels(pb.ListModelsRequest(), timeout=10).models[0].versions,
+               timeout=60, what="version 2 loaded")  # fmt: skip
+    pixels = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    target = f"127.0.0.1:{server.port}"
+    # Which side each key lands on, as the server routes it (fovea.v1 with the header set by hand).
+    sides = {f"k{i}": predict(stub, key=f"k{i}") for i in range(40)}
+    assert set(sides.values()) == {1, 2}  # fixed keys, sha256 buckets: deterministic
+    with Client(target) as client:
+        assert client.predict(pixels, model=MODEL, version_label="canary")[0].model_version == 2
+        assert client.predict(pixels, model=MODEL, version_label="stable")[0].model_version == 1
+        for key, version in sides.items():
+            assert client.predict(pixels, model=MODEL, route_key=key)[0].model_version == version, key
+        with pytest.raises(FoveaError) as err:
+            client.predict(pixels, model=MODEL, version_label="blue")
+        assert err.value.code == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(FoveaError) as err:
+            client.predict(pixels, model=MODEL, version=1, version_label="stable")
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    # A split call (one image per request) under a label: the later parts are pinned to the version
+    # that answered the first, without the label (a request naming both is refused).
+    with Client(target, max_images_per_request=1) as client:
+        split = client.predict([pixels] * 3, model=MODEL, version_label="canary")
+        assert [p.model_version for p in split] == [2, 2, 2]
+        keyed = client.predict([pixels] * 3, model=MODEL, route_key="k0")
+        assert [p.model_version for p in keyed] == [sides["k0"]] * 3
+
+    async def aio() -> list[int]:
+        async with AsyncClient(target) as client:
+            canary = await client.predict(pixels, model=MODEL, version_label="canary")
+            keyed = [await client.predict(pixels, model=MODEL, route_key=key) for key in sides]
+            return [canary[0].model_version, *(p[0].model_version for p in keyed)]
+
+    assert asyncio.run(aio()) == [2, *sides.values()]

@@ -85,7 +85,7 @@ class AsyncClient:
             tls, root_certificates, private_key, certificate_chain
         )
         self._channel: grpc.aio.Channel | None = None
-        self._max_images_cache: dict[tuple[str, int], int] = {}
+        self._max_images_cache: dict[tuple[str, int, str], int] = {}
         self._closed = False
 
     # -- calls ---------------------------------------------------------------------------------
@@ -100,6 +100,8 @@ class AsyncClient:
         timeout: float | None = None,
         min_score: float | None = None,
         use_model_threshold: bool = False,
+        version_label: str | None = None,
+        route_key: str | None = None,
     ) -> list[Prediction]:
         """Classify images and return one `Prediction` per image, in input order.
 
@@ -119,6 +121,11 @@ class AsyncClient:
                 lowest score reaching its target precision on validation) instead of ``min_score``.
             timeout: The deadline in seconds for the whole call, all sub-requests and retries
                 included; ``None`` uses ``default_timeout``.
+            version_label: A version label of the model's rollout.json (such as ``"stable"`` or
+                ``"canary"``) instead of ``version``: NOT_FOUND for an unknown label,
+                FAILED_PRECONDITION for a label naming a version that is not loaded.
+            route_key: A sticky routing key (such as a user id), sent as ``x-fovea-route-key``: while
+                rollout.json's traffic shares stand, the same key is always answered by the same label.
 
         Returns:
             A list of `Prediction`, one per image, in the order the images were given.
@@ -132,7 +139,8 @@ class AsyncClient:
         `Client.predict`).
         """
         deadline = Deadline(resolve_timeout(timeout, self.default_timeout))
-        spec = _common.model_spec(model, version)
+        spec = _common.model_spec(model, version, version_label)
+        metadata = _common.route_metadata(route_key)
         sources, images_pb = _common.encode_predict(images)
         max_images = await self._max_images(spec, len(images_pb), deadline)
         plan = _common.plan_predict(
@@ -146,7 +154,7 @@ class AsyncClient:
             max_message_bytes=self.max_message_bytes,
             max_images_per_request=max_images,
         )
-        return plan.assemble(await self._send(plan, deadline))
+        return plan.assemble(await self._send(plan, deadline, metadata))
 
     async def metadata(
         self, model: str | None = None, version: int | None = None, timeout: float | None = None
@@ -240,31 +248,38 @@ class AsyncClient:
     def _stub(self) -> classifier_pb2_grpc.ClassifierServiceStub:
         return classifier_pb2_grpc.ClassifierServiceStub(self._get_channel())
 
-    async def _call(self, method, request, deadline: Deadline):
+    async def _call(self, method, request, deadline: Deadline, metadata: _common.Metadata = None):
         if self._closed:
             raise FoveaError(grpc.StatusCode.FAILED_PRECONDITION, "the client is closed")
         return await call_with_retry_async(
-            lambda t: method(request, timeout=t), deadline, self.retry_policy, self._tls_without_client_cert
+            lambda t: method(request, timeout=t, metadata=metadata),
+            deadline,
+            self.retry_policy,
+            self._tls_without_client_cert,
         )
 
     async def _send(
-        self, plan: _common.PredictPlan, deadline: Deadline
+        self, plan: _common.PredictPlan, deadline: Deadline, metadata: _common.Metadata = None
     ) -> list[classifier_pb2.PredictResponse]:
         stub = self._stub()
         if not plan.pins_version:
-            return await self._gather(stub, plan.requests, deadline)
+            return await self._gather(stub, plan.requests, deadline, metadata)
         attempt = 0
         while True:
-            first = await self._call(stub.Predict, plan.requests[0], deadline)
+            first = await self._call(stub.Predict, plan.requests[0], deadline, metadata)
             try:
-                return [first, *await self._gather(stub, plan.pinned(first), deadline)]
+                return [first, *await self._gather(stub, plan.pinned(first), deadline, metadata)]
             except FoveaError as err:
                 if not plan.version_retired(err, first, attempt):
                     raise
             attempt += 1
 
     async def _gather(
-        self, stub, requests: list[classifier_pb2.PredictRequest], deadline: Deadline
+        self,
+        stub,
+        requests: list[classifier_pb2.PredictRequest],
+        deadline: Deadline,
+        metadata: _common.Metadata = None,
     ) -> list[classifier_pb2.PredictResponse]:
         """Send requests concurrently, at most `max_concurrent_requests` at once; the first failure
         cancels the rest."""
@@ -272,7 +287,7 @@ class AsyncClient:
 
         async def send(request: classifier_pb2.PredictRequest) -> classifier_pb2.PredictResponse:
             async with limit:
-                return await self._call(stub.Predict, request, deadline)
+                return await self._call(stub.Predict, request, deadline, metadata)
 
         tasks = [asyncio.ensure_future(send(request)) for request in requests]
         try:
@@ -286,7 +301,7 @@ class AsyncClient:
             return self.max_images_per_request
         if count <= 1:
             return 1
-        key = (spec.name, spec.version) if spec is not None else ("", 0)
+        key = _common.max_images_key(spec)
         cached = self._max_images_cache.get(key)
         if cached is not None:
             return cached

@@ -13,6 +13,7 @@ from fovea.client import _split
 from fovea.client._errors import FoveaError, invalid_argument
 from fovea.client._inputs import encode_inputs
 from fovea.client._results import Prediction, predictions_from_response
+from fovea.contract.rollout import ROUTE_KEY_HEADER
 from fovea.v1 import classifier_pb2
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -25,6 +26,7 @@ FALLBACK_MAX_IMAGES_PER_REQUEST = 64
 ROUND_ROBIN_SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 
 PathOrBytes = bytes | str | os.PathLike | None
+Metadata = tuple[tuple[str, str], ...] | None  # gRPC request metadata
 
 # How many times a split call starts over when the version its first part pinned is retired before
 # the other parts are answered (a hot reload); each start costs one request, all within the deadline.
@@ -74,14 +76,35 @@ def tls_without_client_cert(
     return bool(tls or root_certificates) and certificate_chain is None
 
 
-def model_spec(model: str | None, version: int | None) -> classifier_pb2.ModelSpec | None:
+def model_spec(
+    model: str | None, version: int | None, version_label: str | None = None
+) -> classifier_pb2.ModelSpec | None:
     if model is not None and not isinstance(model, str):
         raise invalid_argument(f"model must be a name (str), not {model!r}")
     if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 0):
         raise invalid_argument(f"version must be a positive int (or 0/None for the latest), not {version!r}")
-    if not model and not version:
+    if version_label is not None and not isinstance(version_label, str):
+        raise invalid_argument(f"version_label must be a label (str), not {version_label!r}")
+    if version and version_label:
+        # The server refuses both too; saying it here names the arguments the caller wrote.
+        raise invalid_argument(f"give version ({version}) or version_label ({version_label!r}), not both")
+    if not model and not version and not version_label:
         return None
-    return classifier_pb2.ModelSpec(name=model or "", version=version or 0)
+    return classifier_pb2.ModelSpec(name=model or "", version=version or 0, version_label=version_label or "")
+
+
+def route_metadata(route_key: str | None) -> Metadata:
+    """The request metadata carrying a sticky routing key (rollout.json's traffic shares), if any."""
+    if route_key is None or route_key == "":
+        return None
+    if not isinstance(route_key, str):
+        raise invalid_argument(f"route_key must be a str (such as a user id), not {route_key!r}")
+    return ((ROUTE_KEY_HEADER, route_key),)
+
+
+def max_images_key(spec: classifier_pb2.ModelSpec | None) -> tuple[str, int, str]:
+    """The per-request image limit is cached per model, version and label."""
+    return (spec.name, spec.version, spec.version_label) if spec is not None else ("", 0, "")
 
 
 @dataclass
@@ -101,6 +124,7 @@ class PredictPlan:
 
     @property
     def pins_version(self) -> bool:
+        """A label or traffic shares choose the version per request: a split call pins it too."""
         spec = self.requests[0].model_spec
         return len(self.requests) > 1 and spec.version == 0
 
@@ -108,10 +132,13 @@ class PredictPlan:
         """The requests after the first, each naming the model and version that answered the first.
 
         Set in place, not copied (the parts carry the images, up to the message limit each): the plan
-        owns them, and a call that starts over pins them again; the first request stays unpinned."""
+        owns them, and a call that starts over pins them again; the first request stays unpinned.
+        The label is dropped (a request naming a version and a label is refused): a label moved
+        mid-call must not mix versions either."""
         rest = self.requests[1:]
+        answered = classifier_pb2.ModelSpec(name=first.model_spec.name, version=first.model_spec.version)
         for request in rest:
-            request.model_spec.CopyFrom(first.model_spec)
+            request.model_spec.CopyFrom(answered)
         return rest
 
     @staticmethod

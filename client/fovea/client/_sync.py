@@ -93,7 +93,7 @@ class Client:
             request_serializer=_health.HealthCheckRequest.SerializeToString,
             response_deserializer=_health.HealthCheckResponse.FromString,
         )
-        self._max_images_cache: dict[tuple[str, int], int] = {}
+        self._max_images_cache: dict[tuple[str, int, str], int] = {}
         self._lock = threading.Lock()
         self._closed = False
 
@@ -109,6 +109,8 @@ class Client:
         timeout: float | None = None,
         min_score: float | None = None,
         use_model_threshold: bool = False,
+        version_label: str | None = None,
+        route_key: str | None = None,
     ) -> list[Prediction]:
         """Classify images and return one `Prediction` per image, in input order.
 
@@ -131,6 +133,11 @@ class Client:
                 lowest score reaching its target precision on validation) instead of ``min_score``.
             timeout: The deadline in seconds for the whole call, all sub-requests and retries
                 included; ``None`` uses ``default_timeout``.
+            version_label: A version label of the model's rollout.json (such as ``"stable"`` or
+                ``"canary"``) instead of ``version``: NOT_FOUND for an unknown label,
+                FAILED_PRECONDITION for a label naming a version that is not loaded.
+            route_key: A sticky routing key (such as a user id), sent as ``x-fovea-route-key``: while
+                rollout.json's traffic shares stand, the same key is always answered by the same label.
 
         Returns:
             A list of `Prediction`, one per image, in the order the images were given.
@@ -149,7 +156,8 @@ class Client:
         after 3 such starts).
         """
         deadline = Deadline(resolve_timeout(timeout, self.default_timeout))
-        spec = _common.model_spec(model, version)
+        spec = _common.model_spec(model, version, version_label)
+        metadata = _common.route_metadata(route_key)
         sources, images_pb = _common.encode_predict(images)
         max_images = self._max_images(spec, len(images_pb), deadline)
         plan = _common.plan_predict(
@@ -163,7 +171,7 @@ class Client:
             max_message_bytes=self.max_message_bytes,
             max_images_per_request=max_images,
         )
-        return plan.assemble(self._send(plan, deadline))
+        return plan.assemble(self._send(plan, deadline, metadata))
 
     def metadata(
         self, model: str | None = None, version: int | None = None, timeout: float | None = None
@@ -238,21 +246,29 @@ class Client:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _call(self, method, request, deadline: Deadline):
+    def _call(self, method, request, deadline: Deadline, metadata: _common.Metadata = None):
         if self._closed:
             raise FoveaError(grpc.StatusCode.FAILED_PRECONDITION, "the client is closed")
         return call_with_retry(
-            lambda t: method(request, timeout=t), deadline, self.retry_policy, self._tls_without_client_cert
+            lambda t: method(request, timeout=t, metadata=metadata),
+            deadline,
+            self.retry_policy,
+            self._tls_without_client_cert,
         )
 
-    def _send(self, plan: _common.PredictPlan, deadline: Deadline) -> list[classifier_pb2.PredictResponse]:
+    def _send(
+        self, plan: _common.PredictPlan, deadline: Deadline, metadata: _common.Metadata = None
+    ) -> list[classifier_pb2.PredictResponse]:
+        def call(request: classifier_pb2.PredictRequest) -> classifier_pb2.PredictResponse:
+            return self._call(self._stub.Predict, request, deadline, metadata)
+
         if not plan.pins_version:
-            return [self._call(self._stub.Predict, request, deadline) for request in plan.requests]
+            return [call(request) for request in plan.requests]
         attempt = 0
         while True:
-            first = self._call(self._stub.Predict, plan.requests[0], deadline)
+            first = call(plan.requests[0])
             try:
-                return [first] + [self._call(self._stub.Predict, r, deadline) for r in plan.pinned(first)]
+                return [first] + [call(r) for r in plan.pinned(first)]
             except FoveaError as err:
                 if not plan.version_retired(err, first, attempt):
                     raise
@@ -263,7 +279,7 @@ class Client:
             return self.max_images_per_request
         if count <= 1:
             return 1
-        key = (spec.name, spec.version) if spec is not None else ("", 0)
+        key = _common.max_images_key(spec)
         with self._lock:
             cached = self._max_images_cache.get(key)
         if cached is not None:
