@@ -124,7 +124,7 @@ def test_shadow_is_dropped_and_counted_while_live_work_is_queued():
         def leased(self):
             yield self
 
-        async def infer(self, rows, deadline, low_priority=False):
+        async def infer(self, rows, deadline, low_priority=False, yield_to=None):
             calls.append(len(rows))
             return np.array([[0.2, 0.8]], np.float32)
 

@@ -635,3 +635,24 @@ def test_low_priority_work_never_goes_ahead_of_live_work() -> None:
         await b.close()
 
     _virtual(main)
+
+
+def test_low_priority_work_yields_to_another_batchers_live_work() -> None:
+    # A shadow version's batcher and the live one share the device: the shadow run gives way while
+    # the live batcher has work, and runs once it is idle.
+    async def main(loop: VirtualTimeLoop) -> None:
+        live, _ = _virtual_batcher(loop, lambda n: 1.0, max_batch_size=4)
+        shadow, model = _virtual_batcher(loop, lambda n: 1.0, max_batch_size=4)
+        running = asyncio.ensure_future(live.submit(rows(1)))
+        await asyncio.sleep(0.5)
+        assert live.busy
+        with pytest.raises(LowPriorityDropped):
+            await shadow.submit(rows(2), low_priority=True, yield_to=lambda: live.busy)
+        await running
+        assert not live.busy
+        assert values(await shadow.submit(rows(3), low_priority=True, yield_to=lambda: live.busy)) == [3]
+        assert model.sizes == [1]
+        await live.close()
+        await shadow.close()
+
+    _virtual(main)

@@ -77,6 +77,9 @@ class _Item:
     enqueued: float
     timing: BatchTiming | None = None
     low_priority: bool = False
+    # Low-priority work also yields to other work this returns True for (the live version's batcher,
+    # which shares the device): checked when it is submitted and when its batch would start.
+    yield_to: Callable[[], bool] | None = None
 
 
 class LowPriorityDropped(Unavailable):
@@ -337,12 +340,14 @@ class Batcher:
         timings: list | None = None,
         place: Place | None = None,
         low_priority: bool = False,
+        yield_to: Callable[[], bool] | None = None,
     ) -> list:
         """Queue `rows`, wait for their batch, and return their output rows in order.
 
         `low_priority` work (a shadow run) waits behind every live row: it raises LowPriorityDropped
         at once if live work is queued or being decoded, and later if live work arrives before it
-        started. At most one batch of it computes while live work waits.
+        started. At most one batch of it computes while live work waits. `yield_to` (a live
+        version's `busy`) makes it give way to that work too.
 
         With the `place` that `admit` gave, the rows take it over (the count bound was checked then).
 
@@ -356,7 +361,7 @@ class Batcher:
         size = self.max_batch_size
         chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
         if low_priority:
-            return await self._submit_low(chunks, deadline)
+            return await self._submit_low(chunks, deadline, yield_to)
         if place is not None:
             place.release()  # the bound was checked by `admit`; the rows now count as queued
         # An empty queue always admits, so a request split into more chunks than the bound still runs.
@@ -391,15 +396,22 @@ class Batcher:
                 if not fut.done():
                     fut.cancel()
 
-    async def _submit_low(self, chunks: list[Sequence[np.ndarray]], deadline: float | None) -> list:
-        if self._queue or self._admitted_rows:
+    @property
+    def busy(self) -> bool:
+        """Work is queued, being decoded or computing."""
+        return bool(self._queue or self._admitted_rows or self._in_flight)
+
+    async def _submit_low(
+        self, chunks: list[Sequence[np.ndarray]], deadline: float | None, yield_to: Callable[[], bool] | None
+    ) -> list:
+        if self._queue or self._admitted_rows or (yield_to is not None and yield_to()):
             raise LowPriorityDropped("live work is queued")
         loop = asyncio.get_running_loop()
         now = self._clock()
         futures = []
         for chunk in chunks:
             fut = loop.create_future()
-            self._low.append(_Item(chunk, fut, deadline, now, low_priority=True))
+            self._low.append(_Item(chunk, fut, deadline, now, low_priority=True, yield_to=yield_to))
             futures.append(fut)
         self._wakeup.set()
         try:
@@ -576,9 +588,13 @@ class Batcher:
         rows = 0
         while self._low and rows + len(self._low[0].rows) <= self.max_batch_size:
             item = self._low.popleft()
-            if not item.future.done():
-                batch.append(item)
-                rows += len(item.rows)
+            if item.future.done():
+                continue
+            if item.yield_to is not None and item.yield_to():
+                item.future.set_exception(LowPriorityDropped("live work is queued or computing"))
+                continue
+            batch.append(item)
+            rows += len(item.rows)
         return batch
 
     def _take(self) -> list[_Item]:

@@ -153,7 +153,11 @@ async def run_shadow(
         return
     try:
         with shadow.leased():
-            probs = await shadow.infer(rows, None, low_priority=True)
+            # It yields to the live version too: both share the device, so a shadow computing beside
+            # live work slowed it (bench/shadow_overhead.py: live p99 x1.5-3.5 with a copy as shadow).
+            probs = await shadow.infer(
+                rows, None, low_priority=True, yield_to=None if shadow is live else live
+            )
     except asyncio.CancelledError:
         raise
     except LowPriorityDropped:

@@ -176,6 +176,7 @@ class ServedVersion:
         timings: list | None = None,
         place: Place | None = None,
         low_priority: bool = False,
+        yield_to: ServedVersion | None = None,
     ) -> np.ndarray:
         """uint8 [H, W, 3] rows -> float32 probabilities [len(rows), classes], batched with others.
 
@@ -184,7 +185,12 @@ class ServedVersion:
         """
         try:
             outputs = await self._batcher.submit(
-                rows, deadline, timings, place=place, low_priority=low_priority
+                rows,
+                deadline,
+                timings,
+                place=place,
+                low_priority=low_priority,
+                yield_to=None if yield_to is None else yield_to.busy,
             )
         except LowPriorityDropped:
             raise  # a shadow run making way for live work: not a failure of this version
@@ -194,6 +200,10 @@ class ServedVersion:
         self.stats.requests += 1
         self.stats.last_inference = time.time()
         return np.asarray(outputs, dtype=np.float32)
+
+    def busy(self) -> bool:
+        """This version has work queued, being decoded or computing (a shadow run yields to it)."""
+        return self._batcher.busy
 
     async def close(self) -> None:
         """Finish what is queued, then free the model (call once no lease is held)."""
