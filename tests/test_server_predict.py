@@ -42,6 +42,10 @@ def server(published):
         allowed_batch_sizes=(1, 2, 4, 8),
         max_images_per_request=MAX_IMAGES,
         max_pixels=MAX_PIXELS,
+        # The batching test sends a burst of 24 two-image requests: 6 batches of 8 at once, beyond
+        # the open-loop bound of 3 batches (admission, tested in test_server_overload.py and the
+        # simulator), and its client does not retry.
+        max_queue_batches=8,
     )
     yield srv
     stop_server(srv)

@@ -14,6 +14,9 @@ import numpy as np
 import pytest
 
 tf = pytest.importorskip("tensorflow", reason="the trainer tests need the trainer extra")
+# The session fixture trains for several minutes (the audit, calibration and the OOD measurement run
+# after it); on a shared 2-core machine it passed 600 s, pytest's default limit here.
+pytestmark = pytest.mark.timeout(1800)
 
 from fovea import contract  # noqa: E402
 from fovea.trainer.config import TrainConfig  # noqa: E402
