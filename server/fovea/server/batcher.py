@@ -131,6 +131,20 @@ MAX_QUEUE_BATCHES = 3
 FORMATIONS = ("adaptive", "eager")
 
 
+async def _rows_of(futures: list[asyncio.Future]) -> list:
+    """The output rows of a request's queue items, in order; a caller that leaves cancels them all
+    (so they are dropped before compute)."""
+    try:
+        if len(futures) == 1:
+            return await futures[0]
+        results = await asyncio.gather(*futures)
+        return [row for part in results for row in part]
+    finally:
+        for fut in futures:
+            if not fut.done():
+                fut.cancel()
+
+
 def warmup_sizes(max_batch_size: int, allowed_batch_sizes: Sequence[int]) -> list[int]:
     """Every batch size the batcher can hand to the model."""
     if not allowed_batch_sizes:
@@ -386,15 +400,7 @@ class Batcher:
             futures.append(fut)
         self._stats.queue_depth(len(self._queue))
         self._wakeup.set()
-        try:
-            if len(futures) == 1:
-                return await futures[0]
-            results = await asyncio.gather(*futures)
-            return [row for part in results for row in part]
-        finally:
-            for fut in futures:
-                if not fut.done():
-                    fut.cancel()
+        return await _rows_of(futures)
 
     @property
     def busy(self) -> bool:
@@ -414,13 +420,7 @@ class Batcher:
             self._low.append(_Item(chunk, fut, deadline, now, low_priority=True, yield_to=yield_to))
             futures.append(fut)
         self._wakeup.set()
-        try:
-            results = await asyncio.gather(*futures)
-            return [row for part in results for row in part]
-        finally:
-            for fut in futures:
-                if not fut.done():
-                    fut.cancel()
+        return await _rows_of(futures)
 
     def _drop_low(self) -> None:
         while self._low:
