@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 # are the rare unexpected failures a fuzzer can provoke by the thousand: a few lines a second, of every
 # transport together, not one per request.
 _throttle = logs.Throttle(log)
+# Unexpected failures have a throttle of their own: a flood of rejected requests must not hide the
+# traceback of a server bug (the rejections of one test used up the shared budget of the next).
+_failures = logs.Throttle(log, what="unexpected failures")
 
 # Codes a caller causes; the rest are logged as warnings.
 _QUIET = frozenset({"INVALID_ARGUMENT", "NOT_FOUND", "CANCELLED", "DEADLINE_EXCEEDED", "UNAVAILABLE"})
@@ -69,7 +72,7 @@ class Call:
     def failed(self) -> str:
         """An unexpected exception (call from its `except`): INTERNAL, logged with its traceback."""
         self.code = "INTERNAL"
-        _throttle.log(logging.ERROR, "%s %s failed", self.protocol, self.method, exc_info=True)
+        _failures.log(logging.ERROR, "%s %s failed", self.protocol, self.method, exc_info=True)
         return f"{INTERNAL_MESSAGE} (request id {self.request_id})"
 
     def __exit__(
