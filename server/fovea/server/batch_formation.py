@@ -82,7 +82,7 @@ class ReturnWatch:
         self._start, self._need, self._seen = now, requests, 0
         self._returned_at, self._after = None, 0
 
-    def window(self, now: float) -> float:
+    def window(self) -> float:
         """Until when the callers the last batch answered are worth waiting for (-inf: not at all)."""
         if not self.closed_loop or self._last_end is None:
             return float("-inf")

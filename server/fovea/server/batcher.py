@@ -544,7 +544,7 @@ class Batcher:
         if target <= max(queued, 1):
             return 0, float("-inf")
         now = self._clock()
-        until = min(self._watch.window(now), now + self._costs.worth_waiting(queued, target))
+        until = min(self._watch.window(), now + self._costs.worth_waiting(queued, target))
         expected = self._watch.delay.value
         if until <= now or (expected is not None and until < self._done_at + expected):
             return 0, float("-inf")  # they would come back too late to pay for the wait
