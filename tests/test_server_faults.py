@@ -205,7 +205,8 @@ async def test_a_removal_a_readable_listing_shows_retires_only_once_confirmed(ca
 
 async def test_a_broken_newest_version_falls_back_on_a_fresh_start(caplog) -> None:
     storage = FakeStorage({"m": [1, 2, 3]})
-    mgr, metrics, loads = manager(storage, broken={3})
+    # The backoff starts at one poll interval: 30 s, so a loaded machine's slow polls never outlast it.
+    mgr, metrics, loads = manager(storage, broken={3}, poll_interval=30.0)
     with caplog.at_level(logging.ERROR, logger="fovea.server.manager"):
         await mgr.poll_once()
     # Before: a fresh start with a broken newest version served nothing.

@@ -1,5 +1,5 @@
 """XLA-compiled serving (loader.py): compiled sizes agree with the exported signature within 1e-4,
-each is served by whichever function was faster at warm-up, other sizes run plain, and --no-xla
+each is served by whichever function is faster in the serving calls, other sizes run plain, and --no-xla
 turns it all off."""
 
 from __future__ import annotations
@@ -36,9 +36,10 @@ def test_compiled_sizes_agree_with_the_signature(published: Path) -> None:
         compiled = model.predict_compiled(images)
         assert compiled.shape == plain.shape == (size, len(LABELS))
         np.testing.assert_allclose(compiled, plain, rtol=0, atol=loader.XLA_TOLERANCE)
+        # Which of the two serves a call is learned from the serving calls' times (FasterOf, tested
+        # in test_server_batcher), so the answer is exactly one of the two ways, bit for bit.
         served = model.predict(images)
-        expected = compiled if size in model.compiled_sizes else plain
-        np.testing.assert_array_equal(served, expected)
+        assert np.array_equal(served, compiled) or np.array_equal(served, plain)
     with pytest.raises(KeyError):
         model.predict_compiled(np.zeros((3, SIZE, SIZE, 3), np.uint8))  # never compiled: no such size
     model.release()
