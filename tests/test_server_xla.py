@@ -1,6 +1,6 @@
 """XLA-compiled serving (loader.py): compiled sizes agree with the exported signature within 1e-4,
-each is served by whichever function is faster in the serving calls, other sizes run plain, and --no-xla
-turns it all off."""
+each is served by whichever function is faster in the serving calls, sizes in between run plain or
+padded to the next compiled size, and --no-xla turns it all off."""
 
 from __future__ import annotations
 
@@ -40,6 +40,17 @@ def test_compiled_sizes_agree_with_the_signature(published: Path) -> None:
         # in test_server_batcher), so the answer is exactly one of the two ways, bit for bit.
         served = model.predict(images)
         assert np.array_equal(served, compiled) or np.array_equal(served, plain)
+    # A size in between (3) runs plain, or compiled at 4 with a zero row, whichever serves faster.
+    assert set(model.padded_sizes.items()) <= {(2, 4), (3, 4)}
+    images = rng.integers(0, 256, size=(3, SIZE, SIZE, 3), dtype=np.uint8)
+    padded = np.concatenate([images, np.zeros((1, SIZE, SIZE, 3), np.uint8)])
+    plain, compiled = model.predict_plain(images), model.predict_compiled(padded)[:3]
+    ways = set()
+    for _ in range(40):  # one call in 16 tries the way not preferred: both ways serve
+        served = model.predict(images)
+        assert served.shape == (3, len(LABELS))
+        ways |= {way for way, want in ((0, plain), (1, compiled)) if np.array_equal(served, want)}
+    assert ways == {0, 1} or np.array_equal(plain, compiled)
     with pytest.raises(KeyError):
         model.predict_compiled(np.zeros((3, SIZE, SIZE, 3), np.uint8))  # never compiled: no such size
     model.release()

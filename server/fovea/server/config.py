@@ -81,8 +81,8 @@ class Settings:
         "After warm-up, compile the image signature with XLA (tf.function(jit_compile=True)) for the "
         "batch sizes --allowed-batch-sizes lists, else the powers of two up to --max-batch-size, on a "
         "background thread while the plain signature serves; check each agrees with the plain one "
-        "within 1e-4, time both, and switch each size to the faster. Other batch sizes run the plain "
-        "signature, unpadded. Skipped without --warmup; --no-xla serves the signature as exported.",
+        "within 1e-4, and serve each size by whichever of the two is faster in the serving calls. A size "
+        "in between runs plain or zero-padded to the next compiled size, whichever is faster. Skipped without --warmup; --no-xla serves the signature as exported.",
     )
     max_in_flight_batches: int = _setting(
         1,
