@@ -13,8 +13,12 @@ its answer, whatever its size). A closed loop's arrivals stop once its callers a
 all wait for answers again): that second count is near 0. Arrivals that do not follow answers
 keep coming at their rate: the second count is about as large as the first. The ratio of the two
 is a property of the traffic, not of its speed, so the rule holds at any model speed and any round
-trip. The wait it allows is what the returns took before (with room for their spread), never more
-than the break-even wait of `ComputeCosts.worth_waiting`.
+trip. How long a batch waits for the returns is the batcher's break-even wait
+(`ComputeCosts.worth_waiting`, recomputed as each row arrives), not a multiple of the returns'
+learned delay: returns have a long tail (traced on this host at 4 callers: 5 ms, and now and then
+12-21 ms), and a wait cut at twice the typical delay started a batch of 1 without the straggler,
+which then waited a whole batch alone while three callers waited for it (1/3 alternation). The
+learned delay only says when returns come too late to pay at all.
 """
 
 from __future__ import annotations
@@ -27,9 +31,6 @@ from fovea.server.batch_costs import Ewma
 # bench/batcher_sim.py over five cost curves and loads from 50% to 400%). A statistical boundary
 # between the two distributions, not a speed.
 CLOSED_LOOP_RATIO = 0.2
-# Returns are awaited up to this multiple of their learned delay: the delay of the last of n
-# returns varies from batch to batch, and waiting a little long costs at most the break-even wait.
-RETURN_MARGIN = 2.0
 # Weight of one observation in the ratio: slower than the cost averages, since a single batch's
 # count is noisy (a Poisson count of mean 1 is 0 a third of the time).
 _RATIO_WEIGHT = 0.1
@@ -82,13 +83,10 @@ class ReturnWatch:
         self._start, self._need, self._seen = now, requests, 0
         self._returned_at, self._after = None, 0
 
-    def window(self) -> float:
-        """Until when the callers the last batch answered are worth waiting for (-inf: not at all)."""
-        if not self.closed_loop or self._last_end is None:
-            return float("-inf")
-        if self.delay.value is None:
-            return float("inf")  # nothing learned yet: the break-even wait alone bounds it
-        return self._last_end + RETURN_MARGIN * self.delay.value
+    @property
+    def returns_expected(self) -> bool:
+        """Whether the callers the last batch answered are expected back (a closed loop)."""
+        return self.closed_loop and self._last_end is not None
 
     def _close(self, after: int) -> None:
         self._after_mean.add(after)

@@ -19,10 +19,10 @@ in the worker thread the moment a slot frees, without waiting for the event loop
 
 How a batch forms (the default, `formation="adaptive"`): a batch starts as soon as a compute slot is
 free, except right after a batch finished, when it may wait for the callers it just answered if they
-come back (batch_formation.ReturnWatch tells a closed loop from an open one, and how soon callers
-return), and for rows admitted and still being decoded, until their expected decode end. Either wait
-ends as soon as the rows are queued and is never longer than the break-even wait of
-`ComputeCosts.worth_waiting`: the bigger batch must pay for the idle time in throughput. A lone
+come back (batch_formation.ReturnWatch tells a closed loop from an open one), and for rows
+admitted and still being decoded, until their expected decode end. Either wait ends as soon as the
+rows are queued and is never longer than the break-even wait of `ComputeCosts.worth_waiting`, the
+bigger batch must pay for the idle time in throughput; it is recomputed as each row arrives. A lone
 caller (concurrency 1) is never held. `formation="eager"` is Triton's max_queue_delay 0: start
 whatever is queued at once. A positive `batch_timeout_s` replaces both with the classic rule: wait
 for a full batch at most that long after the first queued item.
@@ -513,6 +513,11 @@ class Batcher:
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
                 except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                     break
+                if self.batch_timeout_s <= 0:
+                    # Each arrival shortens the wait still worth it: the break-even of the rows now
+                    # queued (the wait already spent is sunk). The last of 16 is worth far less
+                    # waiting than the second.
+                    target, deadline = self._target()
             self.formation_waits += waited
             batch = self._take()
             if batch:
@@ -543,8 +548,10 @@ class Batcher:
         queued = self._queued_rows
         if target <= max(queued, 1):
             return 0, float("-inf")
+        if not self._watch.returns_expected:
+            return 0, float("-inf")
         now = self._clock()
-        until = min(self._watch.window(), now + self._costs.worth_waiting(queued, target))
+        until = now + self._costs.worth_waiting(queued, target)
         expected = self._watch.delay.value
         if until <= now or (expected is not None and until < self._done_at + expected):
             return 0, float("-inf")  # they would come back too late to pay for the wait
