@@ -135,6 +135,14 @@ async def _rows_of(futures: list[asyncio.Future]) -> list:
                 fut.cancel()
 
 
+def _admission_setting(name: str) -> property:
+    """A Batcher attribute that reads and writes the same-named setting of its Admission."""
+    return property(
+        lambda self: getattr(self._admission, name),
+        lambda self, value: setattr(self._admission, name, value),
+    )
+
+
 def warmup_sizes(max_batch_size: int, allowed_batch_sizes: Sequence[int]) -> list[int]:
     """Every batch size the batcher can hand to the model."""
     if not allowed_batch_sizes:
@@ -234,29 +242,9 @@ class Batcher:
         return len(self._in_flight)
 
     # The admission bounds live in batch_admission; these forward to it (tests change them live).
-    @property
-    def max_queue_size(self) -> int:
-        return self._admission.max_queue_size
-
-    @max_queue_size.setter
-    def max_queue_size(self, value: int) -> None:
-        self._admission.max_queue_size = value
-
-    @property
-    def max_queue_wait_s(self) -> float:
-        return self._admission.max_queue_wait_s
-
-    @max_queue_wait_s.setter
-    def max_queue_wait_s(self, value: float) -> None:
-        self._admission.max_queue_wait_s = value
-
-    @property
-    def max_queue_batches(self) -> float:
-        return self._admission.max_queue_batches
-
-    @max_queue_batches.setter
-    def max_queue_batches(self, value: float) -> None:
-        self._admission.max_queue_batches = value
+    max_queue_size = _admission_setting("max_queue_size")
+    max_queue_wait_s = _admission_setting("max_queue_wait_s")
+    max_queue_batches = _admission_setting("max_queue_batches")
 
     def expected_wait(self, rows: int = 0) -> float:
         """Seconds a request of `rows` rows arriving now would wait before its compute ends (estimate;
