@@ -335,6 +335,25 @@ async def test_gate_counts_holders_refuses_after_close_and_waits_for_idle() -> N
     assert await waiter
 
 
+async def test_gate_part_held_is_given_back_once() -> None:
+    # The core's decode queue counts a request's encoded images this way: given back once decoded,
+    # before the block (the rest of the request) ends.
+    from fovea.server.lease import Gate
+
+    gate = Gate()
+    with gate.held(3) as part:
+        gate.enter(2)
+        assert gate.count == 5 and not await gate.wait_idle(0)
+        part.release()
+        part.release()
+        assert gate.count == 2
+    assert gate.count == 2  # the block's end gave nothing back twice
+    gate.exit(2)
+    assert await gate.wait_idle(0)
+    with gate.held(0):
+        assert await gate.wait_idle(0)  # holding none keeps it idle
+
+
 async def test_expected_wait_is_learned_and_sheds_before_any_work() -> None:
     # Each batch takes 2 s on the batcher's clock: the model moves the fake clock while it runs.
     clock, stats = FakeClock(), Stats()

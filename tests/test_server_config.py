@@ -118,7 +118,20 @@ def test_unreadable_headers() -> None:
 
 # Modules below the transports: the core, the batcher and the manager's parts. None may load grpc,
 # protobuf or TensorFlow (the loader is handed to the manager by app.py).
-_TRANSPORT_FREE = ("core", "batcher", "config", "lease", "source", "servable", "manager", "metrics", "errors")
+_TRANSPORT_FREE = (
+    "core",
+    "batcher",
+    "batch_admission",
+    "batch_costs",
+    "batch_formation",
+    "config",
+    "lease",
+    "source",
+    "servable",
+    "manager",
+    "metrics",
+    "errors",
+)
 
 
 def test_core_batcher_and_manager_import_neither_grpc_nor_tensorflow() -> None:

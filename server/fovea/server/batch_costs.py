@@ -1,4 +1,8 @@
-"""What the batcher learns about time: one running average, and the model's cost per batch size.
+"""What a served version learns about time: one running average, and the model's costs built on it.
+
+`ModelCosts` is the one learner of what a version's work takes: compute seconds per padded batch
+size (timed by the batcher) and decode seconds per image (timed on the preprocessing pool), both as
+`Ewma`s of the same weight.
 
 Every batching and admission rule is written in these learned seconds, never in constants, so the
 same rules hold on a 2-core CPU (a ResNet50 batch in 0.2 s) and on a GPU a hundred times faster.
@@ -29,16 +33,29 @@ class Ewma:
         return self.value
 
 
-class ComputeCosts:
-    """Learned seconds per padded batch size (an EWMA per size of the batcher's own timings)."""
+class ModelCosts:
+    """Learned seconds per padded batch size (an EWMA per size of the batcher's own timings), and
+    per image decoded (an EWMA of the pool's time per image, for the expected decode wait)."""
 
     def __init__(self, max_batch_size: int, pad: Callable[[int], int]) -> None:
         self.max_batch_size = max_batch_size
         self._pad = pad
         self._seconds: dict[int, Ewma] = {}
         self._sizes: list[int] = []  # the learned sizes, sorted: read on every admission
+        self._decode = Ewma()
+
+    @property
+    def decode_s_per_image(self) -> float | None:
+        """Learned pool seconds per image to decode/resize, None until an image was prepared."""
+        return self._decode.value
+
+    def learn_decode(self, images: int, busy_s: float) -> None:
+        """A pool call prepared `images` images in `busy_s` seconds of pool time (not the wait for a
+        thread): what an expected decode wait is built on."""
+        self._decode.add(busy_s / max(images, 1))
 
     def __bool__(self) -> bool:
+        """Whether any batch size's compute time was learned (decode times do not count)."""
         return bool(self._sizes)
 
     def learn(self, size: int, seconds: float) -> None:

@@ -6,26 +6,16 @@ batcher: time is measured with a monotonic clock from the first queued item; can
 dropped before a batch runs; a result is set only `if not fut.done()`; the number of results is
 checked against the batch.
 
-The queue is bounded in count (max_queue_size) and in batches: `admit` decides before the caller
-spends anything decoding (Triton's queue policy). A request that arrives at an idle batcher is always
-admitted, whatever its size; otherwise it is refused when its expected finish would pass its deadline,
-or when the work ahead of it exceeds max_queue_batches full batches and arrivals do not follow
-answers (an open loop: a closed loop bounds itself by its number of callers, so shedding it only
-makes them retry). Every bound is in the model's learned seconds (batch_costs), so the same settings
-hold on a CPU and on a GPU a hundred times faster. Admitted rows count as ahead of later requests
-while they are still being decoded. At most max_in_flight batches compute at once; when all slots
-are busy and a full batch is queued, it is formed ahead and handed to the executor, where it starts
-in the worker thread the moment a slot frees, without waiting for the event loop.
-
-How a batch forms (the default, `formation="adaptive"`): a batch starts as soon as a compute slot is
-free, except right after a batch finished, when it may wait for the callers it just answered if they
-come back (batch_formation.ReturnWatch tells a closed loop from an open one), and for rows
-admitted and still being decoded, until their expected decode end. Either wait ends as soon as the
-rows are queued and is never longer than the break-even wait of `ComputeCosts.worth_waiting`, the
-bigger batch must pay for the idle time in throughput; it is recomputed as each row arrives. A lone
-caller (concurrency 1) is never held. `formation="eager"` is Triton's max_queue_delay 0: start
-whatever is queued at once. A positive `batch_timeout_s` replaces both with the classic rule: wait
-for a full batch at most that long after the first queued item.
+The batcher holds the queue, the compute slots and where a batch runs; each of its other ideas has a
+module of its own, which it owns one instance of:
+- batch_admission: `admit` decides before the caller spends anything decoding (Triton's queue
+  policy), and the ticket it gives holds the request's rows while they are decoded;
+- batch_costs: `ModelCosts`, the learned seconds every admission and formation rule is written in;
+- batch_formation: how many rows a batch waits for, and until when (adaptive, eager, classic).
+At most max_in_flight batches compute at once; when all slots are busy and a full batch is queued,
+it is formed ahead and handed to the executor, where it starts in the worker thread the moment a
+slot frees, without waiting for the event loop. A tiny batch with nothing else to do runs on the
+event loop itself. Low-priority work (shadow runs) has a queue of its own and yields to live work.
 """
 
 from __future__ import annotations
@@ -34,17 +24,30 @@ import asyncio
 import bisect
 import collections
 import concurrent.futures
-import contextlib
 import logging
-import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from fovea.server.batch_costs import ComputeCosts
-from fovea.server.batch_formation import ReturnWatch
-from fovea.server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from fovea.server import batch_formation
+from fovea.server.batch_admission import MAX_QUEUE_BATCHES, Admission, Ticket
+from fovea.server.batch_costs import ModelCosts
+from fovea.server.batch_formation import FORMATIONS, NO_WAIT, LastBatch, ReturnWatch, Target
+from fovea.server.errors import DeadlineExceeded, Unavailable
+
+__all__ = [
+    "FORMATIONS",
+    "INLINE_BELOW_S",
+    "MAX_QUEUE_BATCHES",
+    "BatchTiming",
+    "Batcher",
+    "BatcherStats",
+    "LowPriorityDropped",
+    "Place",
+    "Ticket",
+    "warmup_sizes",
+]
 
 log = logging.getLogger(__name__)
 
@@ -103,32 +106,19 @@ def _live(item: _Item, now: float) -> bool:
     return not item.future.done() and (item.deadline is None or now < item.deadline)
 
 
-class Place:
-    """Rows admitted to a batcher and not yet queued (being decoded); released once, when queued.
+Place = Ticket  # its former name
 
-    `ready_at` is when their decoding is expected to end (batcher clock), for the batch that may
-    wait for them."""
 
-    def __init__(self, batcher: Batcher, rows: int, chunks: int, ready_at: float) -> None:
-        self._batcher: Batcher | None = batcher
-        self.rows, self.chunks, self.ready_at = rows, chunks, ready_at
+class _Queue(collections.deque[_Item]):
+    """The live queue: its items, oldest first, and the rows they hold (admission reads both)."""
 
-    def release(self) -> None:
-        if self._batcher is not None:
-            self._batcher._admitted_rows -= self.rows
-            self._batcher._admitted_chunks -= self.chunks
-            self._batcher._places.discard(self)
-            self._batcher = None
+    rows: int = 0
 
 
 # A batch expected to compute faster than this, with nothing queued behind it and no other batch
 # running, runs on the event loop itself: the hop to a worker thread and back (a submit, a
 # self-pipe write, two context switches) costs about as much as a tiny model's whole call.
 INLINE_BELOW_S = 0.001
-# The work ahead of a request, in full batches, beyond which an open loop is shed (TF Serving's
-# max_enqueued_batches). Two keep the model busy (one running, one formed ahead); more is latency.
-MAX_QUEUE_BATCHES = 3
-FORMATIONS = ("adaptive", "eager")
 
 
 async def _rows_of(futures: list[asyncio.Future]) -> list:
@@ -143,6 +133,14 @@ async def _rows_of(futures: list[asyncio.Future]) -> list:
         for fut in futures:
             if not fut.done():
                 fut.cancel()
+
+
+def _admission_setting(name: str) -> property:
+    """A Batcher attribute that reads and writes the same-named setting of its Admission."""
+    return property(
+        lambda self: getattr(self._admission, name),
+        lambda self, value: setattr(self._admission, name, value),
+    )
 
 
 def warmup_sizes(max_batch_size: int, allowed_batch_sizes: Sequence[int]) -> list[int]:
@@ -187,25 +185,17 @@ class Batcher:
         if self._allowed and self._allowed[-1] < max_batch_size:
             raise ValueError("the largest allowed batch size must be at least max_batch_size")
         self.max_in_flight = max_in_flight
-        self.max_queue_size = max_queue_size
-        self.max_queue_wait_s = max_queue_wait_s
-        self.max_queue_batches = max_queue_batches
         if formation not in FORMATIONS:
             raise ValueError(f"formation must be one of {FORMATIONS}")
         self.formation = formation
         self.inline_below_s = inline_below_s
-        self.inline_batches = 0  # batches computed on the event loop (tests read it)
         self._stats = stats or BatcherStats()
         self._clock = clock
         self.name = name
-        self._queue: collections.deque[_Item] = collections.deque()
+        self._queue = _Queue()
         # Low-priority items (shadow runs): computed only while no live row is queued, dropped when
         # one is; they count in no admission bound and no batch-formation rule.
         self._low: collections.deque[_Item] = collections.deque()
-        self._queued_rows = 0
-        self._admitted_rows = 0  # admitted by `admit`, not yet submitted (being decoded)
-        self._admitted_chunks = 0
-        self._places: set[Place] = set()  # their places, each with its expected decode end
         # Batches handed to the executor and not finished (computing, or formed ahead), oldest first.
         self._in_flight: list[_InFlight] = []
         self._wakeup = asyncio.Event()
@@ -219,13 +209,26 @@ class Batcher:
         self._tasks: set[asyncio.Task] = set()
         self._closing = False
         self._loop_task: asyncio.Task | None = None
-        self._costs = ComputeCosts(max_batch_size, self._padded_size)
+        self.costs = ModelCosts(max_batch_size, self._padded_size)
         self._watch = ReturnWatch()
-        # The last finished batch: when, how many rows it answered, and what was queued then.
-        self._done_at: float | None = None
-        self._answered = 0
-        self._queued_at_done = 0
-        self.formation_waits = 0  # batches that waited for callers or decodes (tests read it)
+        self._admission = Admission(
+            queue=self._queue,
+            running=self._in_flight,
+            costs=self.costs,
+            watch=self._watch,
+            stats=self._stats,
+            clock=clock,
+            max_batch_size=max_batch_size,
+            max_in_flight=max_in_flight,
+            max_queue_size=max_queue_size,
+            max_queue_wait_s=max_queue_wait_s,
+            max_queue_batches=max_queue_batches,
+        )
+        self._last: LastBatch | None = None  # the last finished batch, until the next one forms
+        # What tests read: batches computed on the event loop, and batches that waited for callers
+        # or decodes.
+        self.inline_batches = 0
+        self.formation_waits = 0
 
     # -- public ---------------------------------------------------------------------------------
 
@@ -238,94 +241,28 @@ class Batcher:
         """Batches handed to the model and not finished: computing, or formed ahead of a free slot."""
         return len(self._in_flight)
 
-    def expected_wait(self, rows: int = 0) -> float:
-        """Seconds a request of `rows` rows arriving now would wait before its compute ends (estimate).
+    # The admission bounds live in batch_admission; these forward to it (tests change them live).
+    max_queue_size = _admission_setting("max_queue_size")
+    max_queue_wait_s = _admission_setting("max_queue_wait_s")
+    max_queue_batches = _admission_setting("max_queue_batches")
 
-        The batches handed to the model cost what remains of their learned compute time (all of it
-        for one formed ahead, not started); the rows queued, admitted and still being decoded, and
-        the request's own, cost full batches and then the rest, at the times learned per size; slots
-        compute in parallel. Counting a running batch in full would overstate the wait by half a
-        batch on average: under overload the queue then never held a full batch, batches stayed
-        at about half the maximum, and goodput fell to 55-60% of capacity.
-        """
-        if not self._costs:
-            return 0.0  # nothing measured yet: warm-up already ran every batch size, so admit
-        now = self._clock()
-        seconds = 0.0
-        for batch in self._in_flight:
-            expected = self._costs(batch.size)
-            seconds += expected if batch.started is None else max(0.0, expected - (now - batch.started))
-        seconds += self._costs.rows_seconds(self._queued_rows + self._admitted_rows + rows)
-        return seconds / self.max_in_flight
+    def expected_wait(self, rows: int = 0) -> float:
+        """Seconds a request of `rows` rows arriving now would wait before its compute ends (estimate;
+        see `Admission.expected_wait`)."""
+        return self._admission.expected_wait(rows)
 
     def queue_batches(self) -> float:
-        """The work ahead of a new request per compute slot, in batches: those handed to the model
-        (computing or formed ahead) and the rows queued or being decoded, in full batches."""
-        rows = self._queued_rows + self._admitted_rows
-        return (len(self._in_flight) + rows / self.max_batch_size) / self.max_in_flight
+        """The work ahead of a new request per compute slot, in batches (see `Admission.queue_batches`)."""
+        return self._admission.queue_batches()
 
-    @contextlib.contextmanager
-    def admit(self, rows: int, deadline: float | None = None, before: float = 0.0) -> Iterator[Place]:
-        """Hold a place for `rows` rows that are about to be prepared and submitted, or shed at once.
-
-        Raises ResourceExhausted when the queue is full in count, or (unless the batcher is idle) when
-        the expected finish would pass `deadline` (on the batcher's clock), or the work ahead exceeds
-        max_queue_batches full batches in an open loop, or max_queue_wait_s; Unavailable when
-        closing. A request's own size never refuses it: an idle batcher admits anything that passed
-        the per-request limits. Pass the place to `submit`, which hands it over to the queue.
-        `before` is the caller's own expected wait ahead of the queue (decoding).
+    def admit(self, rows: int, deadline: float | None = None, before: float = 0.0) -> Ticket:
+        """A ticket for `rows` rows that are about to be prepared and submitted, or shed at once
+        (`Admission.admit`); use it as a context manager, and pass it to `submit`, which hands its
+        rows over to the queue. Raises Unavailable when closing.
         """
         if self._closing:
             raise Unavailable("this model version is shutting down; retry")
-        now = self._clock()
-        self._watch.arrived(now)
-        chunks = math.ceil(rows / self.max_batch_size)
-        waiting = len(self._queue) + self._admitted_chunks
-        if waiting and waiting + chunks > self.max_queue_size:
-            self._shed(
-                f"{waiting} requests already queued (--max-queue-size {self.max_queue_size}); "
-                "retry with backoff"
-            )
-        if (waiting or self._in_flight) and self._costs:
-            self._check_wait(rows, now, deadline, before)
-        place = Place(self, rows, chunks, now + before)
-        self._admitted_rows += rows
-        self._admitted_chunks += chunks
-        self._places.add(place)
-        try:
-            yield place
-        finally:
-            place.release()
-
-    def _check_wait(self, rows: int, now: float, deadline: float | None, before: float) -> None:
-        """The time bounds of `admit`, for a batcher with work ahead of the request."""
-        ahead = self.expected_wait()
-        if deadline is not None:
-            finish = before + self.expected_wait(rows)
-            if now + finish > deadline:
-                self._shed(
-                    f"it would finish in about {finish:.3g} s, past the request's deadline; retry with a "
-                    "longer deadline or on another replica"
-                )
-        if self.max_queue_batches > 0 and not self._watch.closed_loop:
-            # Counted in batches, not in learned seconds: the costs of different sizes are learned
-            # at different moments (a small batch timed while a reload took the CPU, the full one at
-            # warm-up), and their ratio is no measure of the queue.
-            batches = self.queue_batches()
-            if batches > self.max_queue_batches:
-                self._shed(
-                    f"{batches:.1f} batches of work are ahead of it (--max-queue-batches "
-                    f"{self.max_queue_batches:g}); retry with backoff or on another replica"
-                )
-        if self.max_queue_wait_s > 0 and ahead > self.max_queue_wait_s:
-            self._shed(
-                f"the expected wait is {ahead:.2f} s, above the {self.max_queue_wait_s:g} s limit "
-                "(--max-queue-wait-ms); retry with backoff or on another replica"
-            )
-
-    def _shed(self, why: str) -> None:
-        self._stats.shed()
-        raise ResourceExhausted(f"server overloaded: {why}")
+        return self._admission.admit(rows, deadline, before)
 
     def poke(self) -> None:
         """Re-read the clock now: a waiting batch runs if its timeout passed (tests with a fake clock)."""
@@ -336,12 +273,12 @@ class Batcher:
         runs every batch size once), so admission and batch formation know the model's costs from
         the first request on."""
         for size, seconds in seconds_by_size.items():
-            self._costs.learn(self._padded_size(size), seconds)
+            self.costs.learn(self._padded_size(size), seconds)
 
     def expected_compute_s(self, size: int) -> float:
         """Learned seconds the model takes for a batch of `size` rows (after padding); 0.0 until a
-        batch has run (see ComputeCosts)."""
-        return self._costs(size)
+        batch has run (see ModelCosts)."""
+        return self.costs(size)
 
     def start(self) -> None:
         if self._loop_task is None:
@@ -352,7 +289,7 @@ class Batcher:
         rows: Sequence[np.ndarray],
         deadline: float | None = None,
         timings: list | None = None,
-        place: Place | None = None,
+        place: Ticket | None = None,
         low_priority: bool = False,
         yield_to: Callable[[], bool] | None = None,
     ) -> list:
@@ -363,7 +300,8 @@ class Batcher:
         started. At most one batch of it computes while live work waits. `yield_to` (a live
         version's `busy`) makes it give way to that work too.
 
-        With the `place` that `admit` gave, the rows take it over (the count bound was checked then).
+        With the ticket that `admit` gave (`place`), the queue takes its rows over (the bounds were
+        checked then).
 
         `deadline` is on the batcher's clock (time.monotonic by default). Requests with more rows
         than max_batch_size are split into several queue items; with `timings`, a BatchTiming per
@@ -377,15 +315,9 @@ class Batcher:
         if low_priority:
             return await self._submit_low(chunks, deadline, yield_to)
         if place is not None:
-            place.release()  # the bound was checked by `admit`; the rows now count as queued
-        # An empty queue always admits, so a request split into more chunks than the bound still runs.
-        elif self._queue and len(self._queue) + len(chunks) > self.max_queue_size:
-            self._shed(
-                f"{len(self._queue)} requests already queued (--max-queue-size {self.max_queue_size}); "
-                "retry with backoff"
-            )
+            place.release()  # the bounds were checked by `admit`; the rows now count as queued
         else:
-            self._watch.arrived(self._clock())  # not admitted first: it arrives now
+            self._admission.arrive(len(chunks))
         loop = asyncio.get_running_loop()
         now = self._clock()
         futures = []
@@ -396,7 +328,7 @@ class Batcher:
                 timing = BatchTiming(now)
                 timings.append(timing)
             self._queue.append(_Item(chunk, fut, deadline, now, timing))
-            self._queued_rows += len(chunk)
+            self._queue.rows += len(chunk)
             futures.append(fut)
         self._stats.queue_depth(len(self._queue))
         self._wakeup.set()
@@ -405,12 +337,12 @@ class Batcher:
     @property
     def busy(self) -> bool:
         """Work is queued, being decoded or computing."""
-        return bool(self._queue or self._admitted_rows or self._in_flight)
+        return bool(self._queue or self._admission.admitted_rows or self._in_flight)
 
     async def _submit_low(
         self, chunks: list[Sequence[np.ndarray]], deadline: float | None, yield_to: Callable[[], bool] | None
     ) -> list:
-        if self._queue or self._admitted_rows or (yield_to is not None and yield_to()):
+        if self._queue or self._admission.admitted_rows or (yield_to is not None and yield_to()):
             raise LowPriorityDropped("live work is queued")
         loop = asyncio.get_running_loop()
         now = self._clock()
@@ -448,7 +380,7 @@ class Batcher:
             item = self._queue.popleft()
             if not item.future.done():
                 item.future.set_exception(exc)
-        self._queued_rows = 0
+        self._queue.rows = 0
         self._stats.queue_depth(0)
 
     def _padded_size(self, rows: int) -> int:
@@ -497,13 +429,13 @@ class Batcher:
                     return batch
                 continue
             if self.batch_timeout_s > 0:
-                # The classic rule: wait for a full batch, at most batch_timeout_s after the first
-                # item was queued; under load the queue filled while the slot was busy: a no-op.
-                target, deadline = self.max_batch_size, self._queue[0].enqueued + self.batch_timeout_s
+                target, deadline = batch_formation.classic_target(
+                    self._queue[0].enqueued, self.batch_timeout_s, self.max_batch_size
+                )
             else:
                 target, deadline = self._target()
             waited = False
-            while self._queue and self._queued_rows < target and not self._closing:
+            while self._queue and self._queue.rows < target and not self._closing:
                 remaining = deadline - self._clock()
                 if remaining <= 0:
                     break
@@ -521,7 +453,7 @@ class Batcher:
             self.formation_waits += waited
             batch = self._take()
             if batch:
-                self._done_at = None  # the finished batch's callers have had their chance
+                self._last = None  # the finished batch's callers have had their chance
                 return batch
 
     def _may_form(self) -> bool:
@@ -534,61 +466,40 @@ class Batcher:
         capacity it ran at three quarters of its speed). Rows ahead can no longer expire or be
         dropped when their callers leave; they wait one batch at most.
         """
-        return len(self._in_flight) < self.max_in_flight or self._queued_rows >= self.max_batch_size
+        return len(self._in_flight) < self.max_in_flight or self._queue.rows >= self.max_batch_size
 
-    def _target(self) -> tuple[int, float]:
-        """Rows worth waiting for, and until when (see the module docstring)."""
-        if self._done_at is None or self.formation == "eager":
-            return 0, float("-inf")
-        return max(self._returns_target(), self._decoding_target())
-
-    def _returns_target(self) -> tuple[int, float]:
-        """The callers the last batch answered, if they come back (a closed loop) and it pays."""
-        target = min(self.max_batch_size, self._queued_at_done + self._answered)
-        queued = self._queued_rows
-        if target <= max(queued, 1):
-            return 0, float("-inf")
-        if not self._watch.returns_expected:
-            return 0, float("-inf")
-        now = self._clock()
-        until = now + self._costs.worth_waiting(queued, target)
-        expected = self._watch.delay.value
-        if until <= now or (expected is not None and until < self._done_at + expected):
-            return 0, float("-inf")  # they would come back too late to pay for the wait
-        return target, until
-
-    def _decoding_target(self) -> tuple[int, float]:
-        """Rows admitted and still being decoded: worth waiting for until their expected decode end,
-        if the bigger batch pays. While they decode, a small batch computing beside them would also
-        take the CPU their decoding needs."""
-        if not self._admitted_rows:
-            return 0, float("-inf")
-        queued = self._queued_rows
-        target = min(self.max_batch_size, queued + self._admitted_rows)
-        if target <= max(queued, 1):
-            return 0, float("-inf")
-        now = self._clock()
-        worth = self._costs.worth_waiting(queued, target)
-        ready = max(place.ready_at for place in self._places) - now
-        if ready > worth:
-            return 0, float("-inf")
-        # An overdue or unknown decode end: they are expected any moment, within the break-even wait.
-        return target, now + (worth if ready <= 0 else min(worth, 2 * ready))
+    def _target(self) -> Target:
+        """Rows worth waiting for, and until when (batch_formation)."""
+        if self._last is None or self.formation == "eager":
+            return NO_WAIT
+        admission = self._admission
+        return batch_formation.adaptive_target(
+            self._clock(),
+            self._last,
+            self._queue.rows,
+            admission.admitted_rows,
+            admission.latest_ready,
+            self._watch,
+            self.costs,
+            self.max_batch_size,
+        )
 
     def _finished(self, requests: int, rows: int, size: int, compute_s: float) -> None:
-        """Learn from a finished batch; its callers may come back (see `_returns_target`)."""
-        self._costs.learn(size, compute_s)
+        """Learn from a finished batch; its callers may come back (see `returns_target`)."""
+        self.costs.learn(size, compute_s)
         if not requests:
             return  # low-priority work only: no caller comes back for it
         now = self._clock()
         self._watch.answered(now, requests)
-        self._done_at = now
-        self._answered = rows
-        self._queued_at_done = self._queued_rows
+        self._last = LastBatch(now, rows, self._queue.rows)
 
     def _low_may_run(self) -> bool:
         """Low-priority work runs only on a free compute slot with no live row queued or decoding."""
-        return bool(self._low) and not self._admitted_rows and len(self._in_flight) < self.max_in_flight
+        return (
+            bool(self._low)
+            and not self._admission.admitted_rows
+            and len(self._in_flight) < self.max_in_flight
+        )
 
     def _take_low(self) -> list[_Item]:
         batch: list[_Item] = []
@@ -614,13 +525,13 @@ class Batcher:
             item = self._queue[0]
             if not _live(item, now):
                 self._queue.popleft()
-                self._queued_rows -= len(item.rows)
+                self._queue.rows -= len(item.rows)
                 dropped.append(item)
                 continue
             if rows + len(item.rows) > self.max_batch_size:
                 break
             self._queue.popleft()
-            self._queued_rows -= len(item.rows)
+            self._queue.rows -= len(item.rows)
             batch.append(item)
             rows += len(item.rows)
         self._drop(dropped, now)
@@ -649,7 +560,7 @@ class Batcher:
         """Whether to compute on the loop: a known-tiny batch with nothing else to do meanwhile."""
         if self._in_flight or self._queue:
             return False
-        known = self._costs.known(size)
+        known = self.costs.known(size)
         return known is not None and known < self.inline_below_s
 
     def _compute(self, batch: list[_Item], record: _InFlight) -> tuple[list[_Item], Sequence, float, float]:

@@ -115,57 +115,30 @@ class _InFlight:
 
     def __init__(self, max_images: int, max_bytes: int, metrics: Metrics) -> None:
         self.max_images, self.max_bytes = max_images, max_bytes
-        self.images = self.bytes = 0
+        self.images, self.bytes = Gate(), Gate()  # never closed: the bounds below refuse instead
         self._metrics = metrics
 
     @contextlib.contextmanager
     def hold(self, images: int, size: int) -> Iterator[None]:
+        held_images, held_bytes = self.images.count, self.bytes.count
         # A lone request is always admitted (it passed the per-request limits), so nothing starves.
-        if self.images and (self.images + images > self.max_images or self.bytes + size > self.max_bytes):
+        if held_images and (held_images + images > self.max_images or held_bytes + size > self.max_bytes):
             self._metrics.shed_inflight.inc()
             raise ResourceExhausted(
-                f"server overloaded: {self.images} images ({self.bytes / 2**20:.0f} MiB) already in flight "
+                f"server overloaded: {held_images} images ({held_bytes / 2**20:.0f} MiB) already in flight "
                 f"(--max-inflight-images {self.max_images}, --max-inflight-mb {self.max_bytes // 2**20}); "
                 "retry with backoff or on another replica"
             )
-        self.images += images
-        self.bytes += size
-        self._metrics.inflight_images.set(self.images)
-        self._metrics.inflight_bytes.set(self.bytes)
         try:
-            yield
+            with self.images.held(images), self.bytes.held(size):
+                self._report()
+                yield
         finally:
-            self.images -= images
-            self.bytes -= size
-            self._metrics.inflight_images.set(self.images)
-            self._metrics.inflight_bytes.set(self.bytes)
+            self._report()
 
-
-class _Held:
-    """Part of a `_Counter`, given back once: at `release()` or at the end of the block."""
-
-    def __init__(self, counter: _Counter, n: int) -> None:
-        self._counter, self._n = counter, n
-
-    def release(self) -> None:
-        self._counter.count -= self._n
-        self._n = 0
-
-
-class _Counter:
-    """A count of things in some stage (encoded images waiting to be decoded), held per request."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    @contextlib.contextmanager
-    def hold(self, n: int) -> Iterator[_Held]:
-        self.count += n
-        held = _Held(self, n)
-        try:
-            yield held
-        finally:
-            held.release()
+    def _report(self) -> None:
+        self._metrics.inflight_images.set(self.images.count)
+        self._metrics.inflight_bytes.set(self.bytes.count)
 
 
 class Core:
@@ -179,7 +152,7 @@ class Core:
         self._tasks: set[asyncio.Task] = set()  # their tasks, stopped if the drain times out
         self._shadows: set[asyncio.Task] = set()  # shadow runs after their live answers (rollout.py)
         self._aborting = False
-        self._decoding = _Counter()  # encoded images admitted and not yet decoded
+        self._decoding = Gate()  # encoded images admitted and not yet decoded (never closed)
         self._decode_threads = settings.decode_threads()
         self._inflight = _InFlight(settings.max_inflight_images, settings.max_inflight_mb * 2**20, metrics)
 
@@ -295,7 +268,7 @@ class Core:
             with (
                 self._inflight.hold(count, size),
                 served.admit(count, request.deadline, self._decode_wait(served, decode)) as place,
-                self._decoding.hold(decode) as decoding,
+                self._decoding.held(decode) as decoding,
             ):
                 with tracing.span("decode", images=count):
                     rows = await self._preprocess(request.images, served)

@@ -1,9 +1,11 @@
-"""One small primitive for "wait until nobody holds this": the core's drain and a version's leases.
+"""The one in-flight counter: "how many hold this", and "wait until nobody does".
 
-A `Gate` counts holders. `enter()` admits one (unless the gate is closed), `exit()` lets one go, and
-`wait_idle()` returns once the count is zero. The core closes its gate to drain for shutdown; a served
-version's gate counts the requests that resolved it, so a retired version is released only after its
-last request. Everything runs on the event loop: no locks.
+A `Gate` counts holders. `enter(n)` admits n (unless the gate is closed), `exit(n)` lets them go,
+`held(n)` does both around a block and hands back a `Held` that may give its part back early, and
+`wait_idle()` returns once the count is zero. The core's gate counts its predictions (closed to drain
+for shutdown) and the encoded images waiting to be decoded (the decode queue); a served version's
+gate counts the requests that resolved it, so a retired version is released only after its last
+request. Everything runs on the event loop: no locks.
 """
 
 from __future__ import annotations
@@ -17,6 +19,20 @@ class GateClosed(Exception):
     """`enter()` on a closed gate: the owner is shutting down."""
 
 
+class Held:
+    """Part of a `Gate`'s count, given back once: at `release()` or at the end of its block."""
+
+    __slots__ = ("_gate", "_n")
+
+    def __init__(self, gate: Gate, n: int) -> None:
+        self._gate, self._n = gate, n
+
+    def release(self) -> None:
+        if self._n:
+            n, self._n = self._n, 0
+            self._gate.exit(n)
+
+
 class Gate:
     def __init__(self) -> None:
         self.count = 0
@@ -24,25 +40,27 @@ class Gate:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    def enter(self) -> None:
-        """Admit one holder; GateClosed once `close()` was called."""
+    def enter(self, n: int = 1) -> None:
+        """Admit `n` holders; GateClosed once `close()` was called."""
         if self.closed:
             raise GateClosed
-        self.count += 1
-        self._idle.clear()
+        self.count += n
+        if self.count:
+            self._idle.clear()
 
-    def exit(self) -> None:
-        self.count -= 1
+    def exit(self, n: int = 1) -> None:
+        self.count -= n
         if self.count == 0:
             self._idle.set()
 
     @contextlib.contextmanager
-    def held(self) -> Iterator[None]:
-        self.enter()
+    def held(self, n: int = 1) -> Iterator[Held]:
+        self.enter(n)
+        held = Held(self, n)
         try:
-            yield
+            yield held
         finally:
-            self.exit()
+            held.release()
 
     def close(self) -> None:
         """Refuse new holders; the current ones finish."""

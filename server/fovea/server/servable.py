@@ -18,8 +18,8 @@ from typing import Protocol
 
 import numpy as np
 from fovea.contract import ModelMetadata
-from fovea.server.batch_costs import Ewma
-from fovea.server.batcher import Batcher, BatcherStats, LowPriorityDropped, Place
+from fovea.server.batch_admission import Ticket
+from fovea.server.batcher import Batcher, BatcherStats, LowPriorityDropped
 from fovea.server.errors import InvalidArgument
 from fovea.server.lease import Gate
 
@@ -92,7 +92,6 @@ class ServedVersion:
         self.metadata = model.metadata
         self.stats = VersionStats()
         self.leases = Gate()
-        self._prepare_s = Ewma()  # pool time per image, learned like the compute times (see Core)
         self._pool = pool
         self._batcher = Batcher(
             model.predict,
@@ -107,7 +106,7 @@ class ServedVersion:
     @property
     def prepare_s_per_image(self) -> float | None:
         """Learned pool seconds per image to decode/resize, None until an image was prepared."""
-        return self._prepare_s.value
+        return self._batcher.costs.decode_s_per_image
 
     @property
     def name(self) -> str:
@@ -143,8 +142,8 @@ class ServedVersion:
 
     def admit(
         self, rows: int, deadline: float | None = None, before: float = 0.0
-    ) -> contextlib.AbstractContextManager[Place]:
-        """Hold a place in the batch queue for `rows` rows before preparing them, or shed at once.
+    ) -> contextlib.AbstractContextManager[Ticket]:
+        """Take a ticket in the batch queue for `rows` rows before preparing them, or shed at once.
 
         `before` is the expected wait for decoding, ahead of the queue."""
         return self._batcher.admit(rows, deadline, before)
@@ -164,9 +163,7 @@ class ServedVersion:
         loop = asyncio.get_running_loop()
         rows, busy = await loop.run_in_executor(self._pool, self._timed_prepare, list(images.items()), check)
         self.stats.preprocess_s += time.perf_counter() - start
-        # Pool time per image (not the wait for a thread): what an expected decode wait is built on.
-        per_image = busy / max(len(images), 1)
-        self._prepare_s.add(per_image)
+        self._batcher.costs.learn_decode(len(images), busy)
         return dict(zip(images, rows, strict=True))
 
     async def infer(
@@ -174,7 +171,7 @@ class ServedVersion:
         rows: Sequence[np.ndarray],
         deadline: float | None = None,
         timings: list | None = None,
-        place: Place | None = None,
+        place: Ticket | None = None,
         low_priority: bool = False,
         yield_to: ServedVersion | None = None,
     ) -> np.ndarray:
