@@ -34,6 +34,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -282,10 +283,12 @@ def profile(
     argv = [
         sys.executable, str(BENCH / "loadgen.py"), "--target", fovea.target, "--payload", str(path),
         "--protocol", PROTOCOLS[protocol], "--model", model, "--concurrency", str(args.concurrency),
-        "--warmup", "0", "--duration", str(args.profile_seconds + 6.0),
+        "--warmup", "0", "--duration", "600",
     ]  # fmt: skip
     from fovea.devtools.environment import subprocess_env
 
+    # Until stopped once py-spy ends: py-spy reads the native libraries' symbols (seconds, for
+    # TensorFlow's) before it samples.
     load = subprocess.Popen(
         argv, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -331,9 +334,13 @@ def profile(
 
 
 def measure(args, work: Path) -> dict:
-    models = work / "models"
-    log("exporting the null models (96 and 224 px) with the trainer's export code")
-    make_models(models, [p.model for p in PAYLOADS.values()])
+    models = args.models or work / "models"
+    names = [p.model for p in PAYLOADS.values()]
+    if all((models / name / "1").is_dir() for name in names):
+        log(f"serving the null models in {models}")
+    else:
+        log("exporting the null models (96 and 224 px) with the trainer's export code")
+        make_models(models, names)
     payloads = {"uint8-96": make_payloads(work, 96)["uint8"], "jpeg-224": photo_jpeg(work, 224)}
     with_pytriton = args.pytriton and (
         not args.quick
@@ -345,6 +352,7 @@ def measure(args, work: Path) -> dict:
     result: dict = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "quick": args.quick,
+        "argv": sys.argv[1:],
         "machine": machine(),
         "concurrency": args.concurrency,
         "rounds": args.rounds,
@@ -648,14 +656,14 @@ def docs_section(result: dict, summary: dict) -> str:
     parts = [
         f"""## The host path at GPU speed: requests per server core (null model, concurrency {summary["concurrency"]})
 
-Measured by `python bench/host_path.py` on {result["date"]} ({result["took_s"] / 60:.0f} minutes including
+Measured by `{" ".join(["python bench/host_path.py", *result.get("argv", [])])}` on {result["date"]} ({result["took_s"] / 60:.1f} minutes including
 start-up). Machine: {result["machine"]}. 1-minute load average {load["min"]:.1f} to {load["max"]:.1f}
 (a shared host: other work ran beside this one; interleaving puts its noise on both servers alike).
 
 A model that costs next to nothing (it reads one pixel per image and answers a constant softmax over 10
 classes), published with the trainer's export code at 96 and 224 px, so every microsecond measured is
 the server's own: transport, parsing, decoding, batching, answering. fovea ran its defaults
-(`fovea serve`, XLA on; {", ".join(result.get("fovea_xla", [])) or "no XLA report"}); PyTriton 0.7 served the
+(`fovea serve`{_xla_note(result)}); PyTriton 0.7 served the
 same SavedModel version (Triton's dynamic batcher, no queue delay, max batch {MAX_BATCH}; its bytes model calls
 the version's bytes signature, which decodes in the graph with the same TensorFlow ops fovea decodes with).
 Both were up at once and loaded one at a time by `bench/loadgen.py` (closed loop, {summary["concurrency"]}
@@ -675,6 +683,14 @@ per-round ratios (range in brackets).
         parts.append(breakdown_table(summary["breakdown"]))
     parts.append(h200_text(summary))
     return "\n".join(parts)
+
+
+def _xla_note(result: dict) -> str:
+    lines = result.get("fovea_xla", [])
+    if not lines:
+        return ", XLA off"
+    sizes = "; ".join(line.split("serving ", 1)[-1].split(" compiled", 1)[0] for line in lines)
+    return f", XLA on; batch sizes served compiled per model: {sizes}"
 
 
 def breakdown_table(b: dict) -> str:
@@ -710,8 +726,10 @@ lock, a condition or the poller are dropped as idle. The CPU of the threads that
 that run no Python, which py-spy cannot see, are charged from /proc by name: TensorFlow's own
 threads (the decode's and the model's ops, whichever ran) and gRPC's. Sampling costs the process
 CPU itself (every sample stops and resumes each thread) and slows it, so the buckets are these shares
-of the CPU per request measured without py-spy (the table above); the CPU per request while sampled
-is shown below them.
+of the CPU per request measured without py-spy (the table above); the CPU per request and the
+requests/s while sampled are shown below them (with `--native`, each sample unwinds every thread
+through TensorFlow's large libraries: fovea ran several times slower while sampled, so read the
+buckets as shares; on this host they held within a few points between 100 and 200 samples/s).
 
 {chr(10).join(rows)}
 """
@@ -744,8 +762,9 @@ pays both.) At one image per request, feeding that rate takes requests/s ÷ requ
 {chr(10).join(lines)}
 
 The 224 px JPEG row is the realistic one (photos arrive encoded; decoding them is host work whatever
-serves them). These are this host's cores (see the machine line above); a server CPU core is
-perhaps 1-2x faster. Requests of several images each amortise the per-request part.
+serves them). These are this host's cores (the machine line above); the count scales with how
+fast a GPU server's cores are against these. Requests of several images each would spread the
+per-request part over their images.
 """
 
 
@@ -788,6 +807,9 @@ def main() -> int:
     parser.add_argument("--py-spy", help="py-spy binary (default: VENVS/venv-pyspy, made on first use)")
     parser.add_argument("--no-pytriton", dest="pytriton", action="store_false", help="fovea alone")
     parser.add_argument("--fovea-flags", default="", help="extra `fovea serve` flags, e.g. --no-xla")
+    parser.add_argument(
+        "--models", type=Path, help="a models folder with null96/1 and null224/1 (exported there if absent)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="of the shuffled order")
     parser.add_argument(
         "--venvs", type=Path, default=Path("/work"), help="where venv-pytriton and venv-pyspy live"
@@ -799,6 +821,8 @@ def main() -> int:
         "--render", action="store_true", help="only redo the outputs from --out/host_path.json"
     )
     args = parser.parse_args()
+    # A stopped run still stops every server it started (the finally blocks), PyTriton included.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     defaults = {"rounds": (3, 1), "seconds": (5.0, 1.0), "warmup": (1.5, 0.5), "profile_seconds": (4, 1)}
     for key, (full, quick) in defaults.items():
         if getattr(args, key) is None:

@@ -391,7 +391,7 @@ class Core:
                     f"images[{i}].raw.shape is {list(shape)}; height and width must be positive"
                 )
             self._check_pixels(i, shape[1], shape[0])
-            expected = math.prod(shape) * dtype.itemsize  # np.prod of a tuple: ~5 µs a request
+            expected = math.prod(shape) * dtype.itemsize  # np.prod of a tuple costs microseconds a request
             if len(image.data) != expected:
                 raise InvalidArgument(
                     f"images[{i}].raw.data has {len(image.data)} bytes; shape {list(shape)} of {image.dtype} "
