@@ -6,7 +6,10 @@ load generator shares the server's two cores. In a closed
 loop (N callers, each sending the next request as soon as the last returns) or an open loop (Poisson
 arrivals at a given mean rate, whatever the server does). `--protocol fovea` sends fovea.v1 Predict;
 `--protocol kserve` sends KServe v2 ModelInfer (uint8 [1, H, W, 3] in raw_input_contents, through
-tritonclient's generated stubs), which is how bench/peers.py drives PyTriton and MLServer.
+tritonclient's generated stubs), which is how bench/peers.py drives PyTriton and MLServer; an encoded
+payload goes as BYTES `image_bytes` [1, 1] (its raw form: a 4-byte length, then the bytes), what
+fovea's `MODEL-encoded` and a peer's bytes model take. With --cpu-of PID, the CPU seconds of that
+process tree over the measuring window are reported too (bench/proc_cpu.py).
 Prints one JSON object on stdout.
 
 The open loop also counts answers by status code, and with --probe-threshold-ms measures recovery:
@@ -19,6 +22,7 @@ import argparse
 import asyncio
 import json
 import resource
+import struct
 import sys
 import time
 from collections import Counter
@@ -26,31 +30,35 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import proc_cpu  # beside this script, so on its path
+from fovea.contract import INPUT_BYTES, INPUT_IMAGES, OUTPUT
 from fovea.v1 import classifier_pb2
 
 PREDICT = "/" + classifier_pb2.DESCRIPTOR.services_by_name["ClassifierService"].full_name + "/Predict"
 
 
 def _kserve(payload: Path, model: str):
-    """A KServe v2 ModelInfer request for one uint8 image, and the method path it goes to."""
+    """A KServe v2 ModelInfer request for one image (uint8 pixels from a .npy, else encoded bytes),
+    and the method path it goes to."""
     from tritonclient.grpc import service_pb2
 
-    array = np.load(payload)
+    if payload.suffix == ".npy":
+        array = np.load(payload)
+        name, datatype, shape, raw = INPUT_IMAGES, "UINT8", [1, *array.shape], array.tobytes()
+    else:
+        data = payload.read_bytes()
+        name, datatype, shape, raw = INPUT_BYTES, "BYTES", [1, 1], struct.pack("<I", len(data)) + data
     request = service_pb2.ModelInferRequest(
         model_name=model,
-        inputs=[
-            service_pb2.ModelInferRequest.InferInputTensor(
-                name="images", datatype="UINT8", shape=[1, *array.shape]
-            )
-        ],
-        outputs=[service_pb2.ModelInferRequest.InferRequestedOutputTensor(name="probabilities")],
-        raw_input_contents=[array.tobytes()],
+        inputs=[service_pb2.ModelInferRequest.InferInputTensor(name=name, datatype=datatype, shape=shape)],
+        outputs=[service_pb2.ModelInferRequest.InferRequestedOutputTensor(name=OUTPUT)],
+        raw_input_contents=[raw],
     )
     service = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
     return request, f"/{service}/ModelInfer"
 
 
-def _request(payload: Path) -> classifier_pb2.PredictRequest:
+def _request(payload: Path, model: str) -> classifier_pb2.PredictRequest:
     if payload.suffix == ".npy":
         array = np.load(payload)
         image = classifier_pb2.Image(
@@ -60,7 +68,9 @@ def _request(payload: Path) -> classifier_pb2.PredictRequest:
         )
     else:
         image = classifier_pb2.Image(encoded=payload.read_bytes())
-    return classifier_pb2.PredictRequest(images=[image], top_k=1)
+    return classifier_pb2.PredictRequest(
+        images=[image], top_k=1, model_spec=classifier_pb2.ModelSpec(name=model)
+    )
 
 
 async def _closed(stub, request, concurrency: int, warmup: float, duration: float) -> tuple[list[float], int]:
@@ -156,19 +166,35 @@ async def _first_call(stub, request, ready_timeout: float) -> None:
             await asyncio.sleep(0.5)
 
 
+async def _window_cpu(pids: list[int], warmup: float, duration: float) -> dict:
+    """The CPU the process trees of `pids` use over the measuring window, read at its two ends."""
+    await asyncio.sleep(warmup)
+    t0, cpu0 = time.perf_counter(), proc_cpu.tree_cpu_seconds(pids)
+    await asyncio.sleep(duration)
+    t1, cpu1 = time.perf_counter(), proc_cpu.tree_cpu_seconds(pids)
+    return {
+        "server_cpu_s": cpu1 - cpu0,
+        "server_cpu_window_s": t1 - t0,
+        "server_cores": (cpu1 - cpu0) / (t1 - t0),
+    }
+
+
 async def main_async(args: argparse.Namespace) -> dict:
     options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
     async with grpc.aio.insecure_channel(args.target, options=options) as channel:
         if args.protocol == "kserve":
             message, path = _kserve(args.payload, args.model)
         else:
-            message, path = _request(args.payload), PREDICT
+            message, path = _request(args.payload, args.model), PREDICT
         # No serializers: the request goes as these bytes, the answer comes back as bytes.
         stub = channel.unary_unary(path, _registered_method=True)  # as generated stubs do: faster calls
         request = message.SerializeToString()
         await _first_call(stub, request, args.ready_timeout)  # connect before the clock starts
         t0 = time.perf_counter()
         extra: dict = {}
+        cpu = (
+            asyncio.create_task(_window_cpu(args.cpu_of, args.warmup, args.duration)) if args.cpu_of else None
+        )
         if args.mode == "closed":
             latencies, errors = await _closed(stub, request, args.concurrency, args.warmup, args.duration)
         else:
@@ -176,6 +202,8 @@ async def main_async(args: argparse.Namespace) -> dict:
                 stub, request, args.rate, args.warmup, args.duration, args.deadline, args.probe_threshold_ms
             )
         wall = time.perf_counter() - t0 - args.warmup
+        if cpu is not None:
+            extra.update(await cpu)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     lat = np.array(latencies) * 1000
     return {
@@ -196,7 +224,7 @@ def main() -> int:
     parser.add_argument("--target", required=True)
     parser.add_argument("--payload", type=Path, required=True, help=".npy (uint8 pixels) or an encoded image")
     parser.add_argument("--protocol", choices=["fovea", "kserve"], default="fovea")
-    parser.add_argument("--model", default="", help="model name (kserve)")
+    parser.add_argument("--model", default="", help="model name (fovea: empty for the only one served)")
     parser.add_argument("--ready-timeout", type=float, default=0.0, help="retry the first call this long")
     parser.add_argument("--mode", choices=["closed", "open"], default="closed")
     parser.add_argument("--concurrency", type=int, default=1)
@@ -206,6 +234,12 @@ def main() -> int:
     parser.add_argument("--deadline", type=float, default=30.0, help="seconds, per request (open loop)")
     parser.add_argument(
         "--probe-threshold-ms", type=float, default=0.0, help="measure recovery after an open loop (0: off)"
+    )
+    parser.add_argument(
+        "--cpu-of",
+        type=lambda text: [int(p) for p in text.split(",")],
+        default=[],
+        help="comma-separated PIDs: report their process trees' CPU over the measuring window",
     )
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--duration", type=float, default=10.0)

@@ -1,4 +1,5 @@
-"""Publish the benchmark models with the trainer's export code: ResNet50 at 96 px and a tiny CNN at 32 px.
+"""Publish the benchmark models with the trainer's export code: ResNet50 at 96 px, a tiny CNN at 32 px,
+and null models at 96 and 224 px (bench/host_path.py: the host's cost with a model that costs nothing).
 
 Random weights: speed does not depend on what the weights learned.
 """
@@ -38,6 +39,21 @@ def tiny(size: int):
     return keras.Model(inputs, outputs)
 
 
+def null(size: int):
+    """A model that costs (next to) nothing yet reads its input: one pixel per image, times zero, plus
+    a fixed bias through a softmax. The batch dimension flows from the input, so a wrong shape fails
+    as it would with a real model, and the answer is one constant distribution per image."""
+    import tf_keras as keras
+
+    inputs = keras.Input((size, size, 3), dtype="float32")
+    x = keras.layers.Lambda(lambda images: images[:, 0, 0, :1] * 0.0)(inputs)
+    bias = keras.initializers.Constant([0.1 * i for i in range(len(LABELS))])
+    outputs = keras.layers.Dense(
+        len(LABELS), activation="softmax", kernel_initializer="zeros", bias_initializer=bias
+    )(x)
+    return keras.Model(inputs, outputs)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="models folder")
@@ -46,7 +62,7 @@ def main() -> int:
 
     from fovea.trainer.export import export_model
 
-    builders = {"resnet50": (resnet50, 96), "tiny": (tiny, 32)}
+    builders = {"resnet50": (resnet50, 96), "tiny": (tiny, 32), "null96": (null, 96), "null224": (null, 224)}
     for name in args.which.split(","):
         build, size = builders[name]
         path = export_model(

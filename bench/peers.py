@@ -41,6 +41,9 @@ PACKAGES = {
 # argv: PORT plain|xla NAME=PATH...; "xla" serves `tf.function(jit_compile=True)` around the signature,
 # compiled before the port opens for batch sizes 1, 2, 4, ... 32, a batch padded to the next of them
 # (as fovea serves XLA): one compile per batch size the batcher can form would take minutes per size.
+# A NAME ending in -encoded (fovea's KServe v2 name for encoded images) serves the version's bytes
+# signature instead: BYTES image_bytes [N, 1] in, decoded and resized in the graph (the export
+# contract's decode_and_resize, the ops fovea decodes with), always plain.
 PYTRITON_SERVER = """
 import sys
 import numpy as np
@@ -62,6 +65,23 @@ with triton:
         name, path = spec.split("=", 1)
         loaded = tf.saved_model.load(path)
         loaded_models.append(loaded)
+        if name.endswith("-encoded"):
+            fn = loaded.signatures["serving_bytes"]
+
+            @batch
+            def infer_bytes(image_bytes, fn=fn):
+                flat = tf.constant(image_bytes.reshape(-1))
+                return {"probabilities": fn(image_bytes=flat)["probabilities"].numpy()}
+
+            triton.bind(
+                model_name=name,
+                infer_func=infer_bytes,
+                inputs=[Tensor(name="image_bytes", dtype=np.bytes_, shape=(1,))],
+                outputs=[Tensor(name="probabilities", dtype=np.float32, shape=(-1,))],
+                config=ModelConfig(max_batch_size=MAX_BATCH, batcher=DynamicBatcher(max_queue_delay_microseconds=0)),
+                strict=False,
+            )
+            continue
         fn = loaded.signatures["serving_default"]
         h, w = fn.structured_input_signature[1]["images"].shape[1:3]
         call = lambda images, fn=fn: fn(images=images)["probabilities"]

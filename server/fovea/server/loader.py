@@ -178,7 +178,13 @@ class LoadedModel:
         @tf.function(input_signature=[tf.TensorSpec([], tf.string)])
         def decode(image_bytes: tf.Tensor) -> tf.Tensor:
             image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
-            return _resize(image, h, w)
+            # Bilinear resizing to the size an image already has is the identity (half-pixel
+            # centres at scale 1 sample each pixel exactly), so an image sent at the model's size
+            # skips it: the same pixels as the bytes signature, without a quarter of the decode's
+            # CPU (224 px JPEG, bench/host_path.py).
+            shape = tf.shape(image)
+            at_size = tf.logical_and(tf.equal(shape[0], h), tf.equal(shape[1], w))
+            return tf.cond(at_size, lambda: image, lambda: _resize(image, h, w))
 
         @tf.function
         def resize(image: tf.Tensor) -> tf.Tensor:

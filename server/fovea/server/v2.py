@@ -193,10 +193,10 @@ class V2:
         return inp, TensorSpec(OUTPUT, "FP32", (-1, len(meta.labels)))
 
     def _describe(
-        self, name: str, version: str, route_key: str | None = None
+        self, name: str, version: str, route_key: str | None = None, copied: bool = True
     ) -> tuple[str, bool, core.ModelDescription]:
         base, encoded = self.resolve(name)
-        return base, encoded, self._core.metadata(base, *parse_version(version), route_key)
+        return base, encoded, self._core.metadata(base, *parse_version(version), route_key, copied=copied)
 
     # -- health and metadata ---------------------------------------------------------------------
 
@@ -290,7 +290,10 @@ class V2:
     # -- inference -------------------------------------------------------------------------------
 
     async def infer(self, request: InferRequest, deadline: float | None) -> InferResponse:
-        base, encoded, d = self._describe(request.model_name, request.model_version, request.route_key)
+        # Read only, on every request: the version's own metadata, not a copy.
+        base, encoded, d = self._describe(
+            request.model_name, request.model_version, request.route_key, copied=False
+        )
         meta = d.metadata
         inp, out = self.specs(meta, encoded)
         images = self._images(request, inp, meta)
