@@ -290,8 +290,8 @@ class V2:
     # -- inference -------------------------------------------------------------------------------
 
     async def infer(self, request: InferRequest, deadline: float | None) -> InferResponse:
-        base, encoded, d = self._describe(request.model_name, request.model_version, request.route_key)
-        meta = d.metadata
+        base, encoded = self.resolve(request.model_name)
+        meta = self._core.served_metadata(base, *parse_version(request.model_version), request.route_key)
         inp, out = self.specs(meta, encoded)
         images = self._images(request, inp, meta)
         classes = len(meta.labels)
