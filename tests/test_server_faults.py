@@ -252,12 +252,12 @@ def test_out_of_memory_in_the_model_is_resource_exhausted(tmp_path) -> None:
 
     model = loader.load(str(export_tiny(tmp_path, "tiny", 16)), "tiny", 1)
 
-    def oom(**_):
+    def oom(*_, **__):
         raise tf.errors.ResourceExhaustedError(
             None, None, "OOM when allocating tensor with shape[64,2048,7,7]"
         )
 
-    model._signature = oom
+    model._plain = oom  # what predict calls for the plain signature
     with pytest.raises(ResourceExhausted, match="out of memory"):
         model.predict(np.zeros((4, 16, 16, 3), np.uint8))
 

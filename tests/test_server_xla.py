@@ -56,6 +56,38 @@ def test_compiled_sizes_agree_with_the_signature(published: Path) -> None:
     model.release()
 
 
+def test_calls_skip_tensorflows_argument_binding_and_answer_alike(published: Path) -> None:
+    # The served calls go through the functions' flat call (no per-call binding of structured
+    # arguments), checked at load against TensorFlow's public call; without one, the public call.
+    model = loader.load(str(published), "tiny", 1, xla_sizes=(2,))
+    model.warm_up([1, 2])
+    assert model.wait_compiled(120)
+    images = np.random.default_rng(5).integers(0, 256, size=(2, SIZE, SIZE, 3), dtype=np.uint8)
+    tensor = tf.constant(images)
+    public_plain = model._signature(**{loader.INPUT_IMAGES: tensor})[loader.OUTPUT].numpy()
+    assert model._plain is not None and model._plain.__name__ == "call"  # the flat call was kept
+    np.testing.assert_array_equal(model.predict_plain(images), public_plain)
+    if 2 in model._built:  # compiled (and agreeing with the signature)
+        np.testing.assert_allclose(model.predict_compiled(images), public_plain, atol=loader.XLA_TOLERANCE)
+
+    def public(t: tf.Tensor) -> tf.Tensor:
+        return model._signature(**{loader.INPUT_IMAGES: t})[loader.OUTPUT]
+
+    class NoFlatCall:  # a TensorFlow whose functions lack the private flat call
+        pass
+
+    assert loader._unbound(NoFlatCall(), public, tensor) is public
+
+    class WrongFlatCall:  # or whose flat call answers something else: the public call stays
+        captured_inputs = ()
+
+        def _call_flat(self, args, captured):
+            return tf.zeros([2, len(LABELS)])
+
+    assert loader._unbound(WrongFlatCall(), public, tensor) is public
+    model.release()
+
+
 def test_without_xla_nothing_is_compiled(published: Path) -> None:
     model = loader.load(str(published), "tiny", 1)
     model.warm_up([1, 2])

@@ -81,9 +81,7 @@ class Call:
         if exc_type is not None and self.code == "OK" and not issubclass(exc_type, Exception):
             # Cancelled: the caller went away (a transport that can tell sets DEADLINE_EXCEEDED first).
             self.code = "CANCELLED"
-        self._metrics.requests.labels(self.protocol, self.method, self.code).inc()
-        self._metrics.request_duration.labels(self.protocol, self.method).observe(
-            time.perf_counter() - self._start
-        )
+        self._metrics.request_counts(self.protocol, self.method, self.code).inc()
+        self._metrics.request_durations(self.protocol, self.method).observe(time.perf_counter() - self._start)
         self._span.finish(self.code)
         logs.request_id.reset(self._token)

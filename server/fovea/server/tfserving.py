@@ -119,9 +119,9 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                 f"{MIN_SCORE!r} or {USE_MODEL_THRESHOLD!r} input, {ABSTAINED!r}"
             )
         inputs, min_score, use_model_threshold = _threshold_inputs(request.inputs)
-        meta = self._core.metadata(
+        meta = self._core.served_metadata(
             spec.name, *_version(spec), route_key(context.invocation_metadata())
-        ).metadata
+        )
         result = await self._core.predict(
             core.PredictRequest(
                 images=_predict_images(inputs, meta),
@@ -154,9 +154,9 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         self, request: classification_pb2.ClassificationRequest, context
     ) -> classification_pb2.ClassificationResponse:
         spec = request.model_spec
-        meta = self._core.metadata(
+        meta = self._core.served_metadata(
             spec.name, *_version(spec), route_key(context.invocation_metadata())
-        ).metadata
+        )
         result = await self._core.predict(
             core.PredictRequest(
                 images=[core.EncodedImage(b) for b in _example_images(request.input)],

@@ -193,10 +193,10 @@ class V2:
         return inp, TensorSpec(OUTPUT, "FP32", (-1, len(meta.labels)))
 
     def _describe(
-        self, name: str, version: str, route_key: str | None = None, copied: bool = True
+        self, name: str, version: str, route_key: str | None = None
     ) -> tuple[str, bool, core.ModelDescription]:
         base, encoded = self.resolve(name)
-        return base, encoded, self._core.metadata(base, *parse_version(version), route_key, copied=copied)
+        return base, encoded, self._core.metadata(base, *parse_version(version), route_key)
 
     # -- health and metadata ---------------------------------------------------------------------
 
@@ -290,11 +290,8 @@ class V2:
     # -- inference -------------------------------------------------------------------------------
 
     async def infer(self, request: InferRequest, deadline: float | None) -> InferResponse:
-        # Read only, on every request: the version's own metadata, not a copy.
-        base, encoded, d = self._describe(
-            request.model_name, request.model_version, request.route_key, copied=False
-        )
-        meta = d.metadata
+        base, encoded = self.resolve(request.model_name)
+        meta = self._core.served_metadata(base, *parse_version(request.model_version), request.route_key)
         inp, out = self.specs(meta, encoded)
         images = self._images(request, inp, meta)
         classes = len(meta.labels)
