@@ -291,9 +291,16 @@ def run(args: argparse.Namespace) -> dict:
             timeline = work / "timeline.json"
             loop = open_loop(server.target, payload, rate, timeline)
             swaps: list[dict] = []
+            stopped = ""
             try:
                 time.sleep(1.0 + steady_s)  # a second to settle, then the first steady window
                 for version in range(2, swaps_n + 2):
+                    # Within the time budget: another swap only if one as long as the longest so far,
+                    # and its steady window, still fit (a slow host measures fewer swaps, and says so).
+                    longest = max((s["done"] - s["publish"] for s in swaps), default=0.0)
+                    if swaps and time.monotonic() - started + longest + steady_s + 30 > args.budget_s:
+                        stopped = f"{len(swaps)} of {swaps_n} swaps: the next would outrun --budget-s"
+                        break
                     swap = swap_once(logs, staged[version], model_root, name, version, xla, args.swap_timeout)
                     swaps.append(swap)
                     load.append(os.getloadavg()[0])
@@ -302,9 +309,14 @@ def run(args: argparse.Namespace) -> dict:
                         f"swap took {swap['done'] - swap['load_start']:.1f} s"
                     )
                     time.sleep(steady_s)  # the steady window after it (and before the next)
+            except (TimeoutError, KeyboardInterrupt, SystemExit) as exc:
+                # Stopped mid-run: the swaps completed so far are still measured and reported.
+                stopped = f"{len(swaps)} of {swaps_n} swaps: stopped ({type(exc).__name__}: {exc})"
             finally:
                 loop.send_signal(signal.SIGTERM)
                 _, err = loop.communicate(timeout=120)
+            if stopped:
+                log(stopped)
             if loop.returncode != 0:
                 raise RuntimeError(f"the load generator failed:\n{err[-3000:]}")
             data = json.loads(timeline.read_text())
@@ -328,6 +340,15 @@ def run(args: argparse.Namespace) -> dict:
         "machine_after": machine_after,
         "machine": machine(),
         "took_s": time.monotonic() - started,
+        "stopped_early": stopped,
+        # What the server said about each version: the swap's events, and its own timings.
+        "server_log": [
+            line
+            for _, line in logs.lines
+            if any(
+                w in line for w in ("loading ", "loaded ", "released ", "XLA: compiled", "XLA compile failed")
+            )
+        ],
     }
     return report(records, swaps, steady_s, info)
 
@@ -460,7 +481,15 @@ def main() -> int:
     parser.add_argument(
         "--swap-timeout", type=float, default=300.0, help="longest wait for one swap, seconds"
     )
-    parser.add_argument("--server-flags", default="", help="extra `fovea serve` flags, one string")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=300.0,
+        help="the whole run's time budget: a further swap starts only if one as long as the longest fits",
+    )
+    parser.add_argument(
+        "--server-flags", default="", help="extra `fovea serve` flags, one string (--server-flags=--no-xla)"
+    )
     parser.add_argument(
         "--reuse-export",
         type=Path,

@@ -522,7 +522,7 @@ class ModelManager:
             time.monotonic() - start,
             f", warmed batch sizes {sizes}" if s.warmup else ", warm-up off",
             f" ({pace.waited_s:.2f}s of it waiting for the serving versions' batches)"
-            if pace.waited_s
+            if pace.waited_s >= 0.01
             else "",
         )
         return served
