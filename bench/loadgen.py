@@ -13,7 +13,9 @@ process tree over the measuring window are reported too (bench/proc_cpu.py).
 Prints one JSON object on stdout.
 
 The open loop also counts answers by status code, and with --probe-threshold-ms measures recovery:
-once sending stops, one probe request after another until one answers within the threshold.
+once sending stops, one probe request after another until one answers within the threshold. With
+--timeline FILE it writes every request (when it was due, on time.monotonic(), its latency and status)
+for per-second figures; SIGTERM ends its sending early (bench/hot_swap.py stops it once its swaps are done).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import argparse
 import asyncio
 import json
 import resource
+import signal
 import struct
 import sys
 import time
@@ -98,13 +101,25 @@ async def _closed(stub, request, concurrency: int, warmup: float, duration: floa
 
 
 async def _open(
-    stub, request, rate: float, warmup: float, duration: float, deadline: float, probe_threshold_ms: float
+    stub,
+    request,
+    rate: float,
+    warmup: float,
+    duration: float,
+    deadline: float,
+    probe_threshold_ms: float,
+    timeline: list[tuple[float, float, str]] | None = None,
 ) -> tuple[list[float], int, dict]:
     latencies: list[float] = []
     codes: Counter = Counter()
     errors = 0
     start = time.perf_counter()
     measure_from, stop_at = start + warmup, start + warmup + duration
+    stopped = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopped.set)
+    to_monotonic = time.monotonic() - time.perf_counter()  # the same clock on Linux; exact elsewhere
+    if timeline is not None:
+        print("sending", file=sys.stderr, flush=True)  # a caller timing its own events waits for this
     # Poisson arrivals (exponential gaps, a fixed seed so runs compare): the bursts real traffic has,
     # which a fixed rate would hide.
     rng = np.random.default_rng(0)
@@ -115,10 +130,14 @@ async def _open(
         try:
             await stub(request, timeout=deadline)
         except grpc.aio.AioRpcError as exc:
+            if timeline is not None:
+                timeline.append((t0 + to_monotonic, time.perf_counter() - t0, exc.code().name))
             if t0 >= measure_from:
                 errors += 1
                 codes[exc.code().name] += 1
             return
+        if timeline is not None:
+            timeline.append((t0 + to_monotonic, time.perf_counter() - t0, "OK"))
         if t0 >= measure_from:
             codes["OK"] += 1
             latencies.append(time.perf_counter() - t0)
@@ -126,7 +145,7 @@ async def _open(
     due = start
     while True:
         due += rng.exponential(1.0 / rate)
-        if due >= stop_at:
+        if due >= stop_at or stopped.is_set():
             break
         delay = due - time.perf_counter()
         if delay > 0:
@@ -134,6 +153,7 @@ async def _open(
         # Latency is counted from when the request was due, so a late sender does not hide queueing.
         tasks.append(asyncio.create_task(one(due)))
     sending_ended = time.perf_counter()
+    stop_at = min(stop_at, sending_ended)  # an early stop (SIGTERM) is not lateness
     extra = {"codes": dict(codes), "late_s": max(0.0, sending_ended - stop_at)}
     if probe_threshold_ms > 0:
         # Recovery: how long after the overload ends until a lone request is fast again.
@@ -198,9 +218,20 @@ async def main_async(args: argparse.Namespace) -> dict:
         if args.mode == "closed":
             latencies, errors = await _closed(stub, request, args.concurrency, args.warmup, args.duration)
         else:
+            timeline: list[tuple[float, float, str]] | None = [] if args.timeline else None
             latencies, errors, extra = await _open(
-                stub, request, args.rate, args.warmup, args.duration, args.deadline, args.probe_threshold_ms
+                stub,
+                request,
+                args.rate,
+                args.warmup,
+                args.duration,
+                args.deadline,
+                args.probe_threshold_ms,
+                timeline,
             )
+            if args.timeline:
+                due, latency, code = zip(*timeline, strict=True) if timeline else ((), (), ())
+                args.timeline.write_text(json.dumps({"due": due, "latency_s": latency, "code": code}))
         wall = time.perf_counter() - t0 - args.warmup
         if cpu is not None:
             extra.update(await cpu)
@@ -240,6 +271,11 @@ def main() -> int:
         type=lambda text: [int(p) for p in text.split(",")],
         default=[],
         help="comma-separated PIDs: report their process trees' CPU over the measuring window",
+    )
+    parser.add_argument(
+        "--timeline",
+        type=Path,
+        help="open loop: write every request (due, latency, status) to this JSON file",
     )
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--duration", type=float, default=10.0)

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -50,10 +51,10 @@ def payloads(folder: Path) -> dict[str, Path]:
     return out
 
 
-def serve(models: Path, flags: list[str]):
+def serve(models: Path, flags: list[str], echo: Callable[[str], None] | None = None):
     """A started server whose background XLA compile is over: the compiler takes both cores for
     tens of seconds, and a measurement beside it would see a slower model (and learn its times)."""
-    server = start_server(models, flags)
+    server = start_server(models, flags, echo=echo)
     try:
         wait_for_xla(server)
     except BaseException:
@@ -97,15 +98,21 @@ def capacity(models: Path, payload: Path, flags: list[str]) -> tuple[dict, dict]
         idle = loadgen(
             server, payload, "--mode", "closed", "--concurrency", "1", "--warmup", "1", "--duration", "4"
         )
-        # The best of two concurrencies: on a CPU a full batch of 32 is not always the fastest.
-        closed = ["--mode", "closed", "--warmup", "3", "--duration", "10"]
-        saturated = max(
-            (loadgen(server, payload, *closed, "--concurrency", str(c)) for c in (8, 32)),
-            key=lambda r: r["throughput"],
-        )
+        best = saturated(server, payload)
     finally:
         stop_server(server)
-    return idle, saturated
+    return idle, best
+
+
+def saturated(server, payload: Path, warmup: float = 3.0, duration: float = 10.0) -> dict:
+    """The closed loop, of concurrency 8 and 32, with the higher throughput on a running server.
+
+    The best of two concurrencies: on a CPU a full batch of 32 is not always the fastest."""
+    closed = ["--mode", "closed", "--warmup", str(warmup), "--duration", str(duration)]
+    return max(
+        (loadgen(server, payload, *closed, "--concurrency", str(c)) for c in (8, 32)),
+        key=lambda r: r["throughput"],
+    )
 
 
 def overload_point(models: Path, name: str, payload: Path, args: argparse.Namespace) -> dict:

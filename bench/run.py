@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,8 +62,11 @@ class Server(ServerProcess):
         return prom_text.scrape(self.metrics_url)
 
 
-def start_server(models: Path, extra: list[str], timeout: float = 300.0) -> Server:
-    server = Server(models, extra, env=subprocess_env())
+def start_server(
+    models: Path, extra: list[str], timeout: float = 300.0, echo: Callable[[str], None] | None = None
+) -> Server:
+    """A started `fovea serve` (SERVING); `echo` sees each line of its output as it comes."""
+    server = Server(models, extra, env=subprocess_env(), echo=echo)
     try:
         return server.start(timeout)
     except ServerStartError as exc:

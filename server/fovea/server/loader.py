@@ -28,6 +28,7 @@ import posixpath
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 import numpy as np
 import tensorflow as tf
@@ -41,10 +42,16 @@ from fovea.contract import (
     parse_labels,
 )
 from fovea.server import cpus
+from fovea.server.background import lower_thread_priority, unpaced
 from fovea.server.batch_costs import FasterOf
 from fovea.server.errors import ResourceExhausted
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# How a background model call is run (background.ServingFirst.run, or at once): it returns call().
+Pace = Callable[[Callable[[], T]], T]
 
 XLA_TOLERANCE = 1e-4  # largest difference from the plain signature a compiled size may show
 _TIMED_CALLS = 3  # calls per function and size when choosing between plain and compiled
@@ -65,6 +72,7 @@ def configure_device(gpu_memory_limit_mb: int = 0) -> str:
     gpus = tf.config.list_physical_devices("GPU")
     if not gpus:
         log.info("no GPU found; serving on the CPU")
+        _start_runtime()
         return "CPU"
     try:
         for gpu in gpus:
@@ -82,7 +90,18 @@ def configure_device(gpu_memory_limit_mb: int = 0) -> str:
         ", ".join(g.name for g in gpus),
         f" (memory limit {gpu_memory_limit_mb} MiB)" if gpu_memory_limit_mb > 0 else " (memory growth)",
     )
+    _start_runtime()
     return "GPU"
+
+
+def _start_runtime() -> None:
+    """Start TensorFlow's runtime (its devices and their thread pools) on this thread, now.
+
+    Threads inherit their creator's CPU priority, and the first load runs on the manager's loader
+    thread, which lowers its own (background.py): the pools that serve every request must not be
+    created there.
+    """
+    tf.constant(0).numpy()
 
 
 class GFileStorage:
@@ -164,6 +183,7 @@ class LoadedModel:
         # Batch sizes that were not compiled -> the compiled size they may be padded to (see predict).
         self._padded_to: dict[int, int] = {}
         self._compile_done = threading.Event()
+        self._pace: Pace = unpaced  # how warm-up and the XLA checks run their model calls
         # Batch size -> (plain seconds, compiled seconds) as timed at warm-up.
         self.xla_timings: dict[int, tuple[float, float]] = {}
         self._loaded = tf.saved_model.load(path)
@@ -265,12 +285,17 @@ class LoadedModel:
         with _out_of_memory("resizing an image"):
             return fn(tf.constant(image)).numpy()
 
-    def warm_up(self, batch_sizes: Sequence[int]) -> None:
-        """Run every batch size and every preprocessing path once, so the first request is not slow."""
+    def warm_up(self, batch_sizes: Sequence[int], pace: Pace = unpaced) -> None:
+        """Run every batch size and every preprocessing path once, so the first request is not slow.
+
+        Every model call, here and in the background XLA compile, goes through `pace`
+        (background.ServingFirst during a hot reload), so the serving version keeps the cores first.
+        """
+        self._pace = pace
         h, w = self.metadata.input_height, self.metadata.input_width
         for size in sorted({*batch_sizes, *self.xla_sizes}):
             batch = np.zeros((size, h, w, 3), np.uint8)
-            out = self.predict(batch)
+            out = pace(lambda batch=batch: self.predict(batch))
             if out.shape != (size, self.num_classes):
                 raise ValueError(
                     f"signature returned shape {out.shape} for a batch of {size}; expected "
@@ -280,9 +305,7 @@ class LoadedModel:
                 # Timed on a second call (the first one builds the graph): the batcher starts its
                 # learned compute times from these, so admission and batching know the model's
                 # costs from the first request.
-                start = time.perf_counter()
-                self.predict(batch)
-                self.warmup_seconds[size] = time.perf_counter() - start
+                self.warmup_seconds[size] = pace(lambda batch=batch: _timed(self.predict, batch))
         if self.xla_sizes:
             threading.Thread(target=self._compile_logged, name="fovea-xla", daemon=True).start()
         else:
@@ -298,6 +321,9 @@ class LoadedModel:
         return self._compile_done.wait(timeout)
 
     def _compile_logged(self) -> None:
+        # The compiler is CPU work of its own thread (and the threads it starts): lowest priority, so
+        # a version being compiled during a hot reload leaves the cores to the one serving.
+        lower_thread_priority()
         try:
             self._compile(self.xla_sizes)
         except Exception as exc:
@@ -338,7 +364,9 @@ class LoadedModel:
             return fn, fn(tf.constant(samples[size])).numpy()  # the first call compiles
 
         start = time.perf_counter()
-        with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="fovea-xla") as pool:
+        with concurrent.futures.ThreadPoolExecutor(
+            2, thread_name_prefix="fovea-xla", initializer=lower_thread_priority
+        ) as pool:
             built = dict(zip(batch_sizes, pool.map(build, batch_sizes), strict=True))
         compile_s = time.perf_counter() - start
         if self._signature is None:
@@ -348,19 +376,21 @@ class LoadedModel:
                 return  # released meanwhile
             self._built[size] = _unbound(fn, fn, tf.constant(samples[size]))
             images = samples[size]
-            want = self.predict_plain(images)
+            want = self._pace(lambda images=images: self.predict_plain(images))
             difference = float(np.max(np.abs(got - want)))
             if difference > XLA_TOLERANCE:
                 log.warning(
                     "XLA: batch %d differs from the signature by %.2g; serving it plain", size, difference
                 )
                 continue
-            plain_s, compiled_s = _best_times(self.predict_plain, self.predict_compiled, images)
+            plain_s, compiled_s = _best_times(self.predict_plain, self.predict_compiled, images, self._pace)
             self.xla_timings[size] = (plain_s, compiled_s)
             self._choices[size] = FasterOf(plain_s, compiled_s)
         self._choose_padding()
         log.info(
-            "XLA: compiled %d sizes in %.1fs; serving %s compiled (%s)",
+            "%s version %d: XLA: compiled %d sizes in %.1fs; serving %s compiled (%s)",
+            self.metadata.name,
+            self.metadata.version,
             len(built),
             compile_s,
             self.compiled_sizes or "none",
@@ -442,17 +472,24 @@ def load(path: str, name: str, version: int, *, xla_sizes: Sequence[int] = ()) -
 
 
 def _best_times(
-    a: Callable[[np.ndarray], object], b: Callable[[np.ndarray], object], arg: np.ndarray
+    a: Callable[[np.ndarray], object],
+    b: Callable[[np.ndarray], object],
+    arg: np.ndarray,
+    pace: Pace = unpaced,
 ) -> tuple[float, float]:
     """The best of a few calls of each, alternating, so that other work on the machine (requests
-    being served meanwhile) slows both alike."""
+    being served meanwhile) slows both alike; each call timed on its own, not its wait in `pace`."""
     best = [float("inf"), float("inf")]
     for _ in range(_TIMED_CALLS):
         for i, call in enumerate((a, b)):
-            start = time.perf_counter()
-            call(arg)
-            best[i] = min(best[i], time.perf_counter() - start)
+            best[i] = min(best[i], pace(lambda call=call: _timed(call, arg)))
     return best[0], best[1]
+
+
+def _timed(call: Callable[[np.ndarray], object], arg: np.ndarray) -> float:
+    start = time.perf_counter()
+    call(arg)
+    return time.perf_counter() - start
 
 
 def _resize(image: tf.Tensor, height: int, width: int) -> tf.Tensor:

@@ -19,6 +19,7 @@ import posixpath
 import time
 from collections.abc import Callable
 
+from fovea.server.background import ServingFirst, lower_thread_priority
 from fovea.server.batcher import warmup_sizes
 from fovea.server.config import Settings
 from fovea.server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, clip
@@ -84,8 +85,11 @@ class ModelManager:
         self._nothing_said: tuple[str, float] | None = None  # the last "nothing found" line, and when
         self.rollouts = Rollouts(metrics.rollout_file_errors)
         # TF loads run on their own thread so a slow load never competes with the serving threads'
-        # event loop; one at a time keeps memory peaks to one extra model.
-        self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fovea-loader")
+        # event loop; one at a time keeps memory peaks to one extra model. At the lowest CPU
+        # priority: during a hot reload the version serving keeps the cores.
+        self._loader = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="fovea-loader", initializer=lower_thread_priority
+        )
         # Decoding and resizing, shared by every version.
         threads = settings.decode_threads()
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="fovea-preprocess")
@@ -144,6 +148,13 @@ class ModelManager:
 
     def loaded_versions(self, name: str) -> list[int]:
         return sorted(self._models.get(name, {}))
+
+    def serving_busy(self) -> bool:
+        """Whether a loaded version has work queued, being decoded or computing.
+
+        Called from the loader's threads: it only reads, and list() copies each map in one step.
+        """
+        return any(v.busy() for versions in list(self._models.values()) for v in list(versions.values()))
 
     def loaded(self) -> list[ServedVersion]:
         """Every serving version, by name then version."""
@@ -455,13 +466,16 @@ class ModelManager:
         loop = asyncio.get_running_loop()
         s = self._settings
         sizes = warmup_sizes(s.max_batch_size, s.allowed_batch_sizes)
+        log.info("loading %s version %d from %s", name, version, path)
+        # Warm-up batches (and the XLA checks after it) wait for the serving versions' turn.
+        pace = ServingFirst(self.serving_busy)
         try:
             start = time.monotonic()
             model = await loop.run_in_executor(self._loader, self._load_model, path, name, version)
             loaded = time.monotonic()
             self._metrics.load_duration.labels(name).observe(loaded - start)
             if s.warmup:
-                await loop.run_in_executor(self._loader, model.warm_up, sizes)
+                await loop.run_in_executor(self._loader, model.warm_up, sizes, pace.run)
                 self._metrics.warmup_duration.labels(name).observe(time.monotonic() - loaded)
         except asyncio.CancelledError:
             raise
@@ -499,7 +513,7 @@ class ModelManager:
         self._metrics.model_loads.labels(name).inc()
         self._metrics.version_info.labels(name, str(version)).set(1)
         log.info(
-            "loaded %s version %d (%dx%d, %d classes) in %.2fs%s",
+            "loaded %s version %d (%dx%d, %d classes) in %.2fs%s%s",
             name,
             version,
             model.metadata.input_height,
@@ -507,6 +521,9 @@ class ModelManager:
             len(model.metadata.labels),
             time.monotonic() - start,
             f", warmed batch sizes {sizes}" if s.warmup else ", warm-up off",
+            f" ({pace.waited_s:.2f}s of it waiting for the serving versions' batches)"
+            if pace.waited_s >= 0.01
+            else "",
         )
         return served
 

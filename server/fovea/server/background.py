@@ -1,0 +1,99 @@
+"""Work that must not starve the versions serving traffic: loading, warming and compiling a new one.
+
+A hot reload loads and warms the new version beside the one serving, on the same cores. Two tools keep
+that work behind the serving one, and neither is a constant tuned to one machine:
+
+- `lower_thread_priority()` puts the calling thread at the lowest CPU priority (Linux, where each
+  thread has its own nice value, and threads it starts inherit it), for work that runs on its own
+  thread: the SavedModel load and the XLA compiler.
+- `ServingFirst` paces the model calls such work makes (warm-up batches, XLA checks and timings). Those
+  run on TensorFlow's shared thread pools, where no thread priority reaches them, so each waits while a
+  serving version is busy, for at most what the previous such call took: below saturation they run in
+  the gaps between batches; on a saturated server they still get about half the time, so a new
+  version always comes up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+LOWEST_PRIORITY = 19  # the highest nice value: the CPU goes to anything else that wants it first
+
+
+def lower_thread_priority() -> bool:
+    """Give the calling thread the lowest CPU priority; True if it now has it.
+
+    Linux keeps a nice value per thread (setpriority on the thread's id), so this touches no other
+    thread; elsewhere the call would renice the whole process, so it does nothing.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    tid = threading.get_native_id()
+    try:
+        if os.getpriority(os.PRIO_PROCESS, tid) < LOWEST_PRIORITY:
+            os.setpriority(os.PRIO_PROCESS, tid, LOWEST_PRIORITY)
+    except OSError as exc:  # a sandbox that forbids it: the work still runs, at normal priority
+        log.debug("could not lower the priority of thread %d: %s", tid, exc)
+        return False
+    return True
+
+
+class ServingFirst:
+    """Runs background model calls one by one, each after the serving versions have had their turn.
+
+    `busy()` says whether any serving version has work queued, being decoded or computing (called from
+    the background thread: it must only read). `run(call)` waits while it is busy, for at most the
+    previous call's duration, then runs `call` and times it. The first call does not wait (nothing
+    says yet what such a call costs; warm-up starts with its smallest batch).
+    """
+
+    def __init__(
+        self,
+        busy: Callable[[], bool],
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._busy = busy
+        self._clock = clock
+        self._sleep = sleep
+        self._last_cost = 0.0
+        self._lock = threading.Lock()  # the warm-up and the XLA thread may share one pacer
+        self.waited_s = 0.0  # total time calls spent waiting (for the log and the tests)
+
+    def wait(self) -> float:
+        """Block while a serving version is busy, at most the previous call's duration; seconds waited."""
+        limit = self._last_cost
+        start = self._clock()
+        while self._busy():
+            waited = self._clock() - start
+            if waited >= limit:
+                break
+            # Poll often against the calls' own length: an idle gap between batches is short.
+            self._sleep(min(limit - waited, max(limit / 50, 1e-4)))
+        waited = self._clock() - start
+        self.waited_s += waited
+        return waited
+
+    def run(self, call: Callable[[], T]) -> T:
+        with self._lock:
+            self.wait()
+            start = self._clock()
+            try:
+                return call()
+            finally:
+                self._last_cost = self._clock() - start
+
+
+def unpaced(call: Callable[[], T]) -> T:
+    """The pacer of a load with nothing else serving (a first start, or a test): run at once."""
+    return call()

@@ -1,0 +1,130 @@
+"""A new version's load, warm-up and XLA compile stay behind the version serving (background.py).
+
+ServingFirst runs on a fake clock here, so what it waits for is exact; the manager test uses fake
+models (no TensorFlow) and checks the order of events, never a duration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import sys
+import threading
+import time
+from typing import ClassVar
+
+import numpy as np
+import pytest
+from fovea.server.background import LOWEST_PRIORITY, ServingFirst, lower_thread_priority
+from test_server_faults import FakeModel, FakeStorage, manager
+
+
+class FakeTime:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_a_background_call_waits_while_serving_is_busy_for_at_most_its_last_cost() -> None:
+    t = FakeTime()
+    busy_until = [math.inf]
+    pace = ServingFirst(lambda: t.now < busy_until[0], t.clock, t.sleep)
+    started: list[float] = []
+
+    def call(cost: float):
+        def run() -> float:
+            started.append(t.now)
+            t.sleep(cost)
+            return cost
+
+        return run
+
+    assert pace.run(call(0.2)) == 0.2
+    assert started == [0.0]  # the first call: its cost is unknown, it runs at once
+    busy_until[0] = t.now + 0.05  # serving finishes its batch 50 ms from now
+    pace.run(call(0.1))
+    assert 0.25 <= started[1] <= 0.25 + 0.2 / 50 + 1e-9  # it waited for that, and not longer
+    # Saturated (busy for ever): it waits the previous call's cost, 100 ms, then runs anyway.
+    busy_until[0] = math.inf
+    before = t.now
+    pace.run(call(0.1))
+    assert started[2] == pytest.approx(before + 0.1)
+    busy_until[0] = 0.0  # idle: at once
+    before = t.now
+    pace.run(call(0.1))
+    assert started[3] == before
+    assert pace.waited_s == pytest.approx((started[1] - 0.2) + 0.1)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+def test_lowering_a_thread_leaves_the_others_alone() -> None:
+    seen: dict[str, int] = {}
+
+    def background() -> None:
+        seen["lowered"] = lower_thread_priority()
+        seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    main_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    thread = threading.Thread(target=background)
+    thread.start()
+    thread.join()
+    if not seen["lowered"]:
+        pytest.skip("this sandbox forbids setpriority on a thread")
+    assert seen["nice"] == LOWEST_PRIORITY
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_nice
+
+
+class BlockingModel(FakeModel):
+    """Version 1: its model call holds until `go` is set, so its batcher is busy meanwhile."""
+
+    go = threading.Event()
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        self.go.wait(30)
+        return super().predict(images)
+
+
+class WarmingModel(FakeModel):
+    """Version 2: two warm-up calls. The first lasts a second and ends by releasing version 1's
+    call; the second notes whether version 1 was still busy when it ran."""
+
+    busy_at_second_call: ClassVar[list[bool]] = []
+    serving_busy = staticmethod(lambda: False)
+
+    def warm_up(self, batch_sizes, pace) -> None:
+        def first() -> None:
+            time.sleep(1.0)
+            BlockingModel.go.set()
+
+        pace(first)
+        pace(lambda: self.busy_at_second_call.append(self.serving_busy()))
+
+
+async def test_warm_up_waits_while_the_serving_version_computes() -> None:
+    storage = FakeStorage({"m": [1]})
+    mgr, _, _ = manager(storage)
+    models = {1: BlockingModel, 2: WarmingModel}
+    mgr._load_model = lambda path, name, version: models[version](name, version)
+    WarmingModel.serving_busy = staticmethod(mgr.serving_busy)
+    await mgr.poll_once()
+    v1 = mgr.lookup("m", 1)
+    computing = asyncio.create_task(v1.infer([np.zeros((2, 2, 3), np.uint8)]))
+    for _ in range(500):
+        if mgr.serving_busy():
+            break
+        await asyncio.sleep(0.01)
+    assert mgr.serving_busy()
+    storage.models["m"] = [1, 2]
+    await mgr.poll_once()  # loads and warms version 2 while version 1 computes
+    await computing
+    assert mgr.loaded_versions("m") == [2]
+    # Without the pacing the second call ran right after the first, with version 1 still busy.
+    assert WarmingModel.busy_at_second_call == [False]
+    assert not mgr.serving_busy()
+    await mgr.close()
