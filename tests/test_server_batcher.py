@@ -701,30 +701,3 @@ def test_low_priority_work_yields_to_another_batchers_live_work() -> None:
         await shadow.close()
 
     _virtual(main)
-
-
-async def test_a_lone_tiny_request_computes_in_its_callers_task() -> None:
-    # At an idle batcher a known-tiny batch runs within the submit itself, never handed to the batcher's
-    # task and back: the coroutine finishes at its first step, without yielding to the event loop.
-    model = TimedModel(lambda n: 0.0)
-    b = Batcher(model, max_batch_size=8, clock=model.clock, inline_below_s=0.5)
-    await b.submit(rows(0))  # on the worker: nothing learned yet
-    timings: list = []
-    step = b.submit(rows(3), timings=timings).__await__()
-    with pytest.raises(StopIteration) as done:
-        next(step)
-    assert values(done.value.value) == [30]
-    assert b.inline_batches == 1 and timings[0].batch_images == 1
-    # A deadline already passed is refused on that path too, and the model never sees the row.
-    with pytest.raises(DeadlineExceeded):
-        await b.submit(rows(4), deadline=model.clock() - 1.0)
-    assert model.sizes == [1, 1]
-    # Not while another caller's rows are queued or being decoded: they share the next batch.
-    with b.admit(1) as place:
-        waiting = asyncio.ensure_future(b.submit(rows(5)))
-        await asyncio.sleep(0)
-        assert not waiting.done()
-        assert values(await b.submit(rows(6), place=place)) == [60]
-    assert values(await waiting) == [50]
-    assert model.sizes == [1, 1, 2]
-    await b.close()

@@ -32,13 +32,13 @@ from dataclasses import dataclass
 import numpy as np
 from fovea.server import batch_formation
 from fovea.server.batch_admission import MAX_QUEUE_BATCHES, Admission, Ticket
-from fovea.server.batch_costs import Ewma, ModelCosts
+from fovea.server.batch_costs import ModelCosts
 from fovea.server.batch_formation import FORMATIONS, NO_WAIT, LastBatch, ReturnWatch, Target
 from fovea.server.errors import DeadlineExceeded, Unavailable
 
 __all__ = [
     "FORMATIONS",
-    "INLINE_HOPS",
+    "INLINE_BELOW_S",
     "MAX_QUEUE_BATCHES",
     "BatchTiming",
     "Batcher",
@@ -115,12 +115,15 @@ class _Queue(collections.deque[_Item]):
     rows: int = 0
 
 
-# A batch with nothing queued behind it and no other batch running computes on the event loop itself
-# while its learned time is below this many hops to a worker thread and back (a submit, a self-pipe
-# write, two context switches; learned from the batches that took it): the hop would then cost more
-# than a tenth of the call. A ratio, so it holds at any speed: a tiny model's 0.3-1.4 ms call on a
-# loaded CPU stays on the loop, a 200 ms ResNet50 batch goes to the worker.
-INLINE_HOPS = 10
+# A batch expected to compute faster than this, with nothing queued behind it and no other batch
+# running, runs on the event loop itself: the hop to a worker thread and back (a submit, a self-pipe
+# write, two context switches) costs about as much as a tiny model's whole call. A fixed bound, on
+# purpose: a bound learned as ten measured hops (the hop timed on the batches that took it) took in
+# the event loop's own delay under load, grew to about 5 ms at 64 callers, and let a 40 ms ResNet50
+# batch of 1 run on the loop, which then took no request in while it computed: every batch stayed
+# at 1 (interleaved run, XLA on: mean batch 1.0 at 16 and 64 callers, 18 img/s against `--no-xla`'s
+# 57). Work that blocks the loop must stay far below any request's round trip; 1 ms does on any host.
+INLINE_BELOW_S = 0.001
 
 
 async def _rows_of(futures: list[asyncio.Future]) -> list:
@@ -174,7 +177,7 @@ class Batcher:
         max_queue_wait_s: float = 0.0,
         max_queue_batches: float = MAX_QUEUE_BATCHES,
         formation: str = "adaptive",
-        inline_below_s: float | None = None,  # a fixed bound instead of INLINE_HOPS (0: never)
+        inline_below_s: float = INLINE_BELOW_S,  # 0: never
         executor: concurrent.futures.Executor | None = None,
         stats: BatcherStats | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -191,7 +194,6 @@ class Batcher:
             raise ValueError(f"formation must be one of {FORMATIONS}")
         self.formation = formation
         self.inline_below_s = inline_below_s
-        self._hop = Ewma()  # seconds of the hand-over to a worker thread and back, beyond the compute
         self._stats = stats or BatcherStats()
         self._clock = clock
         self.name = name
@@ -330,10 +332,7 @@ class Batcher:
             if timings is not None:
                 timing = BatchTiming(now)
                 timings.append(timing)
-            item = _Item(chunk, fut, deadline, now, timing)
-            if len(chunks) == 1 and self._runs_now(len(chunk)):
-                return await self._run_now(item)
-            self._queue.append(item)
+            self._queue.append(_Item(chunk, fut, deadline, now, timing))
             self._queue.rows += len(chunk)
             futures.append(fut)
         self._stats.queue_depth(len(self._queue))
@@ -567,35 +566,7 @@ class Batcher:
         if self._in_flight or self._queue:
             return False
         known = self.costs.known(size)
-        bound = self.inline_below_s
-        if bound is None:
-            bound = INLINE_HOPS * (self._hop.value or 0.0)
-        return known is not None and known < bound
-
-    def _runs_now(self, rows: int) -> bool:
-        """Whether a request may compute in its caller's task: nothing else queued, decoding or
-        computing, a known-tiny batch (`_inline`), and no formation rule that would wait for more."""
-        return (
-            not (self._low or self._admission.admitted_rows or self._slots.locked())
-            and self.batch_timeout_s <= 0
-            and (
-                self._last is None
-                or self.formation == "eager"
-                or self._last.queued + self._last.answered <= rows
-            )
-            and self._inline(self._padded_size(rows))
-        )
-
-    async def _run_now(self, item: _Item) -> list:
-        """Compute a lone request as `_run` would inline, in the caller's task: no hand-over to `_run`
-        and back (two event-loop turns, 0.1-0.2 ms of a tiny model's call: bench/NOTES.md). Never
-        yields."""
-        await self._slots.acquire()  # free (see `_runs_now`): returns at once
-        record = _InFlight(self._padded_size(len(item.rows)))
-        self._in_flight.append(record)
-        self._last = None  # as `_next_batch` does with a batch it takes
-        await self._execute([item], record, inline=True)
-        return item.future.result()
+        return known is not None and known < self.inline_below_s
 
     def _compute(self, batch: list[_Item], record: _InFlight) -> tuple[list[_Item], Sequence, float, float]:
         """Run the model on the batch's live items; return them, the output rows, and when the
@@ -628,12 +599,9 @@ class Batcher:
                     self.inline_batches += 1
                     live, outputs, start, end = self._compute(batch, record)
                 else:
-                    sent, alone = self._clock(), len(self._in_flight) == 1  # alone: it waits for no slot
                     live, outputs, start, end = await asyncio.get_running_loop().run_in_executor(
                         self._executor, self._compute, batch, record
                     )
-                    if alone and live:
-                        self._hop.add(max(0.0, self._clock() - sent - (end - start)))
             finally:
                 self._in_flight.remove(record)
                 self._wakeup.set()  # a slot is free: a batch may form
