@@ -10,10 +10,11 @@ signature as exported, PyTriton serving it XLA-compiled, and MLServer (bench/pee
 each in its own venv, made on first use). They are loaded one at a time, in short windows in a shuffled
 order, by bench/loadgen.py over KServe v2 gRPC (one uint8 image per request, closed loop); within a
 round each concurrency is one block whose contenders run back to back, so the servers a ratio compares
-are measured seconds apart. Between rounds, with every server idle, the in-process ceiling (the better
-of the signature and its XLA-compiled form, at batch min(c, 32), bench/raw.py) is measured in a child
-process. A round's ceiling is the better of the measurements before and after it, so noise from
-anything else on the machine can only make the servers look worse.
+are measured seconds apart. The ceiling (the better of the signature and its XLA-compiled form, at
+batch min(c, 32), in-process) is one more window of each block, at its shuffled place, while every
+server is idle: bench/raw.py --serve keeps the model loaded and compiled in a child process that sits
+idle between its windows. On a host whose speed swings by 2-5x within minutes, a ceiling measured
+between rounds (as this script did before) is minutes from the windows it divides.
 
 Results are per-round ratios (fovea ÷ ceiling, fovea ÷ the best peer) with their median and range.
 Writes interleaved.json (every window), interleaved.md and interleaved.png under --out, merges the key
@@ -146,10 +147,57 @@ def start_contenders(
 # --------------------------------------------------------------------------- measuring
 
 
-def ceiling(version: Path, batches: list[int], seconds: float) -> dict[str, float]:
-    """batch size → img/s of the faster of the plain and the XLA-compiled signature, in a child process."""
-    rows = raw_ceiling(version, batches, seconds)["rows"]
-    return {str(r["batch_size"]): max(r["images_per_s"], r["xla_images_per_s"]) for r in rows}
+CEILING = "ceiling"
+
+
+class Ceiling:
+    """The model in-process, measured on demand (bench/raw.py --serve): loaded and compiled once,
+    idle between its windows, so it takes no CPU from the servers' windows."""
+
+    name = CEILING
+
+    def __init__(self, version: Path, batches: list[int]) -> None:
+        argv = [sys.executable, str(BENCH / "raw.py"), "--model", str(version), "--serve"]
+        argv += ["--batch-sizes", ",".join(map(str, batches))]
+        self.process = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=subprocess_env()
+        )
+        if not self.process.stdout.readline():
+            raise RuntimeError(f"bench/raw.py --serve ended before it was ready (exit {self.process.wait()})")
+
+    def measure(self, batch: int, seconds: float) -> dict:
+        """img/s of the faster of the plain and the XLA-compiled call, `seconds` each, alternating."""
+        self.process.stdin.write(f"{batch} {seconds}\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"bench/raw.py --serve ended (exit {self.process.wait()})")
+        row = json.loads(line)
+        return {**row, "throughput": max(row["images_per_s"], row.get("xla_images_per_s", 0.0))}
+
+    def stop(self) -> None:
+        self.process.stdin.close()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def cpu_steal() -> tuple[int, int]:
+    """(steal, all) jiffies of the whole machine from /proc/stat: the time a virtual machine's host
+    took its CPUs away. (0, 0) where there is no /proc/stat."""
+    try:
+        first = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    except OSError:
+        return 0, 0
+    values = [int(v) for v in first]
+    return (values[7] if len(values) > 7 else 0), sum(values)
+
+
+def steal_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total if total > 0 else 0.0
 
 
 def window(contender: Contender, model: str, payload: Path, c: int, warmup: float, seconds: float) -> dict:
@@ -191,28 +239,27 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
         "rounds": args.rounds,
         "window_s": args.seconds,
         "warmup_s": args.warmup,
+        "ceiling_s": args.ceiling_seconds,
         "machine": machine(),
         "windows": [],
-        "ceilings": [],
         "load_average_1min": [],
     }
     result["fovea_xla"] = {}
     contenders = start_contenders(names, args.venvs, work, models, model, result["fovea_xla"])
-    result["startup_s"] = time.monotonic() - began
+    ceiling: Ceiling | None = None
     try:
-
-        def measure_ceiling(when: str) -> None:
-            log(f"ceiling ({when}), every server idle")
-            result["ceilings"].append(ceiling(models / model / "1", batches, args.ceiling_seconds))
-            result["load_average_1min"].append(os.getloadavg()[0])
-            log("  " + ", ".join(f"batch {b}: {v:.1f} img/s" for b, v in result["ceilings"][-1].items()))
-
-        measure_ceiling("before round 1")
+        ceiling = Ceiling(models / model / "1", batches)
+        result["startup_s"] = time.monotonic() - began
         for round_ in range(args.rounds):
             order = rng.sample(levels, len(levels))
             for c in order:
-                for contender in rng.sample(contenders, len(contenders)):
-                    r = window(contender, model, payload, c, args.warmup, args.seconds)
+                for contender in rng.sample([*contenders, ceiling], len(contenders) + 1):
+                    steal = cpu_steal()
+                    if contender is ceiling:
+                        r = ceiling.measure(min(c, MAX_BATCH), args.ceiling_seconds)
+                    else:
+                        r = window(contender, model, payload, c, args.warmup, args.seconds)
+                    r["steal_share"] = steal_share(steal, cpu_steal())
                     load = os.getloadavg()[0]
                     result["load_average_1min"].append(load)
                     result["windows"].append(
@@ -220,11 +267,18 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
                     )
                     log(
                         f"round {round_ + 1} c={c:<2} {contender.name:<13} {r['throughput']:7.1f} img/s "
-                        f"p50 {r['p50_ms'] or float('nan'):7.1f} ms, errors {r['errors']}"
+                        + (
+                            f"(batch {r['batch_size']}, plain {r['images_per_s']:.1f}"
+                            + (f", XLA {r['xla_images_per_s']:.1f})" if "xla_images_per_s" in r else ")")
+                            if contender is ceiling
+                            else f"p50 {r['p50_ms'] or float('nan'):7.1f} ms, errors {r['errors']}"
+                        )
                         + (f", mean batch {r['mean_batch']:.1f}" if "mean_batch" in r else "")
+                        + f", steal {r['steal_share']:.0%}"
                     )
-            measure_ceiling(f"after round {round_ + 1}")
     finally:
+        if ceiling is not None:
+            ceiling.stop()
         for contender in contenders:
             contender.stop()
     result["took_s"] = time.monotonic() - began
@@ -394,6 +448,9 @@ def summarize(result: dict) -> dict:
             "max": max(result["load_average_1min"]),
         },
     }
+    steal = [w["steal_share"] for w in result["windows"] if "steal_share" in w]
+    if steal:  # the share of CPU time the virtual machine's host took away, per window
+        out["steal_share"] = {"min": min(steal), "max": max(steal)}
     for c in result["levels"]:
         ceilings = round_ceilings(result, c)
         speed = {n: speeds(result, n, c) for n in names}
@@ -424,7 +481,11 @@ def summarize(result: dict) -> dict:
 
 
 def round_ceilings(result: dict, c: int) -> list[float]:
-    """Per round, the ceiling at concurrency c: the better of the measurements just before and after it."""
+    """Per round, the ceiling at concurrency c: its window in the round's block. Runs recorded before
+    the ceiling was a window (a list of "ceilings" measured between rounds) use the better of the
+    measurements just before and after the round."""
+    if "ceilings" not in result:
+        return speeds(result, CEILING, c)
     b = str(min(c, MAX_BATCH))
     return [max(result["ceilings"][r][b], result["ceilings"][r + 1][b]) for r in range(result["rounds"])]
 
@@ -514,11 +575,18 @@ def plot(result: dict, summary: dict, out: Path) -> None:
 def docs_section(result: dict, summary: dict, out: Path, docs: Path) -> str:
     rel = os.path.relpath(out, docs.parent)
     load = summary["load_average_1min"]
+    swing = ", ".join(
+        f"{min(v):.0f}-{max(v):.0f} at batch {min(c, MAX_BATCH)}"
+        for c in result["levels"]
+        for v in [round_ceilings(result, c)]
+    )
+    steal = summary.get("steal_share")
     shared = (
-        f"The host was shared: other agents' jobs ran beside this one (1-minute load average "
-        f"{load['min']:.1f} to {load['max']:.1f} on 2 cores, sampled after every window and ceiling), "
-        "which is why the ranges are wide; interleaving puts that noise on every contender alike, "
-        "and on the ceiling."
+        f"1-minute load average {load['min']:.1f} to {load['max']:.1f} on 2 cores (sampled after every "
+        "window)"
+        + (f", CPU steal {steal['min']:.0%} to {steal['max']:.0%} of a window" if steal else "")
+        + f". The ceiling itself moved over the run ({swing} img/s): the host's speed changes within "
+        "minutes, which is why every ratio pairs windows of the same block."
     )
     return f"""## Interleaved: fovea, the peers and the ceiling in one run ({summary["model"]})
 
@@ -530,11 +598,9 @@ Every contender was up at once; they were loaded one at a time, in shuffled
 {result["rounds"]} rounds, each round a shuffled order of the concurrencies with the contenders in a
 shuffled order within each, all driven by `bench/loadgen.py` over KServe v2 gRPC (closed loop). The
 ceiling (the model in-process, the better of its signature and the XLA-compiled signature, at batch
-min(c, {MAX_BATCH})) was measured in a child process between rounds while every server was idle; a
-round's ceiling is the better of the measurements before and after it. **The ratios are interleaved:**
-medians (and ranges) of per-round ratios; fovea ÷ best peer compares windows of the same concurrency
-block ({len(result["contenders"])} windows back to back), fovea ÷ ceiling a window with the ceilings
-measured at its round's ends ({len(result["levels"])} such blocks per round).
+min(c, {MAX_BATCH})) {_ceiling_how(result)} **The ratios are interleaved:** medians (and ranges) of
+per-round ratios; fovea ÷ best peer and fovea ÷ ceiling compare windows of the same concurrency block
+({len(result["contenders"]) + ("ceilings" not in result)} windows back to back).
 {shared}{_xla_note(result)}
 
 Images/s, median of the rounds (range in brackets):
@@ -547,6 +613,19 @@ defaults. Errors (any non-OK answer) over the whole run: {_errors(summary, resul
 
 ![interleaved]({rel}/interleaved.png)
 """
+
+
+def _ceiling_how(result: dict) -> str:
+    if "ceilings" in result:  # a run recorded before the ceiling was a window
+        return (
+            "was measured in a child process between rounds while every server was idle; a round's "
+            "ceiling is the better of the measurements before and after it."
+        )
+    return (
+        "was one more window of each block, at its shuffled place, while every server was idle "
+        f"({result.get('ceiling_s', 2.0):g} s for each of the two calls, alternating; bench/raw.py "
+        "--serve keeps the model loaded and compiled in a child process, idle between its windows)."
+    )
 
 
 def _xla_note(result: dict) -> str:
@@ -593,9 +672,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, help="default 3 (quick: 1)")
     parser.add_argument("--seconds", type=float, help="measuring time per window; default 6 (quick: 2)")
     parser.add_argument("--warmup", type=float, help="warm-up per window; default 2 (quick: 0.5)")
-    parser.add_argument(
-        "--ceiling-seconds", type=float, help="per batch size and kind; default 2 (quick: 0.5)"
-    )
+    parser.add_argument("--ceiling-seconds", type=float, help="per window and kind; default 3 (quick: 1)")
     parser.add_argument("--seed", type=int, default=0, help="of the shuffled order")
     parser.add_argument("--venvs", type=Path, default=Path("/work"), help="where venv-<peer> live")
     parser.add_argument("--out", type=Path, default=BENCH / "results")
@@ -617,7 +694,7 @@ def main() -> int:
         "rounds": (5, 1) if args.overhead else (3, 1),
         "seconds": (3.0, 1.0) if args.overhead else (6.0, 2.0),
         "warmup": (1.0, 0.5) if args.overhead else (2.0, 0.5),
-        "ceiling_seconds": (2.0, 0.5),
+        "ceiling_seconds": (3.0, 1.0),
     }
     for key, (full, quick) in quick_defaults.items():
         if getattr(args, key) is None:

@@ -120,3 +120,52 @@ def test_run_py_rewrite_keeps_the_interleaved_section(tmp_path: Path) -> None:
         < both.index("## Other")
     )
     assert keep_sections(both, "# B\n\n## Other\n").count("generated, do not edit") == 2
+
+
+def test_a_ceiling_window_in_each_block_is_what_that_blocks_ratios_divide_by(
+    tmp_path: Path, fovea_env
+) -> None:
+    run = made_up_run()
+    del run["ceilings"]  # today's runs measure the ceiling as one more window of each block
+    run["ceiling_s"] = 3.0
+    ceiling = {1: (100.0, 50.0), 4: (400.0, 100.0)}  # a host that slows to half between rounds, and more
+    run["windows"] += [
+        {
+            "round": r,
+            "contender": "ceiling",
+            "level": c,
+            "load_1min": 1.0,
+            "throughput": v[r],
+            "batch_size": c,
+        }
+        for c, v in ceiling.items()
+        for r in (0, 1)
+    ]
+    for i, w in enumerate(run["windows"]):
+        w["steal_share"] = i / 100
+    out, docs = tmp_path / "results", tmp_path / "benchmarks.md"
+    out.mkdir()
+    (out / "interleaved.json").write_text(json.dumps(run))
+    docs.write_text("# Benchmarks\n")
+    argv = [
+        sys.executable,
+        str(ROOT / "bench" / "interleaved.py"),
+        "--render",
+        "--out",
+        str(out),
+        "--docs",
+        str(docs),
+    ]
+    done = subprocess.run(argv, env=fovea_env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+    summary = json.loads((out / "summary.json").read_text())["interleaved"]
+    # Each round's fovea window over the same round's ceiling window: 90/100 and 60/50 at c=1.
+    assert summary["1"]["over_ceiling"]["rounds"] == [0.9, 1.2]
+    assert summary["4"]["over_ceiling"]["rounds"] == [0.5, 1.5]
+    assert summary["4"]["ceiling"] == 250.0
+    assert summary["steal_share"] == {"min": 0.0, "max": (len(run["windows"]) - 1) / 100}
+    text = docs.read_text()
+    assert (
+        "one more window of each block" in text and "50-100 at batch 1" in text and "CPU steal 0% to" in text
+    )
