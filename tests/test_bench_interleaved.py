@@ -60,12 +60,9 @@ def made_up_run() -> dict:
     }
 
 
-def test_render_gives_per_round_ratios_and_keeps_other_outputs(tmp_path: Path, fovea_env) -> None:
-    out, docs = tmp_path / "results", tmp_path / "benchmarks.md"
-    out.mkdir()
-    (out / "interleaved.json").write_text(json.dumps(made_up_run()))
-    (out / "summary.json").write_text(json.dumps({"efficiency": 0.5, "tiny": {"p50_ms_c1": 1.4}}))
-    docs.write_text("# Benchmarks\n\nIntro.\n\n## Against the model's own speed\n\nrun.py's table\n")
+def render(run: dict, out: Path, docs: Path, env: dict) -> None:
+    """`interleaved.py --render` of a made-up run into `out` and `docs`."""
+    (out / "interleaved.json").write_text(json.dumps(run))
     argv = [
         sys.executable,
         str(ROOT / "bench" / "interleaved.py"),
@@ -75,9 +72,17 @@ def test_render_gives_per_round_ratios_and_keeps_other_outputs(tmp_path: Path, f
         "--docs",
         str(docs),
     ]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+def test_render_gives_per_round_ratios_and_keeps_other_outputs(tmp_path: Path, fovea_env) -> None:
+    out, docs = tmp_path / "results", tmp_path / "benchmarks.md"
+    out.mkdir()
+    (out / "summary.json").write_text(json.dumps({"efficiency": 0.5, "tiny": {"p50_ms_c1": 1.4}}))
+    docs.write_text("# Benchmarks\n\nIntro.\n\n## Against the model's own speed\n\nrun.py's table\n")
     for _ in range(2):  # a second render replaces the section instead of adding another
-        run = subprocess.run(argv, env=fovea_env, capture_output=True, text=True, timeout=120)
-        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+        render(made_up_run(), out, docs, fovea_env)
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["efficiency"] == 0.5 and summary["tiny"] == {"p50_ms_c1": 1.4}
@@ -145,19 +150,8 @@ def test_a_ceiling_window_in_each_block_is_what_that_blocks_ratios_divide_by(
         w["steal_share"] = i / 100
     out, docs = tmp_path / "results", tmp_path / "benchmarks.md"
     out.mkdir()
-    (out / "interleaved.json").write_text(json.dumps(run))
     docs.write_text("# Benchmarks\n")
-    argv = [
-        sys.executable,
-        str(ROOT / "bench" / "interleaved.py"),
-        "--render",
-        "--out",
-        str(out),
-        "--docs",
-        str(docs),
-    ]
-    done = subprocess.run(argv, env=fovea_env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    render(run, out, docs, fovea_env)
 
     summary = json.loads((out / "summary.json").read_text())["interleaved"]
     # Each round's fovea window over the same round's ceiling window: 90/100 and 60/50 at c=1.
