@@ -413,6 +413,10 @@ class Core:
         """Every model on storage or loaded, with its loaded versions."""
         return [ModelStatus(n, v, r, self._manager.labels(n)) for n, v, r in self._manager.status()]
 
+    def knows(self, name: str) -> bool:
+        """Whether `name` is one of `list_models`' names (cheap: protocol adapters ask per request)."""
+        return self._manager.knows(name)
+
     def model_ready(self, name: str = "", version: int = 0, label: str = "") -> bool:
         """Whether a spec resolves to a serving version now (never raises; False while draining)."""
         if self.draining:

@@ -160,6 +160,10 @@ class ModelManager:
         """Every serving version, by name then version."""
         return [self._models[n][v] for n in sorted(self._models) for v in sorted(self._models[n])]
 
+    def knows(self, name: str) -> bool:
+        """Whether `name` is a model on storage or loaded (`status` without building it)."""
+        return name in self._models or name in self._known
+
     def status(self) -> list[tuple[str, list[int], bool]]:
         """(name, loaded versions, ready) of every model on storage or loaded."""
         names = sorted(set(self._known) | set(self._models))

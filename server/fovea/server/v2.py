@@ -177,11 +177,11 @@ class V2:
         """A v2 model name -> (fovea model name, whether it is the encoded-bytes variant)."""
         if not name:
             raise InvalidArgument("the model name is empty; name one of this server's models")
-        served = {m.name for m in self._core.list_models()}
-        if name in served:
+        if self._core.knows(name):
             return name, False
-        if name.endswith(ENCODED_SUFFIX) and name[: -len(ENCODED_SUFFIX)] in served:
+        if name.endswith(ENCODED_SUFFIX) and self._core.knows(name[: -len(ENCODED_SUFFIX)]):
             return name[: -len(ENCODED_SUFFIX)], True
+        served = {m.name for m in self._core.list_models()}  # for the message only: it builds every status
         names = ", ".join(n for m in sorted(served) for n in (m, m + ENCODED_SUFFIX)) or "(none)"
         raise NotFound(f"model {_cut(name)!r} is not served; served models: {names}")
 
