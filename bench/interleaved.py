@@ -470,6 +470,16 @@ def summarize(result: dict) -> dict:
             if peer_names:
                 best = [max(speed[n][r] for n in peer_names) for r in range(rounds)]
                 entry["over_best_peer"] = spread([f / p for f, p in zip(speed["fovea"], best, strict=True)])
+            if "steal_share" in out and "ceilings" not in result:
+                # The host took 1% to 40% of the CPU from one window to the next (seconds apart):
+                # the same ratio per CPU left, a rough correction for CPU-bound work, shown beside.
+                fovea, cap = speeds(result, "fovea", c, True), speeds(result, CEILING, c, True)
+                entry["over_ceiling_per_cpu"] = spread([f / k for f, k in zip(fovea, cap, strict=True)])
+                if peer_names:
+                    best = [max(speeds(result, n, c, True)[r] for n in peer_names) for r in range(rounds)]
+                    entry["over_best_peer_per_cpu"] = spread(
+                        [f / p for f, p in zip(fovea, best, strict=True)]
+                    )
         entry["errors"] = errors
         fovea_batches = [
             w["mean_batch"] for w in result["windows"] if _is(w, None, "fovea", c) and "mean_batch" in w
@@ -490,10 +500,15 @@ def round_ceilings(result: dict, c: int) -> list[float]:
     return [max(result["ceilings"][r][b], result["ceilings"][r + 1][b]) for r in range(result["rounds"])]
 
 
-def speeds(result: dict, name: str, c: int) -> list[float]:
-    """Per round, the contender's img/s at concurrency c."""
+def speeds(result: dict, name: str, c: int, per_cpu: bool = False) -> list[float]:
+    """Per round, the contender's img/s at concurrency c; `per_cpu`: per share of the CPU the
+    virtual machine's host left it in that window (img/s ÷ (1 - steal share))."""
     return [
-        next(w["throughput"] for w in result["windows"] if _is(w, r, name, c))
+        next(
+            w["throughput"] / (1.0 - w["steal_share"] if per_cpu else 1.0)
+            for w in result["windows"]
+            if _is(w, r, name, c)
+        )
         for r in range(result["rounds"])
     ]
 
@@ -513,6 +528,18 @@ def table(result: dict, summary: dict) -> str:
         head.append("fovea ÷ ceiling")
     if "over_best_peer" in summary[str(result["levels"][0])]:
         head.append("fovea ÷ best peer")
+    per_cpu = [
+        k
+        for k in ("over_ceiling_per_cpu", "over_best_peer_per_cpu")
+        if k in summary[str(result["levels"][0])]
+    ]
+    head += [
+        {
+            "over_ceiling_per_cpu": "÷ ceiling, per CPU left",
+            "over_best_peer_per_cpu": "÷ best peer, per CPU left",
+        }[k]
+        for k in per_cpu
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for c in result["levels"]:
         e = summary[str(c)]
@@ -523,6 +550,7 @@ def table(result: dict, summary: dict) -> str:
             cells.append(_range(e["over_ceiling"]))
         if "over_best_peer" in e:
             cells.append(_range(e["over_best_peer"]))
+        cells += [_range(e[k]) for k in per_cpu]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -587,6 +615,13 @@ def docs_section(result: dict, summary: dict, out: Path, docs: Path) -> str:
         + (f", CPU steal {steal['min']:.0%} to {steal['max']:.0%} of a window" if steal else "")
         + f". The ceiling itself moved over the run ({swing} img/s): the host's speed changes within "
         "minutes, which is why every ratio pairs windows of the same block."
+        + (
+            ' Where the host took CPU away, the columns "per CPU left" divide each window\'s img/s by '
+            "(1 - its steal share) first: a rough correction for CPU-bound work, shown beside the plain "
+            "ratios, never instead of them."
+            if steal
+            else ""
+        )
     )
     return f"""## Interleaved: fovea, the peers and the ceiling in one run ({summary["model"]})
 
