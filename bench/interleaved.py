@@ -200,6 +200,17 @@ def steal_share(before: tuple[int, int], after: tuple[int, int]) -> float:
     return (after[0] - before[0]) / total if total > 0 else 0.0
 
 
+def describe(r: dict) -> str:
+    """One window's log line after its round, level and contender."""
+    if "batch_size" in r:  # a ceiling window
+        line = f"{r['throughput']:7.1f} img/s (batch {r['batch_size']}, plain {r['images_per_s']:.1f}"
+        line += f", XLA {r['xla_images_per_s']:.1f})" if "xla_images_per_s" in r else ")"
+    else:
+        line = f"{r['throughput']:7.1f} img/s p50 {r['p50_ms'] or float('nan'):7.1f} ms, errors {r['errors']}"
+        line += f", mean batch {r['mean_batch']:.1f}" if "mean_batch" in r else ""
+    return line + f", steal {r['steal_share']:.0%}"
+
+
 def window(contender: Contender, model: str, payload: Path, c: int, warmup: float, seconds: float) -> dict:
     before = contender.server.metrics() if contender.server else None
     r = peers.loadgen(contender.target, model, payload, c, warmup, seconds)
@@ -265,17 +276,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
                     result["windows"].append(
                         {"round": round_, "contender": contender.name, "level": c, "load_1min": load, **r}
                     )
-                    log(
-                        f"round {round_ + 1} c={c:<2} {contender.name:<13} {r['throughput']:7.1f} img/s "
-                        + (
-                            f"(batch {r['batch_size']}, plain {r['images_per_s']:.1f}"
-                            + (f", XLA {r['xla_images_per_s']:.1f})" if "xla_images_per_s" in r else ")")
-                            if contender is ceiling
-                            else f"p50 {r['p50_ms'] or float('nan'):7.1f} ms, errors {r['errors']}"
-                        )
-                        + (f", mean batch {r['mean_batch']:.1f}" if "mean_batch" in r else "")
-                        + f", steal {r['steal_share']:.0%}"
-                    )
+                    log(f"round {round_ + 1} c={c:<2} {contender.name:<13} {describe(r)}")
     finally:
         if ceiling is not None:
             ceiling.stop()
@@ -468,17 +469,17 @@ def summarize(result: dict) -> dict:
         if "fovea" in names:
             entry["over_ceiling"] = entry.pop("fovea_over_ceiling")
             if peer_names:
-                best = [max(speed[n][r] for n in peer_names) for r in range(rounds)]
-                entry["over_best_peer"] = spread([f / p for f, p in zip(speed["fovea"], best, strict=True)])
+                entry["over_best_peer"] = over_best_peer(speed["fovea"], [speed[n] for n in peer_names])
             if "steal_share" in out and "ceilings" not in result:
-                # The host took 1% to 40% of the CPU from one window to the next (seconds apart):
-                # the same ratio per CPU left, a rough correction for CPU-bound work, shown beside.
-                fovea, cap = speeds(result, "fovea", c, True), speeds(result, CEILING, c, True)
-                entry["over_ceiling_per_cpu"] = spread([f / k for f, k in zip(fovea, cap, strict=True)])
+                # The host took 0.1-41% of the CPU from one window to the next (seconds apart, one run
+                # of 2026-12-03): the same ratios per CPU left, a rough correction for CPU-bound work.
+                per_cpu = {n: speeds(result, n, c, per_cpu=True) for n in ["fovea", CEILING, *peer_names]}
+                entry["over_ceiling_per_cpu"] = spread(
+                    [f / k for f, k in zip(per_cpu["fovea"], per_cpu[CEILING], strict=True)]
+                )
                 if peer_names:
-                    best = [max(speeds(result, n, c, True)[r] for n in peer_names) for r in range(rounds)]
-                    entry["over_best_peer_per_cpu"] = spread(
-                        [f / p for f, p in zip(fovea, best, strict=True)]
+                    entry["over_best_peer_per_cpu"] = over_best_peer(
+                        per_cpu["fovea"], [per_cpu[n] for n in peer_names]
                     )
         entry["errors"] = errors
         fovea_batches = [
@@ -488,6 +489,11 @@ def summarize(result: dict) -> dict:
             entry["fovea_mean_batch"] = statistics.median(fovea_batches)
         out[str(c)] = entry
     return out
+
+
+def over_best_peer(fovea: list[float], peers: list[list[float]]) -> dict:
+    """Per round, fovea over the fastest peer of that round; their median and range."""
+    return spread([f / max(p[r] for p in peers) for r, f in enumerate(fovea)])
 
 
 def round_ceilings(result: dict, c: int) -> list[float]:
