@@ -16,7 +16,13 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
-from fovea.server.background import LOWEST_PRIORITY, ServingFirst, lower_thread_priority
+from fovea.server.background import (
+    BACKGROUND_SWITCH_INTERVAL_S,
+    LOWEST_PRIORITY,
+    ServingFirst,
+    handing_gil_often,
+    lower_thread_priority,
+)
 from test_server_faults import FakeModel, FakeStorage, manager
 
 
@@ -127,4 +133,53 @@ async def test_warm_up_waits_while_the_serving_version_computes() -> None:
     # Without the pacing the second call ran right after the first, with version 1 still busy.
     assert WarmingModel.busy_at_second_call == [False]
     assert not mgr.serving_busy()
+    await mgr.close()
+
+
+def test_background_work_hands_the_gil_over_often_and_restores_the_interval() -> None:
+    before = sys.getswitchinterval()
+    assert before > BACKGROUND_SWITCH_INTERVAL_S  # CPython's 5 ms default, unless a test changed it
+    inside: list[float] = []
+    first_in, second_done = threading.Event(), threading.Event()
+
+    def first() -> None:
+        inside.append(sys.getswitchinterval())
+        first_in.set()
+        second_done.wait(10)
+        inside.append(sys.getswitchinterval())  # the other user left: still lowered for this one
+
+    def second() -> None:
+        first_in.wait(10)
+        handing_gil_often(lambda: inside.append(sys.getswitchinterval()))
+        second_done.set()
+
+    threads = [threading.Thread(target=handing_gil_often, args=(first,)), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert inside == [BACKGROUND_SWITCH_INTERVAL_S] * 3
+    assert sys.getswitchinterval() == before
+    with pytest.raises(ZeroDivisionError):  # restored after a failed load too
+        handing_gil_often(lambda: 1 / 0)
+    assert sys.getswitchinterval() == before
+
+
+async def test_a_load_and_its_warm_up_run_with_the_gil_handed_over_often() -> None:
+    seen: list[float] = []
+
+    class Recording(FakeModel):
+        def warm_up(self, batch_sizes, pace) -> None:
+            seen.append(sys.getswitchinterval())
+
+    def load(path, name, version):
+        seen.append(sys.getswitchinterval())
+        return Recording(name, version)
+
+    mgr, _, _ = manager(FakeStorage({"m": [1]}))
+    mgr._load_model = load
+    await mgr.poll_once()
+    assert mgr.loaded_versions("m") == [1]
+    assert seen == [BACKGROUND_SWITCH_INTERVAL_S] * 2
+    assert sys.getswitchinterval() > BACKGROUND_SWITCH_INTERVAL_S
     await mgr.close()

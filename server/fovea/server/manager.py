@@ -19,7 +19,7 @@ import posixpath
 import time
 from collections.abc import Callable
 
-from fovea.server.background import ServingFirst, lower_thread_priority
+from fovea.server.background import ServingFirst, handing_gil_often, lower_thread_priority
 from fovea.server.batcher import warmup_sizes
 from fovea.server.config import Settings
 from fovea.server.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, clip
@@ -475,11 +475,14 @@ class ModelManager:
         pace = ServingFirst(self.serving_busy)
         try:
             start = time.monotonic()
-            model = await loop.run_in_executor(self._loader, self._load_model, path, name, version)
+            # The GIL handed over often: the load is mostly Python, and the serving threads need it too.
+            model = await loop.run_in_executor(
+                self._loader, handing_gil_often, self._load_model, path, name, version
+            )
             loaded = time.monotonic()
             self._metrics.load_duration.labels(name).observe(loaded - start)
             if s.warmup:
-                await loop.run_in_executor(self._loader, model.warm_up, sizes, pace.run)
+                await loop.run_in_executor(self._loader, handing_gil_often, model.warm_up, sizes, pace.run)
                 self._metrics.warmup_duration.labels(name).observe(time.monotonic() - loaded)
         except asyncio.CancelledError:
             raise
