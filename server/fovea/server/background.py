@@ -14,8 +14,8 @@ that work behind the serving one, and neither is a constant tuned to one machine
 - `handing_gil_often(call, ...)` runs a load with CPython's GIL switch interval lowered: the SavedModel
   load is mostly Python, and a thread that wants the GIL (the event loop, the batch worker) otherwise
   waits up to 5 ms each time before it may ask the loader for it. Measured (bench/load_lag.py, ResNet50
-  at 96 px on a 2-core host): the event loop's p99 lag during a load went from 18 ms to 5 ms, and the
-  load took as long.
+  at 96 px on a 2-core host, two runs): the event loop's p99 lag during a load went from 15-18 ms to
+  5-7 ms, and the load took as long. A single call that keeps the GIL for hundreds of ms stays.
 """
 
 from __future__ import annotations
