@@ -87,9 +87,16 @@ def test_exported_signatures_return_calibrated_probabilities(tmp_path):
     np.testing.assert_allclose(hot_bytes, hot, atol=1e-5)
     meta = read_metadata(str(hot_dir))
     assert meta.calibration["temperature"] == 0.25 and meta.score_threshold == 0.6
-    # The Keras model inside (what a retrain copies from, parent.py) is not the calibrated one.
-    inner = loaded.model(tf.cast(images, tf.float32), training=False).numpy()
-    np.testing.assert_allclose(inner, raw, atol=1e-5)
+    # The weights kept for a retrain (parent.py) are the uncalibrated model's: the same as the raw
+    # export's (in order: Keras numbered the second model's layers on), and no extra variable carries
+    # the temperature.
+    from fovea.trainer.parent import saved_variables
+
+    kept = [v.numpy() for v in saved_variables(loaded)]
+    plain = [v.numpy() for v in saved_variables(tf.saved_model.load(str(raw_dir)))]
+    assert len(kept) == len(plain)
+    for mine, theirs in zip(kept, plain, strict=True):
+        np.testing.assert_array_equal(mine, theirs)
 
 
 def test_confident_disagreement_finds_flipped_labels():

@@ -66,6 +66,42 @@ def test_export_layout_and_signatures(tmp_path: Path) -> None:
     assert export.list_versions(str(tmp_path / "m")) == [1, 2]
 
 
+def _saved_function_names(version: Path) -> list[str]:
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved = saved_model_pb2.SavedModel()
+    saved.ParseFromString((version / contract.SAVED_MODEL_FILE).read_bytes())
+    return [f.signature.name for f in saved.meta_graphs[0].graph_def.library.function]
+
+
+def test_export_keeps_the_variables_by_name_not_the_keras_layers_functions(tmp_path: Path) -> None:
+    """A server loads every function a SavedModel holds: the Keras object would add each layer's call
+    functions (714 for ResNet50), which made a load 10 s instead of 3 and left the old version's
+    garbage for one long collection in a hot swap. A retrain still finds the weights by name, in this
+    format and in the one before it."""
+    from fovea.trainer.parent import saved_variables
+
+    model = build_tiny_model(32)
+    path = Path(
+        export.export_model(
+            model, models_dir=str(tmp_path), name="m", labels=LABELS, input_size=(32, 32), backbone="tiny-cnn"
+        )
+    )
+    names = _saved_function_names(path)
+    assert names and not [n for n in names if "layer_call" in n], names
+    expected = {v.name: v.numpy() for v in model.variables}
+    kept = {v.name: v.numpy() for v in saved_variables(tf.saved_model.load(str(path)))}
+    assert kept.keys() == expected.keys()
+    for name, value in expected.items():
+        np.testing.assert_array_equal(kept[name], value)
+
+    old = tf.Module()  # how versions were exported before: the Keras object on the root
+    old.model = model
+    tf.saved_model.save(old, str(tmp_path / "old"))
+    assert [n for n in _saved_function_names(tmp_path / "old") if "layer_call" in n]
+    assert {v.name for v in saved_variables(tf.saved_model.load(str(tmp_path / "old")))} == expected.keys()
+
+
 def test_list_versions_ignores_temporary_and_odd_names(tmp_path: Path) -> None:
     for name in ["3", "10", ".tmp-abc", "0", "x1", "7"]:
         (tmp_path / name).mkdir()

@@ -146,8 +146,9 @@ def _tiny(tmp_path: Path, data: Path, **extra) -> TrainConfig:
 
 def _published_variables(version: str) -> dict[str, np.ndarray]:
     import tensorflow as tf
+    from fovea.trainer.parent import saved_variables
 
-    return {v.name: v.numpy() for v in tf.saved_model.load(version).model.variables}
+    return {v.name: v.numpy() for v in saved_variables(tf.saved_model.load(version))}
 
 
 @pytest.mark.slow

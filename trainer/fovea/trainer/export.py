@@ -50,11 +50,13 @@ def build_servable(model: Any, height: int, width: int, temperature: float = 1.0
     """Wrap a Keras model (float32 RGB 0..255 in, probabilities out) in the two serving signatures.
 
     A temperature other than 1 is folded in: softmax(log(p) / T), exact temperature scaling since
-    log-softmax is the logits up to a constant. It wraps the export, not the Keras model (`module.model`),
-    so a retrain from this version (parent.py copies `module.model`'s variables) starts uncalibrated.
+    log-softmax is the logits up to a constant. It wraps the export, not the variables, so a retrain
+    from this version (parent.py copies the variables kept under contract.WEIGHTS) starts uncalibrated.
     """
     module = tf.Module()
-    module.model = model  # tracks the variables
+    # Track the variables, not the Keras object (which would save every layer's functions; see
+    # contract.WEIGHTS): the signatures below capture them, and parent.py finds them by name.
+    setattr(module, contract.WEIGHTS, list(model.variables))
     inverse_t = tf.constant(1.0 / temperature, tf.float32)
 
     @tf.function(

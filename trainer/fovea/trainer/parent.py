@@ -34,6 +34,15 @@ def is_published_version(weights: str) -> bool:
     )
 
 
+def saved_variables(loaded: Any) -> list[Any]:
+    """A loaded version's model variables: the list kept under contract.WEIGHTS, or for a version
+    exported before it, the variables of the Keras object kept under contract.MODEL_OBJECT_OLD."""
+    kept = getattr(loaded, contract.WEIGHTS, None)
+    if kept is not None:
+        return list(kept)
+    return list(getattr(loaded, contract.MODEL_OBJECT_OLD).variables)
+
+
 def load_parent(model: Any, version_dir: str, labels: Sequence[str], backbone: str) -> tuple[str, str]:
     """Copy a published version's weights into `model` (built by model.build_model for `labels`).
 
@@ -57,7 +66,7 @@ def load_parent(model: Any, version_dir: str, labels: Sequence[str], backbone: s
     mode = CONTINUE if list(meta.labels) == list(labels) else NEW_HEAD
     # The SavedModel keeps the Keras model's variables with their names ("block1_conv1/kernel:0"),
     # which do not depend on the input size or on which augmentation layers the model has.
-    source = {v.name: v for v in tf.saved_model.load(version_dir).model.variables}
+    source = {v.name: v for v in saved_variables(tf.saved_model.load(version_dir))}
     copied = 0
     for variable in model.variables:
         layer = variable.name.split("/", 1)[0]
