@@ -17,7 +17,7 @@ import grpc
 from aiohttp import web
 from fovea.inference import _pool as inference_pool
 from fovea.inference import grpc_service_pb2_grpc
-from fovea.server import loader, rpc, tfserving, tracing, v2, v2_grpc, v2_http
+from fovea.server import background, loader, rpc, tfserving, tracing, v2, v2_grpc, v2_http
 from fovea.server.batcher import warmup_sizes
 from fovea.server.config import Settings
 from fovea.server.core import Core
@@ -336,6 +336,8 @@ async def serve(settings: Settings) -> int:
         loop.add_signal_handler(sig, stop.set)
     tracing.setup()  # only with OTEL_* set and the otel extra installed
     server = Server(settings)
+    # Before start(), which loads the first version: see freeze_runtime_objects for why not after.
+    background.freeze_runtime_objects()
     await server.start()
     # The one stdout line tests and scripts read to find the bound ports.
     print(format_ports_line(server.port, server.metrics_port, server.http_port), flush=True)

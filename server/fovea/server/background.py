@@ -15,11 +15,20 @@ that work behind the serving one, and neither is a constant tuned to one machine
   load is mostly Python, and a thread that wants the GIL (the event loop, the batch worker) otherwise
   waits up to 5 ms each time before it may ask the loader for it. Measured (bench/load_lag.py, ResNet50
   at 96 px on a 2-core host, two runs): the event loop's p99 lag during a load went from 15-18 ms to
-  5-7 ms, and the load took as long. A single call that keeps the GIL for hundreds of ms stays.
+  5-7 ms, and the load took as long.
+- `freeze_runtime_objects()`, called once before the first version loads, takes what is alive then
+  (TensorFlow's and the server's modules, about 320,000 objects) out of the garbage collector's full
+  collections. The stall that switch interval could not touch was one: a full collection holds the
+  GIL throughout, and the one that frees a released version's cyclic garbage took about 1 s during a
+  swap, most of it scanning objects that never die. With them frozen, and with versions exported
+  without the Keras layers' functions (contract.WEIGHTS), the longest collection in a swap took
+  177-213 ms and the event loop's longest wait 67-75 ms, against 968-1091 and 566-649 ms
+  (bench/load_lag.py, ResNet50 at 96 px, 2-core host, 3 rounds; bench/NOTES.md).
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -80,6 +89,20 @@ def handing_gil_often(call: Callable[..., T], *args: Any) -> T:
             _switch_users -= 1
             if _switch_users == 0:
                 sys.setswitchinterval(_switch_saved)
+
+
+def freeze_runtime_objects() -> int:
+    """Collect, then move every object alive now to the collector's permanent generation; their count.
+
+    Call it once, after the imports and before any version loads: what is alive then lives as long as
+    the process, so it need not be scanned again. A version loaded later stays collectable, which is
+    why this must not run after a load (a frozen version's garbage would never be freed).
+    """
+    gc.collect()
+    gc.freeze()
+    frozen = gc.get_freeze_count()
+    log.debug("%d objects alive at start-up left out of full garbage collections", frozen)
+    return frozen
 
 
 class ServingFirst:
