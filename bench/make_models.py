@@ -54,13 +54,37 @@ def null(size: int):
     return keras.Model(inputs, outputs)
 
 
+def _export_the_keras_object() -> None:
+    """Make export_model save the Keras object on the root, as versions were exported before."""
+    from fovea import contract
+    from fovea.trainer import export
+
+    plain = export.build_servable
+
+    def keras_format(model, *args, **kwargs):
+        module, signatures = plain(model, *args, **kwargs)
+        delattr(module, contract.WEIGHTS)
+        setattr(module, contract.MODEL_OBJECT_OLD, model)
+        return module, signatures
+
+    export.build_servable = keras_format
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="models folder")
     parser.add_argument("--which", default="resnet50,tiny")
+    parser.add_argument(
+        "--keras-format",
+        action="store_true",
+        help="the SavedModel layout before contract.WEIGHTS: the Keras object on the root (bench/load_lag.py)",
+    )
     args = parser.parse_args()
 
     from fovea.trainer.export import export_model
+
+    if args.keras_format:
+        _export_the_keras_object()
 
     builders = {"resnet50": (resnet50, 96), "tiny": (tiny, 32), "null96": (null, 96), "null224": (null, 224)}
     for name in args.which.split(","):

@@ -162,9 +162,17 @@ def load_point(
 # --------------------------------------------------------------------------- orchestration
 
 
-def make_models(models: Path, which: list[str]) -> None:
+def make_models(models: Path, which: list[str], *flags: str) -> None:
     subprocess.run(
-        [sys.executable, str(BENCH / "make_models.py"), "--out", str(models), "--which", ",".join(which)],
+        [
+            sys.executable,
+            str(BENCH / "make_models.py"),
+            "--out",
+            str(models),
+            "--which",
+            ",".join(which),
+            *flags,
+        ],
         env=subprocess_env(),
         check=True,
         capture_output=True,
