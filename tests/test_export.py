@@ -100,6 +100,8 @@ def test_export_keeps_the_variables_by_name_not_the_keras_layers_functions(tmp_p
     tf.saved_model.save(old, str(tmp_path / "old"))
     assert [n for n in _saved_function_names(tmp_path / "old") if "layer_call" in n]
     assert {v.name for v in saved_variables(tf.saved_model.load(str(tmp_path / "old")))} == expected.keys()
+    tf.saved_model.save(tf.Module(), str(tmp_path / "other"))  # another exporter's: nothing to copy
+    assert saved_variables(tf.saved_model.load(str(tmp_path / "other"))) == []
 
 
 def test_list_versions_ignores_temporary_and_odd_names(tmp_path: Path) -> None:

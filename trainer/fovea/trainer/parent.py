@@ -36,11 +36,12 @@ def is_published_version(weights: str) -> bool:
 
 def saved_variables(loaded: Any) -> list[Any]:
     """A loaded version's model variables: the list kept under contract.WEIGHTS, or for a version
-    exported before it, the variables of the Keras object kept under contract.MODEL_OBJECT_OLD."""
+    exported before it, the variables of the Keras object kept under contract.MODEL_OBJECT_OLD; none
+    for a SavedModel with neither (load_parent then says none of its weights fit)."""
     kept = getattr(loaded, contract.WEIGHTS, None)
     if kept is not None:
         return list(kept)
-    return list(getattr(loaded, contract.MODEL_OBJECT_OLD).variables)
+    return list(getattr(getattr(loaded, contract.MODEL_OBJECT_OLD, None), "variables", ()))
 
 
 def load_parent(model: Any, version_dir: str, labels: Sequence[str], backbone: str) -> tuple[str, str]:
