@@ -41,6 +41,27 @@ def made_up_timeline() -> list[tuple[float, float, str]]:
     return records
 
 
+def test_a_swap_with_a_background_compile_gets_a_p99_for_each_part() -> None:
+    """Loading (114-117) at 300 ms, then the XLA compile (117-120) at 200 ms; steady at 100 ms."""
+    records = [(100 + i / 100, 0.3 if 114 <= 100 + i / 100 < 117 else 0.2 if 117 <= 100 + i / 100 < 120 else 0.1, "OK")
+               for i in range(4000)]  # fmt: skip
+    swap = {
+        "version": 2,
+        "publish": 112.0,
+        "load_start": 114.0,
+        "loaded": 117.0,
+        "compiled": 120.0,
+        "done": 120.0,
+    }
+    row = hot_swap.report(records, [swap], STEADY_S, info())["swaps"][0]
+    assert row["loading_p99_ratio"] == pytest.approx(3.0)
+    assert row["compiling_p99_ratio"] == pytest.approx(2.0)
+    assert row["p99_ratio"] == pytest.approx(3.0)
+    plain = {k: v for k, v in swap.items() if k != "compiled"}  # --no-xla: nothing compiles
+    row = hot_swap.report(records, [plain], STEADY_S, info())["swaps"][0]
+    assert row["compiling"] is None and row["compiling_p99_ratio"] is None
+
+
 def info() -> dict:
     return {
         "quick": False,
