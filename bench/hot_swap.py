@@ -150,9 +150,7 @@ def analyse(records: list[tuple[float, float, str]], swaps: list[dict], steady_s
         # different ways (bench/NOTES.md), so each gets its own p99.
         loaded, compiled = swap.get("loaded"), swap.get("compiled")
         loading = window(records, swap["load_start"], loaded) if loaded else None
-        compiling = (
-            window(records, loaded, compiled) if loaded and compiled and compiled > loaded + 1 else None
-        )
+        compiling = window(records, loaded, compiled) if loaded and compiled else None
         rows.append(
             {
                 **swap,

@@ -18,7 +18,8 @@ being replaced, as a server has; the ways, each round in a shuffled order:
   (`background.freeze_runtime_objects`, as `fovea serve` does).
 
 It prints every window and the medians over rounds of the lateness (p50, p99, max, and the sum: the
-serving time the window took away), the load's duration, and the longest full collection in the window (`gc_max_ms`, from gc.callbacks).
+serving time the window took away), the load's duration, and the longest full collection in the
+window (`gc_max_ms`, from gc.callbacks).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ async def _ticker(stop: threading.Event, lags: list[float]) -> None:
 
 
 class FullCollections:
-    """The longest full (generation 2) collection since reset(), from gc.callbacks."""
+    """The longest full (generation 2) collection since it was made, from gc.callbacks."""
 
     def __init__(self) -> None:
         self.longest_s, self._started = 0.0, 0.0
