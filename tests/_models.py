@@ -12,17 +12,20 @@ LABELS = ("circle", "square", "triangle")
 
 
 def build_tiny_model(input_size: int = 32, num_classes: int = len(LABELS), seed: int = 0):
-    """A few convolutions: float32 RGB 0..255 in, softmax out (the export contract's model)."""
+    """A few convolutions: float32 RGB 0..255 in, softmax out (the export contract's model).
+
+    The layers are named, as the trainer names its own: two builds in one process have the same
+    graph, as two trainer runs do."""
     import tf_keras as keras
 
     keras.utils.set_random_seed(seed)
-    inputs = keras.Input((input_size, input_size, 3), dtype="float32")
-    x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0)(inputs)
-    x = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(x)
-    x = keras.layers.Conv2D(16, 3, strides=2, activation="relu")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    outputs = keras.layers.Dense(num_classes, activation="softmax")(x)
-    return keras.Model(inputs, outputs)
+    inputs = keras.Input((input_size, input_size, 3), dtype="float32", name="images")
+    x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="scale")(inputs)
+    x = keras.layers.Conv2D(8, 3, strides=2, activation="relu", name="conv1")(x)
+    x = keras.layers.Conv2D(16, 3, strides=2, activation="relu", name="conv2")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name="tiny")
 
 
 def export_tiny(

@@ -4,6 +4,8 @@ padded to the next compiled size, and --no-xla turns it all off."""
 
 from __future__ import annotations
 
+import gc
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -113,3 +115,51 @@ def test_server_with_xla_compiles_powers_of_two_and_answers_like_without(publish
         finally:
             stop_server(srv)
     np.testing.assert_allclose(answers[0], answers[1], rtol=0, atol=loader.XLA_TOLERANCE)
+
+
+def test_a_retrained_version_runs_the_program_its_predecessor_compiled(tmp_path: Path) -> None:
+    # Same architecture, other weights (a retrain): one graph, so one XLA program, called with each
+    # version's own variables. Other labels make another graph.
+    old_path = export_tiny(tmp_path / "a", "tiny", SIZE, seed=11)
+    new_path = export_tiny(tmp_path / "b", "tiny", SIZE, seed=12)
+    other_path = export_tiny(tmp_path / "c", "tiny", SIZE, labels=("a", "b", "c", "d"), seed=11)
+    old = loader.load(str(old_path), "tiny", 1, xla_sizes=(1, 4))
+    old.warm_up([1, 4])
+    assert old.wait_compiled(120) and sorted(old.xla_timings) == [1, 4]
+    program = old._program
+    traced = dict(program._sizes)
+    # What the old version learns while serving is where the next one starts.
+    old._choices[4].record(1, 0.5)
+    learned = old._choices[4].seconds
+    signature = weakref.ref(old._signature)
+    old.release()
+    del old
+    gc.collect()
+    assert signature() is None  # the shared program keeps no version (nor its weights) alive
+    assert program.timings[4] == learned
+
+    new = loader.load(str(new_path), "tiny", 2, xla_sizes=(1, 4))
+    new.warm_up([1, 4])
+    assert new.wait_compiled(120)
+    assert new._program is program and program._sizes == traced  # nothing traced or compiled again
+    assert new.xla_timings[4] == learned
+    images = np.random.default_rng(2).integers(0, 256, size=(4, SIZE, SIZE, 3), dtype=np.uint8)
+    np.testing.assert_allclose(
+        new.predict_compiled(images), new.predict_plain(images), atol=loader.XLA_TOLERANCE
+    )
+    # The weights are the new version's own: the old version's answers differ.
+    old_again = loader.load(str(old_path), "tiny", 1)
+    assert (
+        np.max(np.abs(old_again.predict_plain(images) - new.predict_compiled(images)))
+        > 100 * loader.XLA_TOLERANCE
+    )
+
+    other = loader.load(str(other_path), "tiny", 3, xla_sizes=(1,))
+    other.warm_up([1])
+    assert other.wait_compiled(120)
+    assert other._program is not program and sorted(other.xla_timings) == [1]
+    np.testing.assert_allclose(
+        other.predict_compiled(images[:1]), other.predict_plain(images[:1]), atol=loader.XLA_TOLERANCE
+    )
+    for model in (new, old_again, other):
+        model.release()

@@ -16,14 +16,23 @@ compiles per input shape, so only those sizes can be compiled. Any other batch s
 learned choice between the plain signature at n and the compiled one at the next compiled size,
 zero-padded: on a CPU a batch of 3 padded to 4 and compiled took half the time of 3 plain, while a
 batch of 17 padded to 32 may spend what XLA gains; the serving calls' times decide which.
+
+The compiled program takes the weights as arguments (`XlaProgram`), so it is shared by every version
+whose signature graph is the same: a retrained version of one architecture, the usual hot swap, runs
+the executables its predecessor compiled, and starts from the times its predecessor learned while
+serving. Compiling ResNet50 for six sizes is a minute of both cores beside the serving version
+(bench/NOTES.md), and a niced compile still slows serving by 1.1-1.3x, in a thread or a child process.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import errno
+import hashlib
 import logging
+import os
 import posixpath
 import threading
 import time
@@ -186,6 +195,7 @@ class LoadedModel:
         self._pace: Pace = unpaced  # how warm-up and the XLA checks run their model calls
         # Batch size -> (plain seconds, compiled seconds) as timed at warm-up.
         self.xla_timings: dict[int, tuple[float, float]] = {}
+        self._program: XlaProgram | None = None  # the compiled program, shared by versions of one graph
         self._loaded = tf.saved_model.load(path)
         # The concrete signature function: it never retraces, unlike the restored Keras object.
         self._signature = self._loaded.signatures[SIGNATURE_IMAGES]
@@ -345,23 +355,24 @@ class LoadedModel:
             self._compile_done.set()
 
     def _compile(self, batch_sizes: Sequence[int]) -> None:
-        """Compile every size (two at a time: XLA's compiler is mostly one thread), then keep the
-        compiled function for the sizes where it agrees with the plain signature and is faster."""
+        """Compile every size (two at a time: XLA's compiler is mostly one thread), or take the sizes
+        an earlier version of the same graph compiled; then keep the compiled function for the sizes
+        where it agrees with the plain signature, served by whichever of the two is faster."""
         h, w = self.metadata.input_height, self.metadata.input_width
         signature = self._signature
-
-        @tf.function(jit_compile=True)
-        def compiled(images: tf.Tensor) -> tf.Tensor:
-            return signature(**{INPUT_IMAGES: images})[OUTPUT]
-
+        program = programs.for_signature(signature)
+        self._program = program
+        weights = list(signature.captured_inputs)
         rng = np.random.default_rng(0)
         samples = {s: rng.integers(0, 256, size=(s, h, w, 3), dtype=np.uint8) for s in batch_sizes}
+        shared = {size for size in batch_sizes if size in program.timings}
 
         def build(size: int) -> tuple[Callable, np.ndarray] | None:
             if self._signature is None:
                 return None  # released meanwhile: compile nothing more for a retired version
-            fn = compiled.get_concrete_function(tf.TensorSpec([size, h, w, 3], tf.uint8))
-            return fn, fn(tf.constant(samples[size])).numpy()  # the first call compiles
+            fn = program.concrete(size, signature, h, w)
+            served = _unbound(fn, lambda images: fn(images, weights), tf.constant(samples[size]), weights)
+            return served, served(tf.constant(samples[size])).numpy()  # the first call compiles
 
         start = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(
@@ -374,7 +385,7 @@ class LoadedModel:
         for size, (fn, got) in built.items():
             if self._signature is None:
                 return  # released meanwhile
-            self._built[size] = _unbound(fn, fn, tf.constant(samples[size]))
+            self._built[size] = fn
             images = samples[size]
             want = self._pace(lambda images=images: self.predict_plain(images))
             difference = float(np.max(np.abs(got - want)))
@@ -383,16 +394,22 @@ class LoadedModel:
                     "XLA: batch %d differs from the signature by %.2g; serving it plain", size, difference
                 )
                 continue
-            plain_s, compiled_s = _best_times(self.predict_plain, self.predict_compiled, images, self._pace)
-            self.xla_timings[size] = (plain_s, compiled_s)
-            self._choices[size] = FasterOf(plain_s, compiled_s)
+            # The times an earlier version of this graph learned while serving, else timed now: the
+            # timing calls hold both cores for a batch each, beside the serving version.
+            timed = program.timings.get(size) if size in shared else None
+            if timed is None:
+                timed = _best_times(self.predict_plain, self.predict_compiled, images, self._pace)
+                program.timings[size] = timed
+            self.xla_timings[size] = timed
+            self._choices[size] = FasterOf(*timed)
         self._choose_padding()
         log.info(
-            "%s version %d: XLA: compiled %d sizes in %.1fs; serving %s compiled (%s)",
+            "%s version %d: XLA: compiled %d sizes in %.1fs%s; serving %s compiled (%s)",
             self.metadata.name,
             self.metadata.version,
             len(built),
             compile_s,
+            f" ({len(shared)} of them by an earlier version of the same graph)" if shared else "",
             self.compiled_sizes or "none",
             ", ".join(
                 f"{size}: {plain * 1000:.1f} ms plain, {xla * 1000:.1f} ms compiled"
@@ -423,26 +440,148 @@ class LoadedModel:
         self._choices = {**choices, **self._choices}
 
     def release(self) -> None:
+        if self._program is not None:
+            # What this version learned while serving is the next version's start (same graph).
+            self._program.learned(
+                {n: c.seconds for n, c in self._choices.items() if n in self._built and n in self.xla_timings}
+            )
         self._choices, self._built, self._padded_to = {}, {}, {}
+        self._program = None
         self._signature = self._plain = None
         self._loaded = None
 
 
+class XlaProgram:
+    """The image signature XLA-compiled per batch size, with the weights as arguments.
+
+    Nothing of one version is captured: each call passes the calling version's variables, so every
+    version whose signature graph is the same (`Programs`) runs the executables compiled once.
+    """
+
+    def __init__(self) -> None:
+        # The signature traced for a new size: the asking version's, set only while it traces (the
+        # program must not keep a version alive: a signature holds its variables).
+        self._tracing: tf.types.experimental.ConcreteFunction | None = None
+
+        @tf.function(jit_compile=True)
+        def compiled(images: tf.Tensor, weights: list[tf.Tensor]) -> tf.Tensor:
+            # The signature's graph called with these variables in place of its own captured ones,
+            # through TensorFlow's flat call (as `_unbound`): without it (another TF version) this
+            # raises, and the compile thread logs that it serves the plain signature.
+            out = self._tracing._call_flat([images], weights)  # type: ignore[union-attr]
+            return out[OUTPUT] if isinstance(out, dict) else out
+
+        self._function = compiled
+        self._sizes: dict[int, tf.types.experimental.ConcreteFunction] = {}
+        self._lock = threading.Lock()
+        # Batch size -> (plain, compiled) seconds, for the sizes compiled and checked: timed by the
+        # first version, then what the last version released had learned while serving; the next
+        # version's FasterOf starts there.
+        self.timings: dict[int, tuple[float, float]] = {}
+
+    def concrete(
+        self, size: int, signature: tf.types.experimental.ConcreteFunction, height: int, width: int
+    ) -> tf.types.experimental.ConcreteFunction:
+        """The function for this batch size, called as fn(images, signature.captured_inputs); its
+        first call compiles, once in this process."""
+        with self._lock:  # traced once per size, though two versions may ask at the same time
+            fn = self._sizes.get(size)
+            if fn is None:
+                self._tracing = signature
+                try:
+                    fn = self._function.get_concrete_function(
+                        tf.TensorSpec([size, height, width, 3], tf.uint8), list(signature.captured_inputs)
+                    )
+                finally:
+                    self._tracing = None
+                self._sizes[size] = fn
+        return fn
+
+    def learned(self, seconds: dict[int, tuple[float, float]]) -> None:
+        self.timings.update({n: t for n, t in seconds.items() if min(t) > 0})
+
+
+class Programs:
+    """Compiled programs by signature graph, the most recently used few (one per model served)."""
+
+    KEPT = 8
+
+    def __init__(self) -> None:
+        self._by_graph: collections.OrderedDict[bytes, XlaProgram] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def for_signature(self, signature: tf.types.experimental.ConcreteFunction) -> XlaProgram:
+        """The program of an earlier version with this graph, else a new one (kept for the next)."""
+        key = _graph_key(signature)
+        with self._lock:
+            program = self._by_graph.get(key)
+            if program is None:
+                program = self._by_graph[key] = XlaProgram()
+                while len(self._by_graph) > self.KEPT:
+                    self._by_graph.popitem(last=False)
+            self._by_graph.move_to_end(key)
+            return program
+
+
+programs = Programs()  # one per process: a server's versions, and every server in a test process
+
+
+def _graph_key(signature: tf.types.experimental.ConcreteFunction) -> bytes:
+    """What makes two versions' compiled programs the same: the signature's graph (ops, constants,
+    input shapes) and the shape and type of every variable it captures, without what differs between
+    two exports of one architecture and changes no computation (the ids TensorFlow writes into its
+    capture placeholders, the counters in its function names). The weights' values are not in it."""
+    graph = signature.graph.as_graph_def()
+    functions = graph.library.function
+    renamed = {f.signature.name: f"function {index}" for index, f in enumerate(functions)}
+    for f in functions:
+        f.signature.name = renamed[f.signature.name]
+    for gradient in graph.library.gradient:
+        gradient.function_name = renamed.get(gradient.function_name, gradient.function_name)
+        gradient.gradient_func = renamed.get(gradient.gradient_func, gradient.gradient_func)
+    nodes = [*graph.node, *(node for f in functions for node in f.node_def)]
+    attrs = [*(node.attr for node in nodes), *(a.attr for f in functions for a in f.arg_attr.values())]
+    for attr in attrs:
+        attr.pop(_CAPTURE_ID, None)
+        for value in attr.values():
+            called = [value.func] if value.HasField("func") else list(value.list.func)
+            for func in called:
+                func.name = renamed.get(func.name, func.name)
+    key = hashlib.sha256(graph.SerializeToString(deterministic=True))
+    for tensor in signature.captured_inputs:
+        if tensor.dtype == tf.resource:
+            handle = getattr(tensor, "_handle_data", None)  # the variable's shape and type
+            if handle is None:  # another TF version: the variables cannot be compared, so never shared
+                return os.urandom(32)
+            key.update(handle.SerializeToString(deterministic=True))
+        else:
+            key.update(f"{tensor.dtype.name}{tensor.shape}".encode())
+    return key.digest()
+
+
+_CAPTURE_ID = "_user_specified_name"  # on a capture placeholder: the exporting process's tensor id
+
+
 def _unbound(
-    fn: tf.types.experimental.ConcreteFunction, public: Callable[[tf.Tensor], tf.Tensor], sample: tf.Tensor
+    fn: tf.types.experimental.ConcreteFunction,
+    public: Callable[[tf.Tensor], tf.Tensor],
+    sample: tf.Tensor,
+    weights: Sequence[tf.Tensor] = (),
 ) -> Callable[[tf.Tensor], tf.Tensor]:
     """`public(images)` (the image tensor, one output) without the argument binding TensorFlow's
     call does every time (canonicalize, cast and flatten the structured inputs): 0.1-0.2 ms of
     Python per call on this 2-core host, a third of a tiny model's batch 1 (bench/NOTES.md). The one
     input is always a uint8 tensor of the traced shape, so there is nothing to bind. Uses the
     ConcreteFunction's own `_call_flat` (what its public call ends in), checked on `sample` against
-    the public call; `public` itself where that is missing or differs (another TF version)."""
+    the public call; `public` itself where that is missing or differs (another TF version).
+    `weights` are the arguments after the images (an `XlaProgram`'s)."""
     flat = getattr(fn, "_call_flat", None)
     if flat is None:
         return public
+    rest = list(weights)
 
     def call(images: tf.Tensor) -> tf.Tensor:
-        out = flat([images], fn.captured_inputs)
+        out = flat([images, *rest], fn.captured_inputs)
         return out[OUTPUT] if isinstance(out, dict) else out
 
     try:
