@@ -302,8 +302,21 @@ class LoadedModel:
         (background.ServingFirst during a hot reload), so the serving version keeps the cores first.
         """
         self._pace = pace
+        program = programs.for_signature(self._signature) if self.xla_sizes else None
+        if program is not None and program.shared(self.xla_sizes):
+            # An earlier version of this graph compiled every size: the calls left only run it, so
+            # they are made now, paced like the warm-up, and this version serves compiled from its
+            # first request (one that starts plain is slower, and cold at sizes not warmed).
+            self._compile_logged(program)
+            program = None
         h, w = self.metadata.input_height, self.metadata.input_width
         for size in sorted({*batch_sizes, *self.xla_sizes}):
+            if size in self.xla_timings:
+                # Run compiled and plain, and checked, by the shared compile just now; its costs are
+                # what the earlier version learned while serving.
+                if size in batch_sizes:
+                    self.warmup_seconds[size] = min(self._choices[size].seconds)
+                continue
             batch = np.zeros((size, h, w, 3), np.uint8)
             out = pace(lambda batch=batch: self.predict(batch))
             if out.shape != (size, self.num_classes):
@@ -316,9 +329,11 @@ class LoadedModel:
                 # learned compute times from these, so admission and batching know the model's
                 # costs from the first request.
                 self.warmup_seconds[size] = pace(lambda batch=batch: _timed(self.predict, batch))
-        if self.xla_sizes:
-            threading.Thread(target=self._compile_logged, name="fovea-xla", daemon=True).start()
-        else:
+        if program is not None:
+            threading.Thread(
+                target=self._compile_in_background, args=(program,), name="fovea-xla", daemon=True
+            ).start()
+        elif not self.xla_sizes:
             self._compile_done.set()
         sample = np.full((3, 5, 3), 128, np.uint8)
         self.decode(tf.io.encode_png(sample).numpy())
@@ -330,12 +345,15 @@ class LoadedModel:
         """Block until the background XLA compile (if any) has finished; False on timeout."""
         return self._compile_done.wait(timeout)
 
-    def _compile_logged(self) -> None:
+    def _compile_in_background(self, program: XlaProgram) -> None:
         # The compiler is CPU work of its own thread (and the threads it starts): lowest priority, so
         # a version being compiled during a hot reload leaves the cores to the one serving.
         lower_thread_priority()
+        self._compile_logged(program)
+
+    def _compile_logged(self, program: XlaProgram) -> None:
         try:
-            self._compile(self.xla_sizes)
+            self._compile(self.xla_sizes, program)
         except Exception as exc:
             if self._signature is None:
                 return  # the version was released (a reload or shutdown) while it compiled
@@ -354,15 +372,13 @@ class LoadedModel:
         finally:
             self._compile_done.set()
 
-    def _compile(self, batch_sizes: Sequence[int]) -> None:
+    def _compile(self, batch_sizes: Sequence[int], program: XlaProgram) -> None:
         """Compile every size (two at a time: XLA's compiler is mostly one thread), or take the sizes
         an earlier version of the same graph compiled; then keep the compiled function for the sizes
         where it agrees with the plain signature, served by whichever of the two is faster."""
         h, w = self.metadata.input_height, self.metadata.input_width
         signature = self._signature
-        program = programs.for_signature(signature)
         self._program = program
-        weights = list(signature.captured_inputs)
         rng = np.random.default_rng(0)
         samples = {s: rng.integers(0, 256, size=(s, h, w, 3), dtype=np.uint8) for s in batch_sizes}
         shared = {size for size in batch_sizes if size in program.timings}
@@ -370,15 +386,18 @@ class LoadedModel:
         def build(size: int) -> tuple[Callable, np.ndarray] | None:
             if self._signature is None:
                 return None  # released meanwhile: compile nothing more for a retired version
-            fn = program.concrete(size, signature, h, w)
-            served = _unbound(fn, lambda images: fn(images, weights), tf.constant(samples[size]), weights)
-            return served, served(tf.constant(samples[size])).numpy()  # the first call compiles
+            if size in shared:  # a run, not a compile: it waits for the serving versions' turn
+                return self._pace(lambda: program.bind(size, signature, samples[size]))
+            return program.bind(size, signature, samples[size])
 
         start = time.perf_counter()
-        with concurrent.futures.ThreadPoolExecutor(
-            2, thread_name_prefix="fovea-xla", initializer=lower_thread_priority
-        ) as pool:
-            built = dict(zip(batch_sizes, pool.map(build, batch_sizes), strict=True))
+        if shared == set(batch_sizes):
+            built = {size: build(size) for size in batch_sizes}
+        else:
+            with concurrent.futures.ThreadPoolExecutor(
+                2, thread_name_prefix="fovea-xla", initializer=lower_thread_priority
+            ) as pool:
+                built = dict(zip(batch_sizes, pool.map(build, batch_sizes), strict=True))
         compile_s = time.perf_counter() - start
         if self._signature is None:
             return  # released meanwhile (a size may not have been built)
@@ -473,29 +492,45 @@ class XlaProgram:
 
         self._function = compiled
         self._sizes: dict[int, tf.types.experimental.ConcreteFunction] = {}
+        self._flat: dict[int, bool] = {}  # size -> whether its flat call answered as the public one
         self._lock = threading.Lock()
         # Batch size -> (plain, compiled) seconds, for the sizes compiled and checked: timed by the
         # first version, then what the last version released had learned while serving; the next
         # version's FasterOf starts there.
         self.timings: dict[int, tuple[float, float]] = {}
 
-    def concrete(
-        self, size: int, signature: tf.types.experimental.ConcreteFunction, height: int, width: int
-    ) -> tf.types.experimental.ConcreteFunction:
-        """The function for this batch size, called as fn(images, signature.captured_inputs); its
-        first call compiles, once in this process."""
+    def shared(self, sizes: Sequence[int]) -> bool:
+        """Whether an earlier version compiled and checked every one of these sizes."""
+        return all(size in self.timings for size in sizes)
+
+    def bind(
+        self, size: int, signature: tf.types.experimental.ConcreteFunction, sample: np.ndarray
+    ) -> tuple[Callable[[tf.Tensor], tf.Tensor], np.ndarray]:
+        """This version's call of the compiled size (its own variables bound), and its answer for
+        `sample`. The first call of a size compiles it, once in this process."""
         with self._lock:  # traced once per size, though two versions may ask at the same time
             fn = self._sizes.get(size)
             if fn is None:
                 self._tracing = signature
                 try:
                     fn = self._function.get_concrete_function(
-                        tf.TensorSpec([size, height, width, 3], tf.uint8), list(signature.captured_inputs)
+                        tf.TensorSpec(sample.shape, tf.uint8), list(signature.captured_inputs)
                     )
                 finally:
                     self._tracing = None
                 self._sizes[size] = fn
-        return fn
+        weights = list(signature.captured_inputs)
+
+        def public(images: tf.Tensor) -> tf.Tensor:
+            return fn(images, weights)
+
+        flat = self._flat.get(size)
+        if flat is None:  # the first version at this size checks TensorFlow's flat call
+            served = _unbound(fn, public, tf.constant(sample), weights)
+            self._flat[size] = served is not public
+        else:
+            served = _flat_call(fn, weights) if flat else public
+        return served, served(tf.constant(sample)).numpy()
 
     def learned(self, seconds: dict[int, tuple[float, float]]) -> None:
         self.timings.update({n: t for n, t in seconds.items() if min(t) > 0})
@@ -575,15 +610,9 @@ def _unbound(
     ConcreteFunction's own `_call_flat` (what its public call ends in), checked on `sample` against
     the public call; `public` itself where that is missing or differs (another TF version).
     `weights` are the arguments after the images (an `XlaProgram`'s)."""
-    flat = getattr(fn, "_call_flat", None)
-    if flat is None:
+    if getattr(fn, "_call_flat", None) is None:
         return public
-    rest = list(weights)
-
-    def call(images: tf.Tensor) -> tf.Tensor:
-        out = flat([images, *rest], fn.captured_inputs)
-        return out[OUTPUT] if isinstance(out, dict) else out
-
+    call = _flat_call(fn, weights)
     try:
         same = np.allclose(call(sample).numpy(), public(sample).numpy(), rtol=0.0, atol=1e-6)
     except Exception:  # any failure of the private path: keep the public one
@@ -591,6 +620,19 @@ def _unbound(
     if not same:
         log.info("the %s call goes through TensorFlow's argument binding", getattr(fn, "name", "model"))
     return call if same else public
+
+
+def _flat_call(
+    fn: tf.types.experimental.ConcreteFunction, weights: Sequence[tf.Tensor] = ()
+) -> Callable[[tf.Tensor], tf.Tensor]:
+    """fn(images, *weights) through its flat call (see `_unbound`)."""
+    flat, rest = fn._call_flat, list(weights)
+
+    def call(images: tf.Tensor) -> tf.Tensor:
+        out = flat([images, *rest], fn.captured_inputs)
+        return out[OUTPUT] if isinstance(out, dict) else out
+
+    return call
 
 
 @contextlib.contextmanager
