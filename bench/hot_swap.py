@@ -5,7 +5,9 @@
 
 Exports the model as bench/run.py does, and stages copies of that export as hidden temporary folders
 beside it (fovea.contract.TEMP_PREFIX, as the trainer writes a version before its rename), so no copying
-runs during the measurement. Starts `fovea serve` with its defaults and waits for its XLA compile,
+runs during the measurement. The copies have version 1's weights; a retrain has other weights in the
+same graph, and the server treats both alike (it shares XLA programs by graph, and the new version's
+own variables are loaded and checked: tests/test_server_xla.py uses other weights). Starts `fovea serve` with its defaults and waits for its XLA compile,
 measures capacity (bench/overload.py's closed-loop saturation, on this server), then runs one open loop
 (Poisson, bench/loadgen.py, uint8 images) at half of it. During the loop, after a steady window, the
 next version is published the way the trainer publishes (the staged folder renamed to the next

@@ -82,7 +82,11 @@ class Settings:
         "batch sizes --allowed-batch-sizes lists, else the powers of two up to --max-batch-size, on a "
         "background thread while the plain signature serves; check each agrees with the plain one "
         "within 1e-4, and serve each size by whichever of the two is faster in the serving calls. A size "
-        "in between runs plain or zero-padded to the next compiled size, whichever is faster. Skipped without --warmup; --no-xla serves the signature as exported.",
+        "in between runs plain or zero-padded to the next compiled size, whichever is faster. A version "
+        "whose signature graph was compiled before in this process (a retrain of the same architecture, "
+        "other weights) runs those programs with its own weights: it only checks them, in its warm-up, "
+        "and serves compiled from its first request. Skipped without --warmup; --no-xla serves the "
+        "signature as exported.",
     )
     max_in_flight_batches: int = _setting(
         1,

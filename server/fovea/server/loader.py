@@ -19,9 +19,11 @@ batch of 17 padded to 32 may spend what XLA gains; the serving calls' times deci
 
 The compiled program takes the weights as arguments (`XlaProgram`), so it is shared by every version
 whose signature graph is the same: a retrained version of one architecture, the usual hot swap, runs
-the executables its predecessor compiled, and starts from the times its predecessor learned while
-serving. Compiling ResNet50 for six sizes is a minute of both cores beside the serving version
-(bench/NOTES.md), and a niced compile still slows serving by 1.1-1.3x, in a thread or a child process.
+the executables its predecessor compiled with its own weights, checks them against its plain
+signature in its warm-up, and starts from the times its predecessor learned while serving. Compiling
+ResNet50 at 96 px for six sizes took 16 s of both cores here on a quiet host and about a minute beside
+a serving version, which it slowed even at the lowest priority, in a thread or in a child process
+(p99 1.7-1.9x quiet; bench/NOTES.md).
 """
 
 from __future__ import annotations
