@@ -463,9 +463,7 @@ class LoadedModel:
     def release(self) -> None:
         if self._program is not None:
             # What this version learned while serving is the next version's start (same graph).
-            self._program.learned(
-                {n: c.seconds for n, c in self._choices.items() if n in self._built and n in self.xla_timings}
-            )
+            self._program.learned({n: self._choices[n].seconds for n in self.xla_timings})
         self._choices, self._built, self._padded_to = {}, {}, {}
         self._program = None
         self._signature = self._plain = None
