@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,10 @@ def test_export_keeps_the_variables_by_name_not_the_keras_layers_functions(tmp_p
     )
     names = _saved_function_names(path)
     assert names and not [n for n in names if "layer_call" in n], names
+    # Each serving function once: signatures traced apart from the module's attributes would save
+    # the whole network a second time, and every load would rebuild both.
+    for function in ("serve_images", "serve_bytes"):
+        assert len([n for n in names if re.fullmatch(rf"__inference_{function}_\d+", n)]) == 1, names
     expected = {v.name: v.numpy() for v in model.variables}
     kept = {v.name: v.numpy() for v in saved_variables(tf.saved_model.load(str(path)))}
     assert kept.keys() == expected.keys()

@@ -79,10 +79,10 @@ def build_servable(model: Any, height: int, width: int, temperature: float = 1.0
 
     module.serve_images = serve_images
     module.serve_bytes = serve_bytes
-    signatures = {
-        contract.SIGNATURE_IMAGES: serve_images.get_concrete_function(),
-        contract.SIGNATURE_BYTES: serve_bytes.get_concrete_function(),
-    }
+    # The functions, not concrete functions traced here: tf.saved_model.save traces the attributes
+    # again in its save context, so concrete functions from get_concrete_function() would be saved
+    # beside those, a second copy of the whole network that every server load rebuilds.
+    signatures = {contract.SIGNATURE_IMAGES: serve_images, contract.SIGNATURE_BYTES: serve_bytes}
     return module, signatures
 
 
